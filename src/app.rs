@@ -1,0 +1,222 @@
+//! Start-up and shutdown: builds the store and staging handles from the settings,
+//! migrates, binds, spawns the HTTP server and the flushers, and stops them all through
+//! one cancellation token. The one module that knows every other.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::flusher::Flusher;
+use crate::http::{AppState, router};
+use crate::staging::{FlushQueue, Keyspace, Staging, StagingError};
+use crate::store::{Store, StoreError};
+use crate::telemetry::chain;
+
+/// How long start-up keeps trying to reach PostgreSQL before giving up.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+/// How long a flusher's blocking read waits for new entries.
+const FLUSH_BLOCK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid REDIS_URL")]
+    RedisUrl(#[source] redis::RedisError),
+    #[error("cannot set up Redis")]
+    Staging(#[from] StagingError),
+    #[error("cannot set up PostgreSQL")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which parts of dapi this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub http: bool,
+    pub flusher: bool,
+}
+
+/// Connects the stores: creates the database when missing and migrates (when enabled),
+/// retrying while PostgreSQL is not up yet. Redis is connected lazily.
+pub async fn connect(settings: &Settings) -> Result<(Staging, Store, redis::Client), StartError> {
+    let store = with_patience("PostgreSQL", || async {
+        let store = Store::connect(&settings.database_url).await?;
+        if settings.migrate {
+            store.migrate().await?;
+        }
+        Ok::<_, StoreError>(store)
+    })
+    .await?;
+    let client = redis::Client::open(settings.redis_url.as_str()).map_err(StartError::RedisUrl)?;
+    let staging = Staging::new(client.clone(), &settings.redis_prefix, settings.staging_ttl)?;
+    Ok((staging, store, client))
+}
+
+/// Applies migrations and returns (`dapi migrate`).
+pub async fn migrate(settings: &Settings) -> Result<(), StartError> {
+    with_patience("PostgreSQL", || async {
+        Store::connect(&settings.database_url).await?.migrate().await
+    })
+    .await?;
+    Ok(())
+}
+
+async fn with_patience<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let started = Instant::now();
+    loop {
+        match attempt().await {
+            Err(e) if e.is_unavailable() && started.elapsed() < STARTUP_PATIENCE => {
+                tracing::warn!(error = %chain(&e), "{what} is not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A started dapi: its address (when serving HTTP) and the handles to stop it.
+#[derive(Debug)]
+pub struct Running {
+    pub local_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    shutdown_timeout: Duration,
+}
+
+impl Running {
+    /// A token whose cancellation stops everything (signal handlers cancel it).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until shutdown is requested, then for every task to finish (bounded by
+    /// `DAPI_SHUTDOWN_TIMEOUT`). Returns false when the bound was hit.
+    pub async fn wait(self) -> bool {
+        self.shutdown.cancelled().await;
+        self.tasks.close();
+        let finished = tokio::time::timeout(self.shutdown_timeout, self.tasks.wait())
+            .await
+            .is_ok();
+        if !finished {
+            tracing::warn!("shutdown timed out; exiting with work still in flight");
+        }
+        finished
+    }
+
+    /// Requests shutdown and waits for it.
+    pub async fn stop(self) -> bool {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Starts the roles asked for and returns at once.
+pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartError> {
+    let settings = Arc::new(settings);
+    let (staging, store, client) = connect(&settings).await?;
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    if roles.flusher {
+        for index in 0..settings.flushers {
+            let queue = FlushQueue::new(
+                client.clone(),
+                Keyspace::new(&settings.redis_prefix),
+                consumer_name(index),
+                settings.flush_claim_idle,
+                FLUSH_BLOCK,
+            )?;
+            let flusher = Flusher::new(queue, store.clone(), settings.flush_batch);
+            tasks.spawn(flusher.run(shutdown.clone()));
+        }
+    }
+
+    let mut local_addr = None;
+    if roles.http {
+        let listener = TcpListener::bind(&settings.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: settings.bind.clone(),
+                source,
+            })?;
+        local_addr = listener.local_addr().ok();
+        tracing::info!(addr = ?local_addr, "listening");
+        let app = router(AppState {
+            staging,
+            store,
+            settings: settings.clone(),
+        });
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+                stop.cancel();
+            }
+        });
+    }
+
+    Ok(Running {
+        local_addr,
+        shutdown,
+        tasks,
+        shutdown_timeout: settings.shutdown_timeout,
+    })
+}
+
+/// A consumer name unique among live processes and stable across restarts of one
+/// container (same host name, same pid), so a restarted process finds its own pending
+/// entries at once.
+fn consumer_name(index: usize) -> String {
+    static INSTANCES: AtomicUsize = AtomicUsize::new(0);
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "dapi".into());
+    let instance = if index == 0 {
+        INSTANCES.fetch_add(1, Ordering::Relaxed)
+    } else {
+        INSTANCES.load(Ordering::Relaxed).saturating_sub(1)
+    };
+    format!("{host}:{}:{instance}:{index}", std::process::id())
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops dapi");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,336 @@
+//! `/data`: staging one message (`POST /data/{customerId}/{dialogId}`) and reading
+//! consented messages page by page (`GET /data/`).
+
+use axum::Json;
+use axum::extract::{OriginalUri, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use serde::Serialize;
+use serde_json::Value;
+use time::format_description::FormatItem;
+use time::macros::format_description;
+
+use super::extract::{DataPath, JsonBody};
+use super::{ApiError, AppState};
+use crate::domain::{Cursor, CustomerId, Invalid, Language, MessageText};
+use crate::staging::IngestOutcome;
+use crate::store::{Filter, StoredMessage};
+
+const DEFAULT_PAGE_SIZE: i64 = 100;
+const MAX_PAGE_SIZE: i64 = 1000;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestAnswer {
+    customer_id: i64,
+    dialog_id: i64,
+    seq: i64,
+    consent: &'static str,
+}
+
+/// Stages one message: validate, one Redis script call, answer 202.
+pub async fn ingest(
+    State(state): State<AppState>,
+    DataPath { customer, dialog }: DataPath,
+    JsonBody(body): JsonBody,
+) -> Result<(StatusCode, Json<IngestAnswer>), ApiError> {
+    let (text, language) = message_of(body, state.settings.max_text_bytes).map_err(ApiError::InvalidBody)?;
+    match state.staging.ingest(customer, dialog, &language, &text).await? {
+        IngestOutcome::Accepted { seq, decision } => Ok((
+            StatusCode::ACCEPTED,
+            Json(IngestAnswer {
+                customer_id: customer.get(),
+                dialog_id: dialog.get(),
+                seq,
+                consent: decision.as_str(),
+            }),
+        )),
+        IngestOutcome::CustomerMismatch => Err(ApiError::CustomerMismatch),
+        IngestOutcome::ConsentRefused => Err(ApiError::ConsentRefused),
+    }
+}
+
+/// `{"text": …, "language": …}`; other fields are ignored.
+fn message_of(body: Value, max_text_bytes: usize) -> Result<(MessageText, Language), Invalid> {
+    let Value::Object(mut fields) = body else {
+        return Err(Invalid::WrongType {
+            field: "body",
+            expected: "a JSON object with `text` and `language`",
+        });
+    };
+    let mut string = |field: &'static str| match fields.remove(field) {
+        None | Some(Value::Null) => Err(Invalid::Missing(field)),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(Invalid::WrongType {
+            field,
+            expected: "a string",
+        }),
+    };
+    let text = string("text")?;
+    let language = string("language")?;
+    Ok((MessageText::parse(text, max_text_bytes)?, Language::parse(language)?))
+}
+
+/// One consented message on the wire.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageOut<'a> {
+    customer_id: i64,
+    dialog_id: i64,
+    seq: i64,
+    text: &'a str,
+    language: &'a str,
+    received_at: String,
+}
+
+const RFC3339_MICROS: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+
+impl<'a> From<&'a StoredMessage> for MessageOut<'a> {
+    fn from(m: &'a StoredMessage) -> Self {
+        let received_at = m
+            .received_at
+            .to_offset(time::UtcOffset::UTC)
+            .format(RFC3339_MICROS)
+            .unwrap_or_default();
+        Self {
+            customer_id: m.customer_id,
+            dialog_id: m.dialog_id,
+            seq: m.seq,
+            text: &m.text,
+            language: &m.language,
+            received_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct PageOut<'a> {
+    count: i64,
+    next: Option<String>,
+    previous: Option<String>,
+    results: Vec<MessageOut<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct CursorPageOut<'a> {
+    next: Option<String>,
+    results: Vec<MessageOut<'a>>,
+}
+
+/// The query string of GET /data, parsed. Django's `QueryDict.get` takes the last of
+/// repeated parameters; so do we.
+struct ListQuery {
+    pairs: Vec<(String, String)>,
+}
+
+impl ListQuery {
+    fn parse(raw: Option<&str>) -> Self {
+        // form-urlencoded parsing never fails: bad escapes are kept as they are.
+        let pairs = serde_urlencoded::from_str(raw.unwrap_or_default()).unwrap_or_default();
+        Self { pairs }
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A parameter that is absent or empty counts as not given.
+    fn given(&self, name: &str) -> Option<&str> {
+        self.get(name).filter(|v| !v.is_empty())
+    }
+
+    fn filter(&self) -> Result<Filter, ApiError> {
+        let customer = self
+            .given("customerId")
+            .map(CustomerId::parse)
+            .transpose()
+            .map_err(|e| ApiError::InvalidQuery(e.to_string()))?;
+        Ok(Filter {
+            language: self.given("language").map(str::to_owned),
+            customer,
+        })
+    }
+
+    fn page_size(&self) -> Result<i64, ApiError> {
+        match self.given("pageSize") {
+            None => Ok(DEFAULT_PAGE_SIZE),
+            Some(raw) => raw
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
+                .ok_or_else(|| {
+                    ApiError::InvalidQuery(format!("`pageSize` must be an integer from 1 to {MAX_PAGE_SIZE}"))
+                }),
+        }
+    }
+
+    fn page(&self) -> Result<i64, ApiError> {
+        let Some(raw) = self.given("page") else {
+            return Ok(1);
+        };
+        let digits = raw.strip_prefix('-').unwrap_or(raw);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ApiError::InvalidQuery("`page` must be an integer".into()));
+        }
+        // An integer too large for i64 is simply a page past the last one.
+        let page = raw.parse::<i64>().unwrap_or(i64::MAX);
+        if page < 1 {
+            return Err(ApiError::InvalidPage("`page` must be 1 or more".into()));
+        }
+        Ok(page)
+    }
+
+    /// An absolute link to this resource with `name` set to `value` (or removed), the
+    /// other parameters kept, in key order as Django REST framework writes them.
+    fn link(&self, base: &str, name: &str, value: Option<String>) -> String {
+        let mut pairs: Vec<(&str, &str)> = self
+            .pairs
+            .iter()
+            .filter(|(k, _)| k != name)
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if let Some(value) = &value {
+            pairs.push((name, value));
+        }
+        pairs.sort_by_key(|(k, _)| *k);
+        let query = serde_urlencoded::to_string(&pairs).unwrap_or_default();
+        if query.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{query}")
+        }
+    }
+}
+
+/// Newest consented messages first, in pages (`page`, `pageSize`) or, with `cursor`,
+/// in keyset steps.
+pub async fn list(
+    State(state): State<AppState>,
+    OriginalUri(uri): OriginalUri,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let query = ListQuery::parse(raw.as_deref());
+    let filter = query.filter()?;
+    let size = query.page_size()?;
+    let base = match &state.settings.public_url {
+        Some(url) => format!("{url}{}", uri.path()),
+        None => format!("http://{}{}", host_of(&headers), uri.path()),
+    };
+
+    if let Some(raw_cursor) = query.get("cursor") {
+        let cursor = match raw_cursor {
+            "" => None,
+            raw => Some(Cursor::parse(raw).map_err(ApiError::InvalidCursor)?),
+        };
+        // One extra row tells whether there is a next step.
+        let mut rows = state.store.after(&filter, cursor, size + 1).await?;
+        let more = rows.len() > usize::try_from(size).unwrap_or(usize::MAX);
+        rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
+        let next = rows
+            .last()
+            .filter(|_| more)
+            .map(|last| query.link(&base, "cursor", Some(last.cursor().encode())));
+        let out = CursorPageOut {
+            next,
+            results: rows.iter().map(MessageOut::from).collect(),
+        };
+        return Ok(Json(serde_json::to_value(out).unwrap_or_default()));
+    }
+
+    let page = query.page()?;
+    let offset = (page - 1).checked_mul(size).ok_or_else(past_last)?;
+    let (count, rows) = state.store.page(&filter, offset, size).await?;
+    let last_page = ((count + size - 1) / size).max(1);
+    if page > last_page {
+        return Err(past_last());
+    }
+    let next = (page < last_page).then(|| query.link(&base, "page", Some((page + 1).to_string())));
+    let previous = (page > 1).then(|| {
+        // Django REST framework links page 1 without a `page` parameter.
+        let value = (page > 2).then(|| (page - 1).to_string());
+        query.link(&base, "page", value)
+    });
+    let out = PageOut {
+        count,
+        next,
+        previous,
+        results: rows.iter().map(MessageOut::from).collect(),
+    };
+    Ok(Json(serde_json::to_value(out).unwrap_or_default()))
+}
+
+fn past_last() -> ApiError {
+    ApiError::InvalidPage("this page is past the last page of results".into())
+}
+
+/// The request's Host, when it is a plausible authority; else `localhost`.
+fn host_of(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b)))
+        .unwrap_or("localhost")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn message_bodies_are_checked_field_by_field() {
+        let ok = message_of(json!({"text": "hi", "language": "EN", "extra": 1}), 10);
+        assert!(ok.is_ok());
+        assert_eq!(
+            message_of(json!({"language": "EN"}), 10).err(),
+            Some(Invalid::Missing("text"))
+        );
+        assert!(matches!(
+            message_of(json!({"text": 5, "language": "EN"}), 10),
+            Err(Invalid::WrongType { field: "text", .. })
+        ));
+        assert!(matches!(
+            message_of(json!(["hi"]), 10),
+            Err(Invalid::WrongType { field: "body", .. })
+        ));
+        assert_eq!(
+            message_of(json!({"text": "hi", "language": "english"}), 10).err(),
+            Some(Invalid::Language)
+        );
+    }
+
+    #[test]
+    fn links_keep_other_parameters_sorted_and_encoded() {
+        let q = ListQuery::parse(Some("pageSize=2&language=pt%2DBR&page=3&x=a+b"));
+        assert_eq!(
+            q.link("http://h/data/", "page", Some("4".into())),
+            "http://h/data/?language=pt-BR&page=4&pageSize=2&x=a+b"
+        );
+        assert_eq!(
+            q.link("http://h/data/", "page", None),
+            "http://h/data/?language=pt-BR&pageSize=2&x=a+b"
+        );
+        assert_eq!(
+            ListQuery::parse(None).link("http://h/data", "page", None),
+            "http://h/data"
+        );
+    }
+
+    #[test]
+    fn page_numbers_distinguish_bad_from_out_of_range() {
+        let page = |raw: &str| ListQuery::parse(Some(raw)).page();
+        assert!(matches!(page("page=2"), Ok(2)));
+        assert!(matches!(page(""), Ok(1)));
+        assert!(matches!(page("page="), Ok(1)));
+        assert!(matches!(page("page=abc"), Err(ApiError::InvalidQuery(_))));
+        assert!(matches!(page("page=1.5"), Err(ApiError::InvalidQuery(_))));
+        assert!(matches!(page("page=0"), Err(ApiError::InvalidPage(_))));
+        assert!(matches!(page("page=-3"), Err(ApiError::InvalidPage(_))));
+        assert!(matches!(page("page=99999999999999999999"), Ok(i64::MAX)));
+    }
+}

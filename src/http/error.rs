@@ -1,0 +1,133 @@
+//! The one error type of the HTTP layer. Every failure becomes an RFC 9457
+//! `application/problem+json` answer with a stable snake_case `code`; internal causes are
+//! logged with their chain and never sent (no SQL, no connection string, no stack).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::domain::Invalid;
+use crate::staging::StagingError;
+use crate::store::StoreError;
+use crate::telemetry::chain;
+
+/// Seconds a client is asked to wait before retrying after a 503.
+const RETRY_AFTER_SECS: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidId(Invalid),
+    #[error("the body is not well-formed JSON ({0})")]
+    MalformedJson(#[source] serde_json::Error),
+    #[error("the body could not be read")]
+    UnreadableBody,
+    #[error("the body must be JSON: send it with `Content-Type: application/json`")]
+    UnsupportedMediaType,
+    #[error("the body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    InvalidBody(Invalid),
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("{0}")]
+    InvalidCursor(Invalid),
+    #[error("{0}")]
+    InvalidPage(String),
+    #[error("this dialog belongs to another customer; nothing was stored")]
+    CustomerMismatch,
+    #[error("the customer refused consent for this dialog; nothing was stored")]
+    ConsentRefused,
+    #[error("no dialog with this id is known: post a message to it first")]
+    DialogNotFound,
+    #[error("no such resource; see /openapi.json for the API")]
+    NotFound,
+    #[error("this method is not allowed on this resource")]
+    MethodNotAllowed,
+    #[error("not ready: {0}")]
+    NotReady(String),
+    #[error("the staging store (Redis) cannot be reached; nothing was recorded, retry later")]
+    Staging(#[source] StagingError),
+    #[error("the consented store (PostgreSQL) cannot be reached; retry later")]
+    Store(#[source] StoreError),
+    #[error(
+        "the refusal is recorded and no more messages are accepted, but PostgreSQL could not be reached to erase what it holds; dapi finishes the erasure by itself once it is back, and repeating this call is safe"
+    )]
+    ErasurePending(#[source] StoreError),
+}
+
+impl From<StagingError> for ApiError {
+    fn from(e: StagingError) -> Self {
+        ApiError::Staging(e)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Store(e)
+    }
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use ApiError as E;
+        match self {
+            E::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id"),
+            E::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            E::UnreadableBody => (StatusCode::BAD_REQUEST, "unreadable_body"),
+            E::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            E::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            E::InvalidBody(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+            E::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
+            E::InvalidCursor(_) => (StatusCode::BAD_REQUEST, "invalid_cursor"),
+            E::InvalidPage(_) => (StatusCode::NOT_FOUND, "invalid_page"),
+            E::CustomerMismatch => (StatusCode::CONFLICT, "customer_mismatch"),
+            E::ConsentRefused => (StatusCode::CONFLICT, "consent_refused"),
+            E::DialogNotFound => (StatusCode::NOT_FOUND, "dialog_not_found"),
+            E::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            E::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            E::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            E::Staging(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "redis_unavailable"),
+            E::Store(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "postgres_unavailable"),
+            E::ErasurePending(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "erasure_pending"),
+            E::Staging(_) | E::Store(_) | E::ErasurePending(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let detail = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %chain(&self), "request failed");
+            "an internal error occurred; it has been logged".to_owned()
+        } else {
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                tracing::warn!(error = %chain(&self), "dependency unavailable");
+            }
+            self.to_string()
+        };
+        problem(status, code, &detail)
+    }
+}
+
+/// Builds a problem+json answer.
+pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
+    let body = json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "code": code,
+        "detail": detail,
+    });
+    let mut response = (status, body.to_string()).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    }
+    response
+}

@@ -1,0 +1,108 @@
+//! Extractors that turn raw requests into domain values or an [`ApiError`]: path IDs,
+//! and JSON bodies with the contract's statuses (415 not JSON, 413 too large, 400
+//! malformed), never axum's plain-text rejections.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+
+use super::{ApiError, AppState};
+use crate::domain::{CustomerId, DialogId};
+
+/// `/data/{customerId}/{dialogId}`.
+#[derive(Debug, Clone, Copy)]
+pub struct DataPath {
+    pub customer: CustomerId,
+    pub dialog: DialogId,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for DataPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path((customer, dialog)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::InvalidId(crate::domain::Invalid::Id("customerId")))?;
+        Ok(Self {
+            customer: CustomerId::parse(&customer).map_err(ApiError::InvalidId)?,
+            dialog: DialogId::parse(&dialog).map_err(ApiError::InvalidId)?,
+        })
+    }
+}
+
+/// `/consents/{dialogId}`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsentPath {
+    pub dialog: DialogId,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ConsentPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(dialog) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::InvalidId(crate::domain::Invalid::Id("dialogId")))?;
+        Ok(Self {
+            dialog: DialogId::parse(&dialog).map_err(ApiError::InvalidId)?,
+        })
+    }
+}
+
+/// A JSON body, parsed to a [`serde_json::Value`] so that handlers check fields
+/// themselves and no error message ever quotes the caller's text back.
+#[derive(Debug)]
+pub struct JsonBody(pub serde_json::Value);
+
+impl FromRequest<AppState> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge {
+                    limit: state.settings.max_body_bytes,
+                }
+            } else {
+                ApiError::UnreadableBody
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(ApiError::MalformedJson)
+    }
+}
+
+/// `application/json`, or any `application/…+json`, parameters (charset) allowed.
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn json_media_types_are_recognised() {
+        let check = |ct: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).expect("valid header"));
+            is_json(&headers)
+        };
+        assert!(check("application/json"));
+        assert!(check("Application/JSON; charset=utf-8"));
+        assert!(check("application/merge-patch+json"));
+        assert!(!check("text/plain"));
+        assert!(!check("application/x-www-form-urlencoded"));
+        assert!(!is_json(&HeaderMap::new()));
+    }
+}

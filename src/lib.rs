@@ -1,0 +1,25 @@
+//! dapi stages what customers type to a chatbot in Redis, moves a dialog into PostgreSQL
+//! once its consent arrives, erases it everywhere on a refusal, and serves consented
+//! messages to analysts page by page.
+//!
+//! The modules, in the order a message travels through them:
+//!
+//! - [`config`] — settings from the environment, loaded and validated once.
+//! - [`telemetry`] — the tracing subscriber; error chains for logs.
+//! - [`domain`] — IDs, text, language tags, decisions, cursors: parsing, no I/O.
+//! - [`http`] — router, extractors, handlers, the problem+json error type.
+//! - [`staging`] — the Redis keyspace, its Lua scripts and the flush queue.
+//! - [`store`] — PostgreSQL: migrations, the fenced batch write, reads and counts.
+//! - [`flusher`] — moves consented dialogs from `staging` to `store`.
+//! - [`app`] — builds everything, runs it, stops it.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod flusher;
+pub mod http;
+pub mod staging;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,85 @@
+//! The `dapi` binary: parses the command line and hands over to the library.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use dapi::app::{self, Roles};
+use dapi::config::Settings;
+use dapi::telemetry;
+
+/// Stages chatbot dialogs in Redis, stores consented ones in PostgreSQL, serves them
+/// page by page. Configured by environment variables (see README.md).
+#[derive(Debug, Parser)]
+#[command(name = "dapi", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP API and the flusher (the default).
+    Serve {
+        /// Run the HTTP API only; run `dapi flusher` elsewhere.
+        #[arg(long)]
+        no_flusher: bool,
+    },
+    /// Run the flusher only: move consented dialogs from Redis to PostgreSQL.
+    Flusher,
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("dapi: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(settings.log_format);
+
+    let roles = match cli.command.unwrap_or(Command::Serve { no_flusher: false }) {
+        Command::Migrate => {
+            return match app::migrate(&settings).await {
+                Ok(()) => {
+                    tracing::info!("migrations applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            };
+        }
+        Command::Serve { no_flusher } => Roles {
+            http: true,
+            flusher: !no_flusher,
+        },
+        Command::Flusher => Roles {
+            http: false,
+            flusher: true,
+        },
+    };
+
+    let running = match app::start(settings, roles).await {
+        Ok(running) => running,
+        Err(e) => return fail(&e),
+    };
+    let shutdown = running.shutdown_token();
+    tokio::spawn(async move {
+        app::termination_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+    running.wait().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn fail(error: &dyn std::error::Error) -> ExitCode {
+    tracing::error!(error = %telemetry::chain(error), "dapi cannot start");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,257 @@
+//! The staging area in Redis: where every message waits until its dialog's consent.
+//!
+//! # Key layout
+//!
+//! Every key of one dialog shares the hash tag `{d<dialogId>}`, so one dialog's keys
+//! live in one cluster slot and each script touches one slot:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `<prefix>:{d<id>}:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs) |
+//! | `<prefix>:{d<id>}:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text` |
+//! | `<prefix>:flush` | stream | flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
+//!
+//! An undecided dialog's keys expire `DAPI_STAGING_TTL` after its last message; a refused
+//! one's meta expires that long after the refusal (its messages are deleted at once). A
+//! granted dialog's keys do not expire: its meta keeps counting seqs for later messages,
+//! and its messages leave only by the flusher, after they are committed in PostgreSQL.
+//!
+//! # Atomicity
+//!
+//! Each request is one call of one Lua script ([`Staging::ingest`], [`Staging::decide`]):
+//! Redis runs it alone, so the check of owner and decision, the seq, the append and the
+//! queueing happen as one step. `receivedAt` and the epoch come from Redis's own clock
+//! (`TIME`), one clock for any number of dapi processes.
+//!
+//! # The epoch
+//!
+//! Every decision increments the dialog's epoch; a new dialog's epoch starts at the clock
+//! in microseconds, so it is newer than anything stored for a dialog of the same id that
+//! was forgotten before. PostgreSQL keeps the epoch of the last decision it applied and
+//! ignores older ones (see `store`): that is the fence that lets a refusal win a race
+//! against a flush.
+
+mod queue;
+
+pub use queue::{Finished, FlushQueue, QueueEntry};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+
+use crate::domain::{CustomerId, Decision, DialogId, Language, MessageText};
+
+/// The consumer group every flusher reads the flush stream through.
+pub const GROUP: &str = "flushers";
+
+/// Builds every Redis key dapi uses; the one place the layout above is written down in code.
+#[derive(Debug, Clone)]
+pub struct Keyspace {
+    prefix: Arc<str>,
+}
+
+impl Keyspace {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    pub fn meta(&self, dialog: i64) -> String {
+        format!("{}:{{d{dialog}}}:meta", self.prefix)
+    }
+
+    pub fn msgs(&self, dialog: i64) -> String {
+        format!("{}:{{d{dialog}}}:msgs", self.prefix)
+    }
+
+    pub fn flush_stream(&self) -> String {
+        format!("{}:flush", self.prefix)
+    }
+
+    /// A pattern matching every key of this prefix (for tests and operators' `SCAN`).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error("Redis did not answer in time")]
+    Timeout,
+    #[error("Redis command failed")]
+    Redis(#[from] redis::RedisError),
+    #[error("Redis holds a value dapi did not write: {0}")]
+    Corrupt(&'static str),
+}
+
+impl StagingError {
+    /// Whether the error means "Redis is unreachable now" rather than a bug.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StagingError::Timeout => true,
+            StagingError::Redis(e) => {
+                e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+            }
+            StagingError::Corrupt(_) => false,
+        }
+    }
+}
+
+/// What became of a message offered to [`Staging::ingest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestOutcome {
+    Accepted { seq: i64, decision: Decision },
+    CustomerMismatch,
+    ConsentRefused,
+}
+
+/// A decision as recorded in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    pub epoch: i64,
+    pub customer: CustomerId,
+    pub decided_at_us: i64,
+}
+
+/// How to bring back a dialog Redis no longer knows but PostgreSQL does.
+#[derive(Debug, Clone, Copy)]
+pub struct Revival {
+    pub customer: CustomerId,
+    pub last_seq: i64,
+}
+
+/// The request path's handle on Redis: one multiplexed, self-reconnecting connection
+/// shared by every request, and the scripts.
+#[derive(Clone)]
+pub struct Staging {
+    conn: ConnectionManager,
+    keys: Keyspace,
+    ttl_ms: u64,
+    scripts: Arc<Scripts>,
+    /// Upper bound on one call, so that a Redis outage answers 503 promptly.
+    call_timeout: Duration,
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staging")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Scripts {
+    ingest: Script,
+    consent: Script,
+}
+
+impl Staging {
+    /// Creates the handle without waiting for Redis: the connection is made on first use
+    /// and remade after every loss, so the service starts and recovers while Redis is away.
+    pub fn new(client: Client, prefix: &str, ttl: Duration) -> Result<Self, StagingError> {
+        let call_timeout = Duration::from_secs(2);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(call_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self {
+            conn,
+            keys: Keyspace::new(prefix),
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            scripts: Arc::new(Scripts {
+                ingest: Script::new(include_str!("lua/ingest.lua")),
+                consent: Script::new(include_str!("lua/consent.lua")),
+            }),
+            call_timeout,
+        })
+    }
+
+    pub fn keys(&self) -> &Keyspace {
+        &self.keys
+    }
+
+    /// Stages one message: one script call, one round trip.
+    pub async fn ingest(
+        &self,
+        customer: CustomerId,
+        dialog: DialogId,
+        language: &Language,
+        text: &MessageText,
+    ) -> Result<IngestOutcome, StagingError> {
+        let d = dialog.get();
+        let mut invocation = self.scripts.ingest.prepare_invoke();
+        invocation
+            .key(self.keys.meta(d))
+            .key(self.keys.msgs(d))
+            .key(self.keys.flush_stream())
+            .arg(customer.get())
+            .arg(d)
+            .arg(language.as_str())
+            .arg(text.as_str())
+            .arg(self.ttl_ms);
+        let mut conn = self.conn.clone();
+        let (status, seq): (String, i64) = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok(match status.as_str() {
+            "p" => IngestOutcome::Accepted {
+                seq,
+                decision: Decision::Pending,
+            },
+            "g" => IngestOutcome::Accepted {
+                seq,
+                decision: Decision::Granted,
+            },
+            "mismatch" => IngestOutcome::CustomerMismatch,
+            "refused" => IngestOutcome::ConsentRefused,
+            _ => return Err(StagingError::Corrupt("unknown ingest status")),
+        })
+    }
+
+    /// Records a decision. Returns `None` when Redis knows nothing of the dialog and no
+    /// `revival` was given; with one, the dialog is re-created from it first.
+    pub async fn decide(
+        &self,
+        dialog: DialogId,
+        approved: bool,
+        revival: Option<Revival>,
+    ) -> Result<Option<Recorded>, StagingError> {
+        let d = dialog.get();
+        let mut invocation = self.scripts.consent.prepare_invoke();
+        invocation
+            .key(self.keys.meta(d))
+            .key(self.keys.msgs(d))
+            .key(self.keys.flush_stream())
+            .arg(d)
+            .arg(if approved { "g" } else { "r" })
+            .arg(self.ttl_ms);
+        match revival {
+            Some(r) => invocation.arg(r.customer.get()).arg(r.last_seq),
+            None => invocation.arg("").arg(0),
+        };
+        let mut conn = self.conn.clone();
+        let (status, epoch, customer, decided_at_us): (String, i64, i64, i64) =
+            self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok((status == "ok").then_some(Recorded {
+            epoch,
+            customer: CustomerId::from_stored(customer),
+            decided_at_us,
+        }))
+    }
+
+    /// Answers whether Redis responds.
+    pub async fn ping(&self) -> Result<(), StagingError> {
+        let mut conn = self.conn.clone();
+        let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StagingError> {
+        // Dropping a call on a multiplexed connection is safe: its reply is discarded.
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StagingError::Timeout),
+        }
+    }
+}

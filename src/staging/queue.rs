@@ -1,0 +1,316 @@
+//! The flush queue: a Redis Stream of "this dialog has something for PostgreSQL" entries,
+//! read through the consumer group [`GROUP`](super::GROUP).
+//!
+//! # Delivery
+//!
+//! At least once. An entry stays in its consumer's pending list until the finish script
+//! acknowledges and deletes it, which the flusher calls only after its PostgreSQL commit.
+//! A flusher that dies leaves its entries pending; another one takes them over with
+//! `XAUTOCLAIM` once they have been idle for `DAPI_FLUSH_CLAIM_IDLE`. Running an entry
+//! twice is harmless: messages are keyed by (dialog, seq) in PostgreSQL, and the decision
+//! is fenced by its epoch.
+//!
+//! An entry names only a dialog, never what to write: the flusher reads the dialog's
+//! current state in one atomic snapshot (`MULTI`), so a stale entry can never write
+//! data that a later decision took back.
+//!
+//! # Rounds
+//!
+//! [`FlushQueue::next_entries`] first re-reads this consumer's own pending entries (after
+//! a failed batch, so nothing waits for the claim timeout), then claims entries idle past
+//! the timeout from other consumers, then blocks for new ones. A lost consumer group (a
+//! Redis restart without persistence) is created again on the `NOGROUP` answer.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::{Client, Script, Value};
+
+use super::{GROUP, Keyspace, StagingError};
+use crate::domain::{CustomerId, Decision, DialogId, DialogState, StagedMessage};
+
+/// One flush-queue entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub id: String,
+    /// `None` for an entry that names no dialog (not written by dapi): it is acknowledged
+    /// and dropped.
+    pub dialog: Option<i64>,
+}
+
+/// What a batch did for one dialog, for the finish script.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished {
+    pub dialog: i64,
+    /// The highest seq now safe to drop from Redis (0: none).
+    pub last_seq: i64,
+    /// How many messages the snapshot read.
+    pub read: usize,
+}
+
+/// One flusher task's handle on the flush queue, with its own connection (a blocking
+/// read holds a connection; sharing it would stall everyone else).
+pub struct FlushQueue {
+    conn: ConnectionManager,
+    keys: Keyspace,
+    consumer: String,
+    claim_idle: Duration,
+    block: Duration,
+    finish: Script,
+    read_own_pending: bool,
+    last_claim: Option<Instant>,
+}
+
+impl std::fmt::Debug for FlushQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlushQueue")
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlushQueue {
+    pub fn new(
+        client: Client,
+        keys: Keyspace,
+        consumer: String,
+        claim_idle: Duration,
+        block: Duration,
+    ) -> Result<Self, StagingError> {
+        // redis-rs times every call out after 500 ms by default; a blocking read must
+        // be allowed to block (redis-rs #1924).
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(block + Duration::from_secs(5)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        Ok(Self {
+            conn: ConnectionManager::new_lazy_with_config(client, config)?,
+            keys,
+            consumer,
+            claim_idle,
+            block,
+            finish: Script::new(include_str!("lua/finish.lua")),
+            read_own_pending: true,
+            last_claim: None,
+        })
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// The next entries for this consumer: its own pending ones first, then entries of
+    /// other consumers idle past the claim timeout, then new ones (blocking up to the
+    /// block time). An empty answer means nothing arrived in that time.
+    pub async fn next_entries(&mut self, count: usize) -> Result<Vec<QueueEntry>, StagingError> {
+        match self.next_entries_once(count).await {
+            Err(StagingError::Redis(e)) if e.code() == Some("NOGROUP") => {
+                self.create_group().await?;
+                self.next_entries_once(count).await
+            }
+            other => other,
+        }
+    }
+
+    async fn next_entries_once(&mut self, count: usize) -> Result<Vec<QueueEntry>, StagingError> {
+        let stream = self.keys.flush_stream();
+        if self.read_own_pending {
+            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(count)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg("0")
+                .query_async(&mut self.conn)
+                .await?;
+            let entries = entries_of(reply);
+            if !entries.is_empty() {
+                return Ok(entries);
+            }
+            self.read_own_pending = false;
+        }
+
+        let claim_due = self.last_claim.is_none_or(|at| at.elapsed() >= self.claim_idle / 2);
+        if claim_due {
+            self.last_claim = Some(Instant::now());
+            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(u64::try_from(self.claim_idle.as_millis()).unwrap_or(u64::MAX))
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut self.conn)
+                .await?;
+            if !reply.claimed.is_empty() {
+                // More may be waiting; keep claiming next round.
+                self.last_claim = None;
+                return Ok(reply.claimed.iter().map(entry_of).collect());
+            }
+        }
+
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(u64::try_from(self.block.as_millis()).unwrap_or(1000))
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(">")
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(entries_of(reply))
+    }
+
+    /// Creates the consumer group (and the stream) if missing; reading from the start,
+    /// so entries written before the group existed are not skipped.
+    pub async fn create_group(&mut self) -> Result<(), StagingError> {
+        let created: Result<String, _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.keys.flush_stream())
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn)
+            .await;
+        match created {
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the state of `dialogs` in one atomic round trip. Dialogs Redis no longer
+    /// knows are left out.
+    pub async fn snapshot(&mut self, dialogs: &[i64], max_messages: usize) -> Result<Vec<DialogState>, StagingError> {
+        if dialogs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for &d in dialogs {
+            pipe.cmd("HMGET").arg(self.keys.meta(d)).arg(&["c", "d", "e", "t"][..]);
+            pipe.cmd("LRANGE")
+                .arg(self.keys.msgs(d))
+                .arg(0)
+                .arg(max_messages.saturating_sub(1));
+        }
+        let replies: Vec<Value> = pipe.query_async(&mut self.conn).await?;
+        if replies.len() != 2 * dialogs.len() {
+            return Err(StagingError::Corrupt("snapshot reply has the wrong length"));
+        }
+        let mut replies = replies.into_iter();
+        let mut snapshots = Vec::with_capacity(dialogs.len());
+        for &d in dialogs {
+            let (Some(meta), Some(msgs)) = (replies.next(), replies.next()) else {
+                break;
+            };
+            let meta: (Option<i64>, Option<String>, Option<i64>, Option<i64>) =
+                redis::from_redis_value(meta).map_err(|_| StagingError::Corrupt("dialog meta"))?;
+            let msgs: Vec<Vec<u8>> =
+                redis::from_redis_value(msgs).map_err(|_| StagingError::Corrupt("message list"))?;
+            let (Some(customer), Some(decision), Some(epoch)) = (meta.0, meta.1, meta.2) else {
+                continue; // forgotten (expired) dialog
+            };
+            let decision = match decision.as_str() {
+                "p" => Decision::Pending,
+                "g" => Decision::Granted,
+                "r" => Decision::Refused,
+                _ => return Err(StagingError::Corrupt("dialog decision")),
+            };
+            let messages = msgs
+                .iter()
+                .map(|raw| decode_message(raw))
+                .collect::<Option<Vec<_>>>()
+                .ok_or(StagingError::Corrupt("staged message"))?;
+            snapshots.push(DialogState {
+                dialog: DialogId::from_stored(d),
+                customer: CustomerId::from_stored(customer),
+                decision,
+                epoch,
+                decided_at_us: meta.3.unwrap_or_default(),
+                messages,
+            });
+        }
+        Ok(snapshots)
+    }
+
+    /// After the PostgreSQL commit: trims what was written, re-queues dialogs that got
+    /// more messages meanwhile, and acknowledges and deletes the entries. One script call.
+    pub async fn finish(&mut self, done: &[Finished], entry_ids: &[String]) -> Result<(), StagingError> {
+        let mut invocation = self.finish.prepare_invoke();
+        invocation.key(self.keys.flush_stream());
+        for f in done {
+            invocation.key(self.keys.meta(f.dialog)).key(self.keys.msgs(f.dialog));
+        }
+        invocation.arg(GROUP).arg(done.len());
+        for f in done {
+            invocation.arg(f.dialog).arg(f.last_seq).arg(f.read);
+        }
+        for id in entry_ids {
+            invocation.arg(id);
+        }
+        let _: i64 = invocation.invoke_async(&mut self.conn).await?;
+        Ok(())
+    }
+
+    /// Marks that this consumer has entries pending (after a failed batch), so that the
+    /// next round retries them at once.
+    pub fn retry_own_pending(&mut self) {
+        self.read_own_pending = true;
+    }
+}
+
+/// Decodes `seq:receivedAt_µs:language:text` as the ingest script writes it.
+fn decode_message(raw: &[u8]) -> Option<StagedMessage> {
+    let mut parts = raw.splitn(4, |b| *b == b':');
+    let mut number = || std::str::from_utf8(parts.next()?).ok()?.parse::<i64>().ok();
+    let seq = number()?;
+    let received_at_us = number()?;
+    let language = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let text = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    Some(StagedMessage {
+        seq,
+        received_at_us,
+        language,
+        text,
+    })
+}
+
+fn entries_of(reply: Option<StreamReadReply>) -> Vec<QueueEntry> {
+    reply
+        .into_iter()
+        .flat_map(|r| r.keys)
+        .flat_map(|k| k.ids)
+        .map(|id| entry_of(&id))
+        .collect()
+}
+
+fn entry_of(id: &StreamId) -> QueueEntry {
+    QueueEntry {
+        id: id.id.clone(),
+        dialog: id.get::<i64>("d"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_messages_decode_with_colons_in_the_text() {
+        let m = decode_message(b"3:1795000000123456:pt-BR:a:b:c").expect("decodes");
+        assert_eq!((m.seq, m.received_at_us), (3, 1_795_000_000_123_456));
+        assert_eq!((m.language.as_str(), m.text.as_str()), ("pt-BR", "a:b:c"));
+        assert!(decode_message(b"x:1:EN:t").is_none());
+        assert!(decode_message(b"1:2:EN").is_none());
+    }
+}

@@ -1,0 +1,505 @@
+//! The consented store in PostgreSQL: embedded migrations, the batch write that the
+//! flusher and the refusal handler share, the reads behind GET /data, and exact counts.
+//!
+//! # The epoch fence
+//!
+//! [`Store::apply`] writes dialog states in one transaction. For every dialog it first
+//! upserts the `dialogs` row, changing it only where the stored epoch is not newer than
+//! the one being written; that statement locks the row. Messages of a granted dialog are
+//! inserted, and messages of a refused one deleted, only when that upsert took. A refusal
+//! and a flush of the same dialog therefore serialise on the row lock, and whichever
+//! commits last, the decision with the newer epoch is what holds: a stale flush can never
+//! bring back what a refusal erased.
+//!
+//! # Counts
+//!
+//! `message_counts` holds exact counts per (customer, language), per customer, per
+//! language and in total (`-1` / `''` mean "any"), maintained by the same statements that
+//! insert and delete messages, from the rows they actually inserted or deleted. A page
+//! answer reads its count and its rows in one statement, so both come from one snapshot.
+//!
+//! # Order
+//!
+//! Readers see newest first: `received_at DESC, dialog_id DESC, seq DESC`, served by
+//! scanning the `(…, received_at, dialog_id, seq)` indexes backwards.
+
+use std::time::Duration;
+
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+use time::OffsetDateTime;
+
+use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("PostgreSQL is unreachable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("PostgreSQL query failed")]
+    Query(#[source] sqlx::Error),
+    #[error("migrating the database failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        let unavailable = match &e {
+            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => true,
+            // Connection exceptions (08…), shutdown and start-up states (57P01–57P03),
+            // too many connections (53300).
+            E::Database(db) => db.code().is_some_and(|code| {
+                code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+            }),
+            _ => false,
+        };
+        if unavailable {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Query(e)
+        }
+    }
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// A deadlock or serialisation failure: the transaction may simply be run again.
+    fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Query(sqlx::Error::Database(db))
+            if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
+    }
+}
+
+/// What [`Store::apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Messages newly inserted (not counting ones already stored).
+    pub inserted: u64,
+    /// Messages deleted by refusals.
+    pub erased: u64,
+    /// Dialogs whose state was not written because PostgreSQL holds a newer decision.
+    pub fenced: u64,
+}
+
+/// A consented message as readers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub customer_id: i64,
+    pub dialog_id: i64,
+    pub seq: i64,
+    pub text: String,
+    pub language: String,
+    pub received_at: OffsetDateTime,
+}
+
+impl StoredMessage {
+    /// The cursor that continues after this message.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            received_at_us: micros_of(self.received_at),
+            dialog_id: self.dialog_id,
+            seq: self.seq,
+        }
+    }
+}
+
+/// Which messages a read wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Matched case-insensitively.
+    pub language: Option<String>,
+    pub customer: Option<CustomerId>,
+}
+
+impl Filter {
+    fn form(&self) -> usize {
+        usize::from(self.language.is_some()) | (usize::from(self.customer.is_some()) << 1)
+    }
+}
+
+/// The one handle on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Creates the database when it is missing (and the role may), then a pool. The pool
+    /// connects lazily and gives up on a connection after a few seconds, so an outage
+    /// turns into prompt errors rather than hung requests.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        if !Postgres::database_exists(url).await? {
+            match Postgres::create_database(url).await {
+                // Another process created it meanwhile.
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => {}
+                other => other?,
+            }
+            tracing::info!("created the database");
+        }
+        let options: PgConnectOptions = url.parse().map_err(StoreError::Query)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_lazy_with(options);
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations (under sqlx's advisory lock, so concurrent starts
+    /// are safe).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Writes dialog states in one transaction under the epoch fence: granted dialogs get
+    /// their messages inserted (existing (dialog, seq) keys are left alone), refused ones
+    /// get theirs deleted. Retried on deadlock.
+    pub async fn apply(&self, states: &[DialogState]) -> Result<Applied, StoreError> {
+        let mut states: Vec<&DialogState> = states.iter().filter(|s| s.decision != Decision::Pending).collect();
+        // One lock order for every transaction: by dialog id. A dialog named twice keeps
+        // its newest state (one statement cannot upsert a row twice).
+        states.sort_by_key(|s| (s.dialog, std::cmp::Reverse(s.epoch)));
+        states.dedup_by_key(|s| s.dialog);
+        let mut attempt = 0;
+        loop {
+            match self.apply_once(&states).await {
+                Err(e) if e.is_retryable() && attempt < 5 => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn apply_once(&self, states: &[&DialogState]) -> Result<Applied, StoreError> {
+        if states.is_empty() {
+            return Ok(Applied::default());
+        }
+        let mut tx = self.pool.begin().await?;
+        let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
+            .bind(states.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+            .bind(states.iter().map(|s| s.customer.get()).collect::<Vec<_>>())
+            .bind(states.iter().map(|s| s.decision.as_str()).collect::<Vec<_>>())
+            .bind(states.iter().map(|s| s.epoch).collect::<Vec<_>>())
+            .bind(states.iter().map(|s| time_of(s.decided_at_us)).collect::<Vec<_>>())
+            .fetch_all(&mut *tx)
+            .await?;
+        let took: std::collections::HashSet<i64> = took.into_iter().collect();
+        let (granted, refused): (Vec<&DialogState>, Vec<&DialogState>) = states
+            .iter()
+            .filter(|s| took.contains(&s.dialog.get()))
+            .partition(|s| s.decision == Decision::Granted);
+
+        let mut applied = Applied {
+            fenced: (states.len() - took.len()) as u64,
+            ..Applied::default()
+        };
+        let rows = granted.iter().flat_map(|s| s.messages.iter().map(move |m| (*s, m)));
+        let count = granted.iter().map(|s| s.messages.len()).sum();
+        if count > 0 {
+            let mut cols = MessageColumns::with_capacity(count);
+            for (s, m) in rows {
+                cols.dialog_id.push(s.dialog.get());
+                cols.seq.push(m.seq);
+                cols.customer_id.push(s.customer.get());
+                cols.language.push(&m.language);
+                cols.text.push(&m.text);
+                cols.received_at.push(time_of(m.received_at_us));
+            }
+            let inserted: Option<i64> = sqlx::query_scalar(INSERT_MESSAGES)
+                .bind(cols.dialog_id)
+                .bind(cols.seq)
+                .bind(cols.customer_id)
+                .bind(cols.language)
+                .bind(cols.text)
+                .bind(cols.received_at)
+                .fetch_one(&mut *tx)
+                .await?;
+            applied.inserted = inserted.unwrap_or_default().unsigned_abs();
+        }
+        if !refused.is_empty() {
+            let erased: Option<i64> = sqlx::query_scalar(DELETE_MESSAGES)
+                .bind(refused.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+                .fetch_one(&mut *tx)
+                .await?;
+            applied.erased = erased.unwrap_or_default().unsigned_abs();
+        }
+        tx.commit().await?;
+        Ok(applied)
+    }
+
+    /// A dialog PostgreSQL holds as granted: its customer and last stored seq. Used when
+    /// Redis has forgotten a dialog that a consent call names.
+    pub async fn granted_dialog(&self, dialog: DialogId) -> Result<Option<(CustomerId, i64)>, StoreError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT customer_id, coalesce((SELECT max(seq) FROM messages WHERE dialog_id = $1), 0) \
+             FROM dialogs WHERE dialog_id = $1 AND decision = 'granted'",
+        )
+        .bind(dialog.get())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(customer, last_seq)| (CustomerId::from_stored(customer), last_seq)))
+    }
+
+    /// One page in newest-first order and the exact number of matching messages, read
+    /// in one statement (one snapshot).
+    pub async fn page(
+        &self,
+        filter: &Filter,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(i64, Vec<StoredMessage>), StoreError> {
+        let rows: Vec<PageRow> = sqlx::query_as(PAGE[filter.form()])
+            .bind(limit)
+            .bind(offset)
+            .bind(filter.language.as_deref())
+            .bind(filter.customer.map(CustomerId::get))
+            .fetch_all(&self.pool)
+            .await?;
+        let count = rows.first().map_or(0, |r| r.0);
+        let messages = rows
+            .into_iter()
+            .filter_map(|(_, customer_id, dialog_id, seq, text, language, received_at)| {
+                Some(StoredMessage {
+                    customer_id: customer_id?,
+                    dialog_id: dialog_id?,
+                    seq: seq?,
+                    text: text?,
+                    language: language?,
+                    received_at: received_at?,
+                })
+            })
+            .collect();
+        Ok((count, messages))
+    }
+
+    /// Up to `limit` messages after `cursor` (from the newest when `None`) in
+    /// newest-first order: a keyset step whose cost does not grow with depth.
+    pub async fn after(
+        &self,
+        filter: &Filter,
+        cursor: Option<Cursor>,
+        limit: i64,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let (at, dialog, seq) = match cursor {
+            Some(c) => (time_of(c.received_at_us), c.dialog_id, c.seq),
+            None => (time::macros::datetime!(9999-12-31 23:59:59 UTC), i64::MAX, i64::MAX),
+        };
+        let mut query = sqlx::query_as(AFTER[filter.form()])
+            .bind(limit)
+            .bind(at)
+            .bind(dialog)
+            .bind(seq);
+        if let Some(language) = &filter.language {
+            query = query.bind(language);
+        }
+        if let Some(customer) = filter.customer {
+            query = query.bind(customer.get());
+        }
+        let rows: Vec<(i64, i64, i64, String, String, OffsetDateTime)> = query.fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(customer_id, dialog_id, seq, text, language, received_at)| StoredMessage {
+                    customer_id,
+                    dialog_id,
+                    seq,
+                    text,
+                    language,
+                    received_at,
+                },
+            )
+            .collect())
+    }
+}
+
+type PageRow = (
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<OffsetDateTime>,
+);
+
+struct MessageColumns<'a> {
+    dialog_id: Vec<i64>,
+    seq: Vec<i64>,
+    customer_id: Vec<i64>,
+    language: Vec<&'a str>,
+    text: Vec<&'a str>,
+    received_at: Vec<OffsetDateTime>,
+}
+
+impl MessageColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            dialog_id: Vec::with_capacity(n),
+            seq: Vec::with_capacity(n),
+            customer_id: Vec::with_capacity(n),
+            language: Vec::with_capacity(n),
+            text: Vec::with_capacity(n),
+            received_at: Vec::with_capacity(n),
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch → timestamp (values come from Redis's clock).
+pub fn time_of(micros: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Timestamp → microseconds since the Unix epoch (PostgreSQL keeps microseconds).
+pub fn micros_of(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
+}
+
+/// Upsert under the epoch fence; returns the dialogs whose row was written.
+const UPSERT_DIALOGS: &str = "\
+INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
+SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[])
+ON CONFLICT (dialog_id) DO UPDATE
+SET customer_id = EXCLUDED.customer_id, decision = EXCLUDED.decision,
+    epoch = EXCLUDED.epoch, decided_at = EXCLUDED.decided_at
+WHERE dialogs.epoch <= EXCLUDED.epoch
+RETURNING dialog_id";
+
+/// Adds `$sign * count` of the rows in CTE `changed` to every counter they belong to,
+/// in key order (one lock order for all writers).
+macro_rules! count_changes {
+    ($changed:literal, $sign:literal) => {
+        concat!(
+            "WITH changed AS (",
+            $changed,
+            " RETURNING customer_id, lower(language) AS language),
+delta AS (
+    SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped AS (
+    INSERT INTO message_counts (customer_id, language, n)
+    SELECT customer_id, language, ",
+            $sign,
+            " n FROM delta ORDER BY customer_id, language
+    ON CONFLICT (customer_id, language) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+)
+SELECT n FROM delta WHERE customer_id = -1 AND language = ''
+UNION ALL SELECT 0 LIMIT 1"
+        )
+    };
+}
+
+/// Bulk insert of one batch's messages; returns how many were new.
+const INSERT_MESSAGES: &str = count_changes!(
+    "INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
+    SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[])
+    ON CONFLICT (dialog_id, seq) DO NOTHING",
+    ""
+);
+
+/// Erasure of refused dialogs' messages; returns how many were deleted.
+const DELETE_MESSAGES: &str = count_changes!("DELETE FROM messages WHERE dialog_id = ANY($1::int8[])", "-");
+
+/// Four variants per statement, one per filter form (see [`Filter::form`]), so each is
+/// planned for its own index.
+macro_rules! per_filter_form {
+    ($head:literal, [$none:literal, $lang:literal, $cust:literal, $both:literal], $tail:literal) => {
+        [
+            concat!($head, $none, $tail),
+            concat!($head, $lang, $tail),
+            concat!($head, $cust, $tail),
+            concat!($head, $both, $tail),
+        ]
+    };
+}
+
+/// `$1` limit, `$2` offset, `$3` language, `$4` customer.
+const PAGE: [&str; 4] = per_filter_form!(
+    "WITH total AS (
+    SELECT coalesce((SELECT n FROM message_counts
+                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
+)
+SELECT total.n, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
+FROM total LEFT JOIN LATERAL (
+    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages WHERE ",
+    [
+        "true",
+        "lower(language) = lower($3)",
+        "customer_id = $4",
+        "lower(language) = lower($3) AND customer_id = $4"
+    ],
+    "
+    ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
+) m ON true
+ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC"
+);
+
+/// `$1` limit, `$2`–`$4` the position to continue after, then language and/or customer.
+const AFTER: [&str; 4] = per_filter_form!(
+    "SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND ",
+    [
+        "true",
+        "lower(language) = lower($5)",
+        "customer_id = $5",
+        "lower(language) = lower($5) AND customer_id = $6"
+    ],
+    "
+ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_forms_pick_distinct_statements() {
+        let lang = Some("en".to_owned());
+        let cust = Some(CustomerId::from_stored(1));
+        let forms = [
+            Filter::default().form(),
+            Filter {
+                language: lang.clone(),
+                customer: None,
+            }
+            .form(),
+            Filter {
+                language: None,
+                customer: cust,
+            }
+            .form(),
+            Filter {
+                language: lang,
+                customer: cust,
+            }
+            .form(),
+        ];
+        assert_eq!(forms, [0, 1, 2, 3]);
+        assert!(PAGE[2].contains("customer_id = $4") && !PAGE[2].contains("lower($3) AND"));
+        assert!(AFTER[3].contains("customer_id = $6"));
+    }
+
+    #[test]
+    fn micros_round_trip_through_timestamps() {
+        let us = 1_795_000_000_123_456;
+        assert_eq!(micros_of(time_of(us)), us);
+    }
+}

@@ -1,0 +1,148 @@
+//! The flusher: exactly once through interruptions, and the epoch fence under races.
+
+use std::time::Duration;
+
+use dapi::app::Roles;
+use dapi::flusher::{Flusher, Outcome};
+use dapi::staging::FlushQueue;
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+
+use crate::helpers::{TestApp, spawn_app_with, test_settings};
+
+fn flusher(app: &TestApp, consumer: &str) -> Flusher {
+    let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
+    let queue = FlushQueue::new(
+        client,
+        app.keys.clone(),
+        consumer.to_owned(),
+        Duration::ZERO, // take over any pending entry at once
+        Duration::from_millis(100),
+    )
+    .unwrap();
+    Flusher::new(queue, app.store.clone(), 64)
+}
+
+#[tokio::test]
+async fn a_flush_interrupted_after_commit_and_run_again_writes_no_duplicate() {
+    let app = spawn_app_with(
+        test_settings(),
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+    for text in ["a", "b", "c"] {
+        app.stage(1, 1, text, "EN").await;
+    }
+    app.consent(1, true).await;
+
+    // A flusher commits to PostgreSQL and dies before acknowledging.
+    let mut crashing = flusher(&app, "crashing");
+    let batch = crashing.next_batch().await.unwrap().expect("the grant queued an entry");
+    let applied = crashing.store_batch(&batch).await.unwrap();
+    assert_eq!(applied.inserted, 3);
+    drop(crashing);
+    let mut conn = app.redis.clone();
+    let staged: usize = redis::cmd("LLEN")
+        .arg(app.keys.msgs(1))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(staged, 3, "nothing was trimmed before the ack");
+
+    // Another flusher takes the entry over and runs the batch again.
+    let mut rescuer = flusher(&app, "rescuer");
+    let outcome = rescuer.flush_once().await.unwrap();
+
+    let Outcome::Flushed { entries, applied } = outcome else {
+        panic!("the pending entry was not taken over: {outcome:?}");
+    };
+    assert_eq!((entries, applied.inserted), (1, 0));
+    assert_eq!(app.stored_seqs(1).await, [1, 2, 3]);
+    assert_eq!(app.get_json("/data/").await["count"], 3);
+    let staged: usize = redis::cmd("LLEN")
+        .arg(app.keys.msgs(1))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(staged, 0, "written messages are trimmed from Redis");
+    app.wait_for_empty_queue().await;
+    assert_eq!(rescuer.flush_once().await.unwrap(), Outcome::Idle);
+}
+
+#[tokio::test]
+async fn messages_that_arrive_during_a_flush_are_kept_and_flushed_next() {
+    let app = spawn_app_with(
+        test_settings(),
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+    app.stage(1, 2, "first", "EN").await;
+    app.consent(2, true).await;
+    let mut flusher = flusher(&app, "only");
+    let batch = flusher.next_batch().await.unwrap().unwrap();
+
+    app.stage(1, 2, "during", "EN").await; // after the snapshot, before the finish
+    flusher.store_batch(&batch).await.unwrap();
+    flusher.finish_batch(&batch).await.unwrap();
+
+    assert_eq!(app.stored_seqs(2).await, [1]);
+    assert!(matches!(flusher.flush_once().await.unwrap(), Outcome::Flushed { .. }));
+    assert_eq!(app.stored_seqs(2).await, [1, 2]);
+}
+
+#[tokio::test]
+async fn racing_grants_and_refusals_leave_nothing_of_a_refused_dialog() {
+    let mut settings = test_settings();
+    settings.flushers = 4;
+    settings.flush_batch = 8;
+    let app = spawn_app_with(
+        settings,
+        Roles {
+            http: true,
+            flusher: true,
+        },
+    )
+    .await;
+
+    let dialogs = 60;
+    let outcomes = join_all((0..dialogs).map(|dialog| {
+        let app = &app;
+        async move {
+            let mut kept: Vec<i64> = Vec::new();
+            app.stage(dialog, dialog, "opening", "EN").await;
+            for round in 0..8 {
+                assert_eq!(app.consent(dialog, true).await.status(), StatusCode::ACCEPTED);
+                kept.clear(); // what was staged before a refusal never comes back
+                for _ in 0..2 {
+                    kept.push(app.stage(dialog, dialog, "racing", "EN").await);
+                }
+                tokio::time::sleep(Duration::from_millis((dialog as u64 + round) % 3)).await;
+                let last_round = round == 7;
+                if !last_round || dialog % 2 == 0 {
+                    assert_eq!(app.consent(dialog, false).await.status(), StatusCode::OK);
+                    kept.clear();
+                }
+            }
+            (dialog, kept)
+        }
+    }))
+    .await;
+
+    app.wait_for_empty_queue().await;
+    let mut total = 0;
+    for (dialog, kept) in outcomes {
+        if dialog % 2 == 0 {
+            assert!(kept.is_empty());
+        }
+        assert_eq!(app.stored_seqs(dialog).await, kept, "dialog {dialog}");
+        total += kept.len();
+    }
+    assert_eq!(app.get_json("/data/").await["count"], total as i64);
+    assert_eq!(total, 2 * (dialogs as usize / 2));
+}

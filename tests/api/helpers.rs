@@ -1,0 +1,245 @@
+//! Runs the real app on port 0 against the real PostgreSQL and Redis: each test gets
+//! its own database (created, migrated, dropped) and its own Redis key prefix, so tests
+//! run in parallel without seeing each other.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dapi::app::{self, Roles, Running};
+use dapi::config::Settings;
+use dapi::staging::Keyspace;
+use dapi::store::Store;
+use reqwest::{Response, StatusCode};
+use serde_json::Value;
+
+/// The server the tests use; `DAPI_TEST_DATABASE_URL` points elsewhere (no database name).
+fn postgres_base() -> String {
+    std::env::var("DAPI_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+fn redis_url() -> String {
+    std::env::var("DAPI_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A name no other test of any run shares.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{}_{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Settings for one test: its own database and key prefix, port 0.
+pub fn test_settings() -> Settings {
+    let mut settings = Settings::from_lookup(|_| None).expect("defaults are valid");
+    settings.database_url = format!("{}/{}", postgres_base(), unique("dapi_test"));
+    settings.redis_url = redis_url();
+    settings.redis_prefix = unique("dapitest");
+    settings.bind = "127.0.0.1:0".into();
+    settings.flush_claim_idle = Duration::from_millis(500);
+    settings
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub store: Store,
+    pub settings: Settings,
+    pub keys: Keyspace,
+    pub redis: redis::aio::MultiplexedConnection,
+    running: Option<Running>,
+}
+
+/// The app with the HTTP API and flushers.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(
+        test_settings(),
+        Roles {
+            http: true,
+            flusher: true,
+        },
+    )
+    .await
+}
+
+pub async fn spawn_app_with(settings: Settings, roles: Roles) -> TestApp {
+    dapi::telemetry::init(dapi::config::LogFormat::Text);
+    let running = app::start(settings.clone(), roles).await.expect("the app starts");
+    let addr = running.local_addr.expect("serving HTTP");
+    let store = Store::connect(&settings.database_url).await.expect("store");
+    let redis = redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    TestApp {
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+        store,
+        keys: Keyspace::new(&settings.redis_prefix),
+        settings,
+        redis,
+        running: Some(running),
+    }
+}
+
+impl TestApp {
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.post_raw(path, Some("application/json"), body.to_string().into_bytes())
+            .await
+    }
+
+    pub async fn post_raw(&self, path: &str, content_type: Option<&str>, body: Vec<u8>) -> Response {
+        let mut request = self.http.post(format!("{}{path}", self.base)).body(body);
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        request.send().await.expect("request sent")
+    }
+
+    /// POST /data/{c}/{d} with a valid message; returns its seq.
+    pub async fn stage(&self, customer: i64, dialog: i64, text: &str, language: &str) -> i64 {
+        let response = self
+            .post_json(
+                &format!("/data/{customer}/{dialog}"),
+                &serde_json::json!({"text": text, "language": language}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let body: Value = response.json().await.expect("json");
+        body["seq"].as_i64().expect("seq")
+    }
+
+    pub async fn consent(&self, dialog: i64, approved: bool) -> Response {
+        self.post_json(
+            &format!("/consents/{dialog}"),
+            &serde_json::json!({ "approved": approved }),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> Response {
+        self.http
+            .get(format!("{}{path_and_query}", self.base))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn get_json(&self, path_and_query: &str) -> Value {
+        let response = self.get(path_and_query).await;
+        assert_eq!(response.status(), StatusCode::OK, "GET {path_and_query}");
+        response.json().await.expect("json")
+    }
+
+    /// Seqs of a dialog stored in PostgreSQL, ascending.
+    pub async fn stored_seqs(&self, dialog: i64) -> Vec<i64> {
+        sqlx::query_scalar("SELECT seq FROM messages WHERE dialog_id = $1 ORDER BY seq")
+            .bind(dialog)
+            .fetch_all(self.store.pool())
+            .await
+            .expect("query")
+    }
+
+    /// Waits (bounded) until `dialog` has exactly `seqs` stored.
+    pub async fn wait_for_seqs(&self, dialog: i64, seqs: &[i64]) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let stored = self.stored_seqs(dialog).await;
+            if stored == seqs {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dialog {dialog}: stored {stored:?}, expected {seqs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) until the flush queue is empty: every entry acknowledged.
+    pub async fn wait_for_empty_queue(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut conn = self.redis.clone();
+        loop {
+            let len: usize = redis::cmd("XLEN")
+                .arg(self.keys.flush_stream())
+                .query_async(&mut conn)
+                .await
+                .expect("xlen");
+            if len == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "flush queue still holds {len} entries");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the app gracefully; true when everything finished within the timeout.
+    pub async fn stop(&mut self) -> bool {
+        match self.running.take() {
+            Some(running) => running.stop().await,
+            None => true,
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown_token().cancel();
+        }
+        // Clean up on a thread of its own: Drop cannot await, and the test's runtime
+        // may be shutting down.
+        let database_url = self.settings.database_url.clone();
+        let pattern = self.keys.pattern();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async move {
+                use sqlx::migrate::MigrateDatabase;
+                let _ = sqlx::Postgres::force_drop_database(&database_url).await;
+                if let Ok(mut conn) = redis::Client::open(redis_url())
+                    .expect("redis url")
+                    .get_multiplexed_async_connection()
+                    .await
+                {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(&pattern)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_default();
+                    if !keys.is_empty() {
+                        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Asserts that `response` is a problem+json answer with `status` and `code`.
+pub async fn assert_problem(response: Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(response.status(), status);
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let body: Value = response.json().await.expect("problem body is JSON");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status.as_u16());
+    assert_eq!(body["type"], "about:blank");
+    assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
+    body
+}

@@ -1,0 +1,200 @@
+//! POST /data/{customerId}/{dialogId}.
+
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{assert_problem, spawn_app};
+
+#[tokio::test]
+async fn a_message_is_accepted_with_202_its_seq_and_pending_consent() {
+    let app = spawn_app().await;
+
+    let response = app
+        .post_json("/data/1/2", &json!({"text": "Hello, World", "language": "EN"}))
+        .await;
+
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"customerId": 1, "dialogId": 2, "seq": 1, "consent": "pending"})
+    );
+}
+
+#[tokio::test]
+async fn every_post_appends_a_message_with_the_next_seq() {
+    // (differs) the predecessor answered 400 to a second POST to one dialog.
+    let app = spawn_app().await;
+
+    let seqs = [
+        app.stage(1, 7, "one", "EN").await,
+        app.stage(1, 7, "two", "EN").await,
+        app.stage(1, 7, "three", "EN").await,
+    ];
+
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(app.stage(1, 8, "other dialog", "EN").await, 1);
+}
+
+#[tokio::test]
+async fn concurrent_posts_to_one_dialog_get_distinct_seqs() {
+    // The predecessor answered 500 to concurrent duplicate POSTs.
+    let app = spawn_app().await;
+
+    let posts = (0..20).map(|_| app.stage(3, 30, "same", "EN"));
+    let mut seqs = join_all(posts).await;
+    seqs.sort_unstable();
+
+    assert_eq!(seqs, (1..=20).collect::<Vec<i64>>());
+}
+
+#[tokio::test]
+async fn a_dialog_known_under_another_customer_is_409_and_stores_nothing() {
+    let app = spawn_app().await;
+    app.stage(1, 5, "mine", "EN").await;
+
+    let response = app
+        .post_json("/data/2/5", &json!({"text": "theirs", "language": "EN"}))
+        .await;
+
+    assert_problem(response, StatusCode::CONFLICT, "customer_mismatch").await;
+    assert_eq!(
+        app.stage(1, 5, "mine again", "EN").await,
+        2,
+        "the refused post took no seq"
+    );
+}
+
+#[tokio::test]
+async fn ids_must_be_non_negative_integers_within_i64() {
+    let app = spawn_app().await;
+    let body = json!({"text": "hi", "language": "EN"});
+
+    for path in [
+        "/data/abc/1",
+        "/data/1/abc",
+        "/data/-1/1",
+        "/data/1/9223372036854775808",
+        "/data/1/1.5",
+        "/data/%20/1",
+    ] {
+        let response = app.post_json(path, &body).await;
+        assert_problem(response, StatusCode::BAD_REQUEST, "invalid_id").await;
+    }
+    // The predecessor answered 500 above 2^31.
+    let response = app.post_json("/data/9223372036854775807/2147483648", &body).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn bodies_that_are_not_json_are_400_or_415() {
+    let app = spawn_app().await;
+
+    let malformed = app
+        .post_raw("/data/1/1", Some("application/json"), b"{\"text\": ".to_vec())
+        .await;
+    assert_problem(malformed, StatusCode::BAD_REQUEST, "malformed_json").await;
+
+    let form = app
+        .post_raw(
+            "/data/1/1",
+            Some("application/x-www-form-urlencoded"),
+            b"text=hi".to_vec(),
+        )
+        .await;
+    assert_problem(form, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+
+    let no_type = app.post_raw("/data/1/1", None, b"{}".to_vec()).await;
+    assert_problem(no_type, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413() {
+    // The predecessor accepted and echoed a 10 MB text.
+    let app = spawn_app().await;
+    let text = "x".repeat(10 * 1024 * 1024);
+
+    let response = app
+        .post_json("/data/1/1", &json!({"text": text, "language": "EN"}))
+        .await;
+
+    let body = assert_problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    assert!(body["detail"].as_str().unwrap().contains("65536"), "{body}");
+}
+
+#[tokio::test]
+async fn well_formed_but_invalid_messages_are_422_and_store_nothing() {
+    let app = spawn_app().await;
+    let too_long = "é".repeat(16 * 1024 + 1); // 32770 bytes
+    let cases = [
+        json!({"language": "EN"}),
+        json!({"text": "hi"}),
+        json!({"text": 5, "language": "EN"}),
+        json!({"text": "hi", "language": 5}),
+        json!({"text": null, "language": "EN"}),
+        json!({"text": "", "language": "EN"}),
+        json!({"text": too_long, "language": "EN"}),
+        json!({"text": "a\u{0}b", "language": "EN"}),
+        json!({"text": "hi", "language": "english"}),
+        json!({"text": "hi", "language": "e"}),
+        json!({"text": "hi", "language": "en_US"}),
+        json!(["hi", "EN"]), // the predecessor answered 500 to an array
+        json!("hi"),
+        json!(null),
+    ];
+
+    for body in cases {
+        let response = app.post_json("/data/1/1", &body).await;
+        let problem = assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body").await;
+        assert!(
+            !problem["detail"].as_str().unwrap().contains("hi\""),
+            "no echo of the text: {problem}"
+        );
+    }
+    assert_eq!(app.stage(1, 1, "first", "EN").await, 1, "nothing was stored before");
+}
+
+#[tokio::test]
+async fn the_largest_allowed_text_and_unknown_fields_are_accepted() {
+    let app = spawn_app().await;
+    let text = "é".repeat(16 * 1024); // exactly 32768 bytes
+
+    let response = app
+        .post_json(
+            "/data/1/1",
+            &json!({"text": text, "language": "pt-BR", "mood": "happy"}),
+        )
+        .await;
+
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn messages_of_a_refused_dialog_are_409_consent_refused() {
+    let app = spawn_app().await;
+    app.stage(1, 9, "hello", "EN").await;
+    assert_eq!(app.consent(9, false).await.status(), StatusCode::OK);
+
+    let response = app
+        .post_json("/data/1/9", &json!({"text": "again", "language": "EN"}))
+        .await;
+
+    assert_problem(response, StatusCode::CONFLICT, "consent_refused").await;
+}
+
+#[tokio::test]
+async fn a_message_to_a_granted_dialog_answers_consent_granted() {
+    let app = spawn_app().await;
+    app.stage(1, 4, "before", "EN").await;
+    assert_eq!(app.consent(4, true).await.status(), StatusCode::ACCEPTED);
+
+    let response = app
+        .post_json("/data/1/4", &json!({"text": "after", "language": "EN"}))
+        .await;
+
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["consent"], "granted");
+    assert_eq!(body["seq"], 2);
+}

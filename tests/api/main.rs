@@ -1,0 +1,10 @@
+//! Integration tests: the real app against the real PostgreSQL and Redis.
+
+#![allow(clippy::unwrap_used)]
+
+mod consent;
+mod flusher;
+mod helpers;
+mod ingest;
+mod ops;
+mod read;

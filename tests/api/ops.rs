@@ -1,0 +1,70 @@
+//! Operations endpoints, unknown routes, and answers while Redis is away.
+
+use dapi::app::Roles;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::{assert_problem, spawn_app, spawn_app_with, test_settings};
+
+#[tokio::test]
+async fn healthz_and_readyz_answer_200_when_both_stores_answer() {
+    let app = spawn_app().await;
+
+    assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+    let ready = app.get_json("/readyz").await;
+    assert_eq!(ready["status"], "ready");
+}
+
+#[tokio::test]
+async fn without_redis_posts_are_503_with_retry_after_and_readyz_names_redis() {
+    let mut settings = test_settings();
+    settings.redis_url = "redis://127.0.0.1:1".into(); // nothing listens there
+    let app = spawn_app_with(
+        settings,
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+
+    let response = app
+        .post_json("/data/1/1", &json!({"text": "hi", "language": "EN"}))
+        .await;
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    assert_problem(response, StatusCode::SERVICE_UNAVAILABLE, "redis_unavailable").await;
+
+    let consent = app.consent(1, true).await;
+    assert_problem(consent, StatusCode::SERVICE_UNAVAILABLE, "redis_unavailable").await;
+
+    let ready = assert_problem(app.get("/readyz").await, StatusCode::SERVICE_UNAVAILABLE, "not_ready").await;
+    assert!(ready["detail"].as_str().unwrap().contains("Redis"), "{ready}");
+    assert!(!ready["detail"].as_str().unwrap().contains("PostgreSQL"), "{ready}");
+
+    // Reads need only PostgreSQL.
+    let page: Value = app.get_json("/data/").await;
+    assert_eq!(page["count"], 0);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_problem_json() {
+    let app = spawn_app().await;
+
+    assert_problem(app.get("/nope").await, StatusCode::NOT_FOUND, "not_found").await;
+    let delete = app.http.delete(format!("{}/data/", app.base)).send().await.unwrap();
+    assert_problem(delete, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+}
+
+#[tokio::test]
+async fn a_graceful_stop_finishes_in_time_and_closes_the_port() {
+    let mut app = spawn_app().await;
+    app.stage(1, 1, "hi", "EN").await;
+    app.consent(1, true).await;
+
+    assert!(app.stop().await, "every task finished within DAPI_SHUTDOWN_TIMEOUT");
+
+    assert!(app.http.get(format!("{}/healthz", app.base)).send().await.is_err());
+}
