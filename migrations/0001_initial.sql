@@ -23,10 +23,12 @@ CREATE TABLE messages (
     PRIMARY KEY (dialog_id, seq)
 );
 
--- Newest first overall, per language (case-folded), per customer. Scanned backwards.
+-- Newest first overall, per language (case-folded), per customer, per customer and
+-- language: every filter form of GET /data is one backward index range scan.
 CREATE INDEX messages_newest ON messages (received_at, dialog_id, seq);
 CREATE INDEX messages_language_newest ON messages (lower(language), received_at, dialog_id, seq);
 CREATE INDEX messages_customer_newest ON messages (customer_id, received_at, dialog_id, seq);
+CREATE INDEX messages_customer_language_newest ON messages (customer_id, lower(language), received_at, dialog_id, seq);
 
 -- Exact counts per filter form, kept by the same transactions that insert and delete
 -- messages. `customer_id = -1` means any customer, `language = ''` any language; so the

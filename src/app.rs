@@ -199,6 +199,26 @@ fn consumer_name(index: usize) -> String {
     format!("{host}:{}:{instance}:{index}", std::process::id())
 }
 
+/// Asks the dapi listening on `bind` for `GET /healthz` over plain HTTP/1.1 (for container
+/// health checks: the runtime image has no curl). A wildcard address is asked on loopback.
+pub async fn healthcheck(bind: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let target = bind
+        .replacen("0.0.0.0:", "127.0.0.1:", 1)
+        .replacen("[::]:", "[::1]:", 1);
+    let check = async {
+        let mut stream = tokio::net::TcpStream::connect(&target).await?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await?;
+        Ok::<_, std::io::Error>(head.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(3), check).await, Ok(Ok(true)))
+}
+
 /// Resolves when the process receives SIGTERM or SIGINT.
 pub async fn termination_signal() {
     let interrupt = tokio::signal::ctrl_c();

@@ -172,6 +172,9 @@ pub struct DialogState {
     /// Bumped by every decision; PostgreSQL ignores states older than the one it holds.
     pub epoch: i64,
     pub decided_at_us: i64,
+    /// The highest seq the latest refusal erased (0: none). Messages up to it must be
+    /// gone from PostgreSQL, whatever was decided since.
+    pub erased_through: i64,
     /// Staged messages in seq order (for a grant; empty for a refusal).
     pub messages: Vec<StagedMessage>,
 }
@@ -196,6 +199,27 @@ impl fmt::Debug for StagedMessage {
             .field("text_bytes", &self.text.len())
             .finish()
     }
+}
+
+/// Reads a message body, `{"text": …, "language": …}`; other fields are ignored.
+pub fn parse_message(body: serde_json::Value, max_text_bytes: usize) -> Result<(MessageText, Language), Invalid> {
+    let serde_json::Value::Object(mut fields) = body else {
+        return Err(Invalid::WrongType {
+            field: "body",
+            expected: "a JSON object with `text` and `language`",
+        });
+    };
+    let mut string = |field: &'static str| match fields.remove(field) {
+        None | Some(serde_json::Value::Null) => Err(Invalid::Missing(field)),
+        Some(serde_json::Value::String(s)) => Ok(s),
+        Some(_) => Err(Invalid::WrongType {
+            field,
+            expected: "a string",
+        }),
+    };
+    let text = MessageText::parse(string("text")?, max_text_bytes)?;
+    let language = Language::parse(string("language")?)?;
+    Ok((text, language))
 }
 
 /// Reads a consent body in any of the shapes existing clients send:
@@ -336,6 +360,28 @@ mod tests {
         ] {
             assert_eq!(Language::parse(bad.into()), Err(Invalid::Language), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn message_bodies_are_checked_field_by_field() {
+        let ok = parse_message(json!({"text": "hi", "language": "EN", "extra": 1}), 10);
+        assert!(ok.is_ok());
+        assert_eq!(
+            parse_message(json!({"language": "EN"}), 10).err(),
+            Some(Invalid::Missing("text"))
+        );
+        assert!(matches!(
+            parse_message(json!({"text": 5, "language": "EN"}), 10),
+            Err(Invalid::WrongType { field: "text", .. })
+        ));
+        assert!(matches!(
+            parse_message(json!(["hi"]), 10),
+            Err(Invalid::WrongType { field: "body", .. })
+        ));
+        assert_eq!(
+            parse_message(json!({"text": "hi", "language": "english"}), 10).err(),
+            Some(Invalid::Language)
+        );
     }
 
     #[test]

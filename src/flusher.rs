@@ -24,6 +24,9 @@ use crate::store::{Applied, Store, StoreError};
 
 /// Most messages of one dialog written per batch; the rest follow in the next round.
 pub const MAX_MESSAGES_PER_DIALOG: usize = 500;
+/// About how many bytes of message text one batch reads and writes (the first message
+/// always fits): keeps a batch of large texts within memory and PostgreSQL's limits.
+pub const BATCH_BYTE_BUDGET: usize = 8 * 1024 * 1024;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -80,7 +83,10 @@ impl Flusher {
         let mut dialogs: Vec<i64> = entries.iter().filter_map(|e| e.dialog).collect();
         dialogs.sort_unstable();
         dialogs.dedup();
-        let states = self.queue.snapshot(&dialogs, MAX_MESSAGES_PER_DIALOG).await?;
+        let states = self
+            .queue
+            .snapshot(&dialogs, MAX_MESSAGES_PER_DIALOG, BATCH_BYTE_BUDGET)
+            .await?;
         Ok(Some(Batch { entries, states }))
     }
 

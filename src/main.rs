@@ -30,6 +30,8 @@ enum Command {
     Flusher,
     /// Apply database migrations and exit.
     Migrate,
+    /// Exit 0 when the dapi at DAPI_BIND answers GET /healthz (for container health checks).
+    Healthcheck,
 }
 
 #[tokio::main]
@@ -45,6 +47,13 @@ async fn main() -> ExitCode {
     telemetry::init(settings.log_format);
 
     let roles = match cli.command.unwrap_or(Command::Serve { no_flusher: false }) {
+        Command::Healthcheck => {
+            return if app::healthcheck(&settings.bind).await {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
         Command::Migrate => {
             return match app::migrate(&settings).await {
                 Ok(()) => {

@@ -15,6 +15,7 @@ use super::extract::{ConsentPath, JsonBody};
 use super::{ApiError, AppState};
 use crate::domain::{Decision, DialogState, parse_consent};
 use crate::staging::Revival;
+use crate::store::StoreError;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -60,8 +61,15 @@ pub async fn decide(
         decision: Decision::Refused,
         epoch: recorded.epoch,
         decided_at_us: recorded.decided_at_us,
+        erased_through: recorded.erased_through,
         messages: Vec::new(),
     };
-    state.store.apply(&[refusal]).await.map_err(ApiError::ErasurePending)?;
+    // On a task of its own: if the client goes away, the transaction still runs to its
+    // end instead of being dropped half-way (sqlx #4393).
+    let store = state.store.clone();
+    tokio::spawn(async move { store.apply(&[refusal]).await })
+        .await
+        .unwrap_or_else(|join| Err(StoreError::Task(join)))
+        .map_err(ApiError::ErasurePending)?;
     Ok((StatusCode::OK, answer))
 }

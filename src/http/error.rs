@@ -2,9 +2,10 @@
 //! `application/problem+json` answer with a stable snake_case `code`; internal causes are
 //! logged with their chain and never sent (no SQL, no connection string, no stack).
 
+use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::domain::Invalid;
 use crate::staging::StagingError;
@@ -111,16 +112,27 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The RFC 9457 body, fields in the RFC's order.
+#[derive(Debug, Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    title: &'static str,
+    status: u16,
+    code: &'a str,
+    detail: &'a str,
+}
+
 /// Builds a problem+json answer.
 pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
-    let body = json!({
-        "type": "about:blank",
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "status": status.as_u16(),
-        "code": code,
-        "detail": detail,
-    });
-    let mut response = (status, body.to_string()).into_response();
+    let body = Problem {
+        kind: "about:blank",
+        title: status.canonical_reason().unwrap_or("Error"),
+        status: status.as_u16(),
+        code,
+        detail,
+    };
+    let mut response = (status, Json(body)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

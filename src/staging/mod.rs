@@ -3,11 +3,13 @@
 //! # Key layout
 //!
 //! Every key of one dialog shares the hash tag `{d<dialogId>}`, so one dialog's keys
-//! live in one cluster slot and each script touches one slot:
+//! live in one cluster slot. (The scripts also write the flush stream, and the flusher's
+//! snapshot and finish span many dialogs: Redis Cluster needs the stream sharded by the
+//! same tag first, which is not built yet. One Redis, or a primary with replicas, works.)
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<prefix>:{d<id>}:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs) |
+//! | `<prefix>:{d<id>}:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `z` highest seq the latest refusal erased |
 //! | `<prefix>:{d<id>}:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text` |
 //! | `<prefix>:flush` | stream | flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
 //!
@@ -91,7 +93,17 @@ impl StagingError {
         match self {
             StagingError::Timeout => true,
             StagingError::Redis(e) => {
-                e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+                e.is_timeout()
+                    || e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    // Out of memory under `noeviction`, loading its data set after a
+                    // restart, a failover in progress: Redis is there but cannot take
+                    // writes now.
+                    || matches!(
+                        e.code(),
+                        Some("OOM" | "LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN")
+                    )
             }
             StagingError::Corrupt(_) => false,
         }
@@ -112,6 +124,8 @@ pub struct Recorded {
     pub epoch: i64,
     pub customer: CustomerId,
     pub decided_at_us: i64,
+    /// For a refusal: the highest seq it erased.
+    pub erased_through: i64,
 }
 
 /// How to bring back a dialog Redis no longer knows but PostgreSQL does.
@@ -231,12 +245,13 @@ impl Staging {
             None => invocation.arg("").arg(0),
         };
         let mut conn = self.conn.clone();
-        let (status, epoch, customer, decided_at_us): (String, i64, i64, i64) =
+        let (status, epoch, customer, decided_at_us, erased_through): (String, i64, i64, i64, i64) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok((status == "ok").then_some(Recorded {
             epoch,
             customer: CustomerId::from_stored(customer),
             decided_at_us,
+            erased_through,
         }))
     }
 

@@ -11,7 +11,7 @@
 //! is fenced by its epoch.
 //!
 //! An entry names only a dialog, never what to write: the flusher reads the dialog's
-//! current state in one atomic snapshot (`MULTI`), so a stale entry can never write
+//! current state in one atomic snapshot (a script), so a stale entry can never write
 //! data that a later decision took back.
 //!
 //! # Rounds
@@ -24,11 +24,16 @@
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use redis::{Client, Script, Value};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamReadReply};
+use redis::{Client, Script};
 
 use super::{GROUP, Keyspace, StagingError};
 use crate::domain::{CustomerId, Decision, DialogId, DialogState, StagedMessage};
+
+/// How often a flusher looks for consumers that are gone.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long a consumer with nothing pending must have been idle to count as gone.
+pub const CONSUMER_GONE_AFTER: Duration = Duration::from_secs(300);
 
 /// One flush-queue entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +62,12 @@ pub struct FlushQueue {
     consumer: String,
     claim_idle: Duration,
     block: Duration,
+    snapshot: Script,
     finish: Script,
+    prune: Script,
     read_own_pending: bool,
     last_claim: Option<Instant>,
+    last_prune: Option<Instant>,
 }
 
 impl std::fmt::Debug for FlushQueue {
@@ -91,9 +99,12 @@ impl FlushQueue {
             consumer,
             claim_idle,
             block,
+            snapshot: Script::new(include_str!("lua/snapshot.lua")),
             finish: Script::new(include_str!("lua/finish.lua")),
+            prune: Script::new(include_str!("lua/prune.lua")),
             read_own_pending: true,
             last_claim: None,
+            last_prune: None,
         })
     }
 
@@ -133,6 +144,15 @@ impl FlushQueue {
                 return Ok(entries);
             }
             self.read_own_pending = false;
+        }
+
+        if self.last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+            self.last_prune = Some(Instant::now());
+            let gone_after = CONSUMER_GONE_AFTER.max(self.claim_idle * 10);
+            // Housekeeping only: a failure here must not hold up flushing.
+            if let Err(e) = self.prune_gone_consumers(gone_after).await {
+                tracing::debug!(error = %crate::telemetry::chain(&e), "could not prune gone consumers");
+            }
         }
 
         let claim_due = self.last_claim.is_none_or(|at| at.elapsed() >= self.claim_idle / 2);
@@ -188,36 +208,56 @@ impl FlushQueue {
         }
     }
 
-    /// Reads the state of `dialogs` in one atomic round trip. Dialogs Redis no longer
-    /// knows are left out.
-    pub async fn snapshot(&mut self, dialogs: &[i64], max_messages: usize) -> Result<Vec<DialogState>, StagingError> {
+    /// Deletes other consumers idle for longer than `gone_after` that hold no pending
+    /// entry: each process start adds a consumer name, and the group would otherwise keep
+    /// them all. Flushers call it every minute with [`CONSUMER_GONE_AFTER`] (or ten claim
+    /// timeouts, if longer). Returns how many were deleted.
+    pub async fn prune_gone_consumers(&mut self, gone_after: Duration) -> Result<usize, StagingError> {
+        let info: StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(self.keys.flush_stream())
+            .arg(GROUP)
+            .query_async(&mut self.conn)
+            .await?;
+        let gone: Vec<String> = info
+            .consumers
+            .into_iter()
+            .filter(|c| c.pending == 0 && c.name != self.consumer && c.idle as u128 >= gone_after.as_millis())
+            .map(|c| c.name)
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let mut invocation = self.prune.prepare_invoke();
+        invocation.key(self.keys.flush_stream()).arg(GROUP).arg(&gone);
+        let deleted: usize = invocation.invoke_async(&mut self.conn).await?;
+        Ok(deleted)
+    }
+
+    /// Reads the state of `dialogs` in one atomic round trip (the snapshot script), with
+    /// at most `max_messages` per dialog and about `byte_budget` bytes of messages in all.
+    /// Dialogs Redis no longer knows are left out.
+    pub async fn snapshot(
+        &mut self,
+        dialogs: &[i64],
+        max_messages: usize,
+        byte_budget: usize,
+    ) -> Result<Vec<DialogState>, StagingError> {
         if dialogs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut invocation = self.snapshot.prepare_invoke();
         for &d in dialogs {
-            pipe.cmd("HMGET").arg(self.keys.meta(d)).arg(&["c", "d", "e", "t"][..]);
-            pipe.cmd("LRANGE")
-                .arg(self.keys.msgs(d))
-                .arg(0)
-                .arg(max_messages.saturating_sub(1));
+            invocation.key(self.keys.meta(d)).key(self.keys.msgs(d));
         }
-        let replies: Vec<Value> = pipe.query_async(&mut self.conn).await?;
-        if replies.len() != 2 * dialogs.len() {
+        invocation.arg(max_messages).arg(byte_budget);
+        let replies: Vec<SnapshotReply> = invocation.invoke_async(&mut self.conn).await?;
+        if replies.len() != dialogs.len() {
             return Err(StagingError::Corrupt("snapshot reply has the wrong length"));
         }
-        let mut replies = replies.into_iter();
-        let mut snapshots = Vec::with_capacity(dialogs.len());
-        for &d in dialogs {
-            let (Some(meta), Some(msgs)) = (replies.next(), replies.next()) else {
-                break;
-            };
-            let meta: (Option<i64>, Option<String>, Option<i64>, Option<i64>) =
-                redis::from_redis_value(meta).map_err(|_| StagingError::Corrupt("dialog meta"))?;
-            let msgs: Vec<Vec<u8>> =
-                redis::from_redis_value(msgs).map_err(|_| StagingError::Corrupt("message list"))?;
-            let (Some(customer), Some(decision), Some(epoch)) = (meta.0, meta.1, meta.2) else {
+        let mut states = Vec::with_capacity(dialogs.len());
+        for (&d, (customer, decision, epoch, decided_at_us, erased_through, msgs)) in dialogs.iter().zip(replies) {
+            let (Some(customer), Some(decision), Some(epoch)) = (customer, decision, epoch) else {
                 continue; // forgotten (expired) dialog
             };
             let decision = match decision.as_str() {
@@ -231,16 +271,17 @@ impl FlushQueue {
                 .map(|raw| decode_message(raw))
                 .collect::<Option<Vec<_>>>()
                 .ok_or(StagingError::Corrupt("staged message"))?;
-            snapshots.push(DialogState {
+            states.push(DialogState {
                 dialog: DialogId::from_stored(d),
                 customer: CustomerId::from_stored(customer),
                 decision,
                 epoch,
-                decided_at_us: meta.3.unwrap_or_default(),
+                decided_at_us: decided_at_us.unwrap_or_default(),
+                erased_through: erased_through.unwrap_or_default(),
                 messages,
             });
         }
-        Ok(snapshots)
+        Ok(states)
     }
 
     /// After the PostgreSQL commit: trims what was written, re-queues dialogs that got
@@ -284,6 +325,16 @@ fn decode_message(raw: &[u8]) -> Option<StagedMessage> {
         text,
     })
 }
+
+/// One dialog in the snapshot script's answer.
+type SnapshotReply = (
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Vec<Vec<u8>>,
+);
 
 fn entries_of(reply: Option<StreamReadReply>) -> Vec<QueueEntry> {
     reply

@@ -6,10 +6,16 @@
 //! [`Store::apply`] writes dialog states in one transaction. For every dialog it first
 //! upserts the `dialogs` row, changing it only where the stored epoch is not newer than
 //! the one being written; that statement locks the row. Messages of a granted dialog are
-//! inserted, and messages of a refused one deleted, only when that upsert took. A refusal
-//! and a flush of the same dialog therefore serialise on the row lock, and whichever
-//! commits last, the decision with the newer epoch is what holds: a stale flush can never
-//! bring back what a refusal erased.
+//! inserted only when that upsert took. A refusal and a flush of the same dialog
+//! therefore serialise on the row lock, and whichever commits last, the decision with the
+//! newer epoch is what holds: a stale flush can never bring back what a refusal erased.
+//!
+//! Erasure does not depend on the fence. Every state carries `erased_through`, the
+//! highest seq its dialog's latest refusal erased; every write deletes the dialog's
+//! messages up to it, whether or not its own upsert took. So a refusal whose own
+//! PostgreSQL write failed is completed by the next write of that dialog, even one made
+//! under a later grant, and a refusal that lost the row to a newer grant still leaves
+//! nothing of what it refused.
 //!
 //! # Counts
 //!
@@ -42,6 +48,8 @@ pub enum StoreError {
     Query(#[source] sqlx::Error),
     #[error("migrating the database failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the task writing to PostgreSQL failed")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -50,9 +58,11 @@ impl From<sqlx::Error> for StoreError {
         let unavailable = match &e {
             E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed | E::Protocol(_) => true,
             // Connection exceptions (08…), shutdown and start-up states (57P01–57P03),
-            // too many connections (53300).
+            // too many connections (53300), a read-only server after a failover (25006),
+            // a statement cancelled by a timeout or an operator (57014).
             E::Database(db) => db.code().is_some_and(|code| {
-                code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+                code.starts_with("08")
+                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300" | "25006" | "57014")
             }),
             _ => false,
         };
@@ -202,15 +212,25 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
         let took: std::collections::HashSet<i64> = took.into_iter().collect();
-        let (granted, refused): (Vec<&DialogState>, Vec<&DialogState>) = states
-            .iter()
-            .filter(|s| took.contains(&s.dialog.get()))
-            .partition(|s| s.decision == Decision::Granted);
-
         let mut applied = Applied {
             fenced: (states.len() - took.len()) as u64,
             ..Applied::default()
         };
+
+        let erasures: Vec<&&DialogState> = states.iter().filter(|s| s.erased_through > 0).collect();
+        if !erasures.is_empty() {
+            let erased: i64 = sqlx::query_scalar(DELETE_MESSAGES)
+                .bind(erasures.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+                .bind(erasures.iter().map(|s| s.erased_through).collect::<Vec<_>>())
+                .fetch_one(&mut *tx)
+                .await?;
+            applied.erased = erased.unsigned_abs();
+        }
+
+        let granted: Vec<&&DialogState> = states
+            .iter()
+            .filter(|s| s.decision == Decision::Granted && took.contains(&s.dialog.get()))
+            .collect();
         let rows = granted.iter().flat_map(|s| s.messages.iter().map(move |m| (*s, m)));
         let count = granted.iter().map(|s| s.messages.len()).sum();
         if count > 0 {
@@ -223,7 +243,7 @@ impl Store {
                 cols.text.push(&m.text);
                 cols.received_at.push(time_of(m.received_at_us));
             }
-            let inserted: Option<i64> = sqlx::query_scalar(INSERT_MESSAGES)
+            let inserted: i64 = sqlx::query_scalar(INSERT_MESSAGES)
                 .bind(cols.dialog_id)
                 .bind(cols.seq)
                 .bind(cols.customer_id)
@@ -232,14 +252,7 @@ impl Store {
                 .bind(cols.received_at)
                 .fetch_one(&mut *tx)
                 .await?;
-            applied.inserted = inserted.unwrap_or_default().unsigned_abs();
-        }
-        if !refused.is_empty() {
-            let erased: Option<i64> = sqlx::query_scalar(DELETE_MESSAGES)
-                .bind(refused.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
-                .fetch_one(&mut *tx)
-                .await?;
-            applied.erased = erased.unwrap_or_default().unsigned_abs();
+            applied.inserted = inserted.unsigned_abs();
         }
         tx.commit().await?;
         Ok(applied)
@@ -415,8 +428,13 @@ const INSERT_MESSAGES: &str = count_changes!(
     ""
 );
 
-/// Erasure of refused dialogs' messages; returns how many were deleted.
-const DELETE_MESSAGES: &str = count_changes!("DELETE FROM messages WHERE dialog_id = ANY($1::int8[])", "-");
+/// Erasure of refused messages: per dialog, every seq up to its `erased_through`;
+/// returns how many were deleted.
+const DELETE_MESSAGES: &str = count_changes!(
+    "DELETE FROM messages m USING UNNEST($1::int8[], $2::int8[]) AS e(dialog_id, erased_through)
+    WHERE m.dialog_id = e.dialog_id AND m.seq <= e.erased_through",
+    "-"
+);
 
 /// Four variants per statement, one per filter form (see [`Filter::form`]), so each is
 /// planned for its own index.
@@ -439,7 +457,8 @@ const PAGE: [&str; 4] = per_filter_form!(
 )
 SELECT total.n, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
 FROM total LEFT JOIN LATERAL (
-    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages WHERE ",
+    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+    WHERE $2 < total.n AND ",
     [
         "true",
         "lower(language) = lower($3)",

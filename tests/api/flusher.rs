@@ -10,17 +10,21 @@ use reqwest::StatusCode;
 
 use crate::helpers::{TestApp, spawn_app_with, test_settings};
 
+/// A flusher that takes over any pending entry at once.
 fn flusher(app: &TestApp, consumer: &str) -> Flusher {
+    Flusher::new(queue(app, consumer, Duration::ZERO), app.store.clone(), 64)
+}
+
+fn queue(app: &TestApp, consumer: &str, claim_idle: Duration) -> FlushQueue {
     let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
-    let queue = FlushQueue::new(
+    FlushQueue::new(
         client,
         app.keys.clone(),
         consumer.to_owned(),
-        Duration::ZERO, // take over any pending entry at once
+        claim_idle,
         Duration::from_millis(100),
     )
-    .unwrap();
-    Flusher::new(queue, app.store.clone(), 64)
+    .unwrap()
 }
 
 #[tokio::test]
@@ -145,4 +149,38 @@ async fn racing_grants_and_refusals_leave_nothing_of_a_refused_dialog() {
     }
     assert_eq!(app.get_json("/data/").await["count"], total as i64);
     assert_eq!(total, 2 * (dialogs as usize / 2));
+}
+
+#[tokio::test]
+async fn gone_consumers_are_pruned_but_never_one_holding_entries() {
+    let app = spawn_app_with(
+        test_settings(),
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+    app.stage(1, 1, "a", "EN").await;
+    app.consent(1, true).await;
+    // "holder" takes the entry and dies; "idle" reads nothing and dies.
+    let mut holder = flusher(&app, "holder");
+    assert!(holder.next_batch().await.unwrap().is_some());
+    let mut idle = queue(&app, "idle", Duration::from_secs(60));
+    assert!(idle.next_entries(10).await.unwrap().is_empty());
+    let mut pruner = queue(&app, "pruner", Duration::from_secs(60));
+
+    let deleted = pruner.prune_gone_consumers(Duration::ZERO).await.unwrap();
+
+    assert_eq!(deleted, 1);
+    let mut conn = app.redis.clone();
+    let info: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(app.keys.flush_stream())
+        .arg("flushers")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let names: Vec<String> = info.consumers.into_iter().map(|c| c.name).collect();
+    assert_eq!(names, ["holder"]);
 }

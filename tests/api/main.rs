@@ -8,3 +8,4 @@ mod helpers;
 mod ingest;
 mod ops;
 mod read;
+mod store;

@@ -25,6 +25,7 @@ async fn store_granted(app: &TestApp, rows: &[(i64, i64, i64, &str, i64)]) {
                 decision: Decision::Granted,
                 epoch: 1,
                 decided_at_us: 0,
+                erased_through: 0,
                 messages: vec![message],
             }),
         }
@@ -113,6 +114,12 @@ async fn filters_combine_and_language_ignores_case() {
     assert_eq!((both["count"].as_i64(), ids(&both)), (Some(1), vec![(4, 1)]));
     let none = app.get_json("/data/?customerId=3").await;
     assert_eq!(none["count"], 0);
+    for not_a_tag in ["english", "%00", "e%27n"] {
+        let page = app.get_json(&format!("/data/?language={not_a_tag}")).await;
+        assert_eq!(page["count"], 0, "{not_a_tag}");
+        let step = app.get_json(&format!("/data/?cursor=&language={not_a_tag}")).await;
+        assert_eq!(step["results"], serde_json::json!([]));
+    }
     let empty_values_mean_no_filter = app.get_json("/data/?customerId=&language=&unknown=1").await;
     assert_eq!(empty_values_mean_no_filter["count"], 4);
 }
@@ -260,6 +267,7 @@ async fn counts_stay_exact_through_duplicates_and_erasures() {
         decision: Decision::Refused,
         epoch: 2,
         decided_at_us: 0,
+        erased_through: 2,
         messages: Vec::new(),
     };
     app.store.apply(&[refusal]).await.unwrap();

@@ -1,0 +1,29 @@
+-- Read the state of a batch's dialogs in one atomic step, within a byte budget.
+-- KEYS: per dialog: meta, msgs
+-- ARGV: 1 most messages per dialog, 2 byte budget for all messages together
+-- Returns per dialog {customer, decision, epoch, decided-at, erased-through, {messages}};
+-- fields of a forgotten dialog are nil. Only a granted dialog's messages are read. The
+-- budget stops reading once reached (the first message always fits), so a batch of
+-- large texts stays bounded; the flusher re-queues what it did not read.
+local max, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
+local used = 0
+local out = {}
+for i = 1, #KEYS / 2 do
+  local meta = redis.call('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'z')
+  local msgs = {}
+  if meta[2] == 'g' then
+    local start = 0
+    while #msgs < max and used < budget do
+      local chunk = redis.call('LRANGE', KEYS[2 * i], start, start + 63)
+      for _, item in ipairs(chunk) do
+        if #msgs >= max or used >= budget then break end
+        msgs[#msgs + 1] = item
+        used = used + #item
+      end
+      if #chunk < 64 then break end
+      start = start + 64
+    end
+  end
+  out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], msgs}
+end
+return out
