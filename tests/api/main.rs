@@ -7,5 +7,6 @@ mod flusher;
 mod helpers;
 mod ingest;
 mod ops;
+mod outage;
 mod read;
 mod store;
