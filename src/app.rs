@@ -13,6 +13,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::flusher::Flusher;
+use axum::Router;
+
 use crate::http::{AppState, router};
 use crate::staging::{FlushQueue, Keyspace, Staging, StagingError};
 use crate::store::{Store, StoreError};
@@ -37,6 +39,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "refusing to serve without access tokens on {0}, which is not a loopback address: set DAPI_INGEST_TOKENS and DAPI_READ_TOKENS (or DAPI_TOKENS_FILE), or DAPI_ALLOW_OPEN=true"
+    )]
+    OpenOnNetwork(SocketAddr),
 }
 
 /// Which parts of dapi this process runs.
@@ -154,20 +160,26 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
                 source,
             })?;
         local_addr = listener.local_addr().ok();
+        if let Some(addr) = local_addr {
+            check_access(&settings, addr)?;
+        }
         tracing::info!(addr = ?local_addr, "listening");
         let app = router(AppState {
             staging,
             store,
             settings: settings.clone(),
         });
+        tasks.spawn(serve(listener, app, shutdown.clone(), settings.header_timeout));
+        let handle = crate::telemetry::metrics();
         let stop = shutdown.clone();
+        // Histograms grow until upkeep drains them (metrics #467).
         tasks.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.clone().cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-                stop.cancel();
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => handle.run_upkeep(),
+                    () = stop.cancelled() => break,
+                }
             }
         });
     }
@@ -178,6 +190,60 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
         tasks,
         shutdown_timeout: settings.shutdown_timeout,
     })
+}
+
+/// An open service (no tokens) is for local use: it warns, and refuses a non-loopback
+/// address unless the operator says `DAPI_ALLOW_OPEN=true`.
+fn check_access(settings: &Settings, addr: SocketAddr) -> Result<(), StartError> {
+    if !settings.tokens.is_empty() {
+        return Ok(());
+    }
+    if !addr.ip().is_loopback() && !settings.allow_open {
+        return Err(StartError::OpenOnNetwork(addr));
+    }
+    tracing::warn!(%addr, "no access tokens are configured: anyone who reaches this address may post and read");
+    Ok(())
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets the requests in flight finish.
+/// Each connection must send its request headers within `header_timeout`, so a stalled
+/// client can neither hold a connection nor delay shutdown.
+pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken, header_timeout: Duration) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let service = app.map_request(|request: axum::http::Request<hyper::body::Incoming>| {
+        crate::http::normalize(request.map(axum::body::Body::new))
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// A consumer name unique among live processes and stable across restarts of one

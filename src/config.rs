@@ -27,6 +27,64 @@ pub struct Settings {
     pub flushers: usize,
     /// Flush-queue entries (dialogs) one flusher takes per batch (`DAPI_FLUSH_BATCH`).
     pub flush_batch: usize,
+    /// Bearer tokens by role, from `DAPI_INGEST_TOKENS`, `DAPI_READ_TOKENS` and
+    /// `DAPI_TOKENS_FILE`. Empty: the service is open.
+    pub tokens: Tokens,
+    /// Allow an open service on a non-loopback address (`DAPI_ALLOW_OPEN`).
+    pub allow_open: bool,
+    /// Bound on one request, after which it is answered 503 (`DAPI_REQUEST_TIMEOUT`).
+    pub request_timeout: Duration,
+    /// Requests handled at once; past it dapi answers 503 at once (`DAPI_MAX_IN_FLIGHT`).
+    pub max_in_flight: usize,
+    /// Time a client has to send its request headers (`DAPI_HEADER_TIMEOUT`).
+    pub header_timeout: Duration,
+}
+
+/// Bearer tokens by role. `Debug` shows how many, never a token.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub ingest: Vec<String>,
+    pub read: Vec<String>,
+}
+
+impl Tokens {
+    pub fn is_empty(&self) -> bool {
+        self.ingest.is_empty() && self.read.is_empty()
+    }
+
+    /// Reads `role token` lines (`ingest` or `read`); blank lines and `#` comments are
+    /// skipped. An error names the line, never its token.
+    pub fn parse_file(text: &str) -> Result<Self, String> {
+        let mut tokens = Tokens::default();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let (Some(role), Some(token), None) = (words.next(), words.next(), words.next()) else {
+                return Err(format!(
+                    "line {}: expected `ingest <token>` or `read <token>`",
+                    number + 1
+                ));
+            };
+            match role {
+                "ingest" => tokens.ingest.push(token.to_owned()),
+                "read" => tokens.read.push(token.to_owned()),
+                _ => return Err(format!("line {}: the role must be `ingest` or `read`", number + 1)),
+            }
+        }
+        Ok(tokens)
+    }
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("ingest", &self.ingest.len())
+            .field("read", &self.read.len())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +150,11 @@ impl Settings {
             redis_prefix: get("DAPI_REDIS_PREFIX").unwrap_or_else(|| "dapi".into()),
             flushers: number("DAPI_FLUSHERS", 2)?,
             flush_batch: number("DAPI_FLUSH_BATCH", 256)?,
+            tokens: tokens(&get)?,
+            allow_open: boolean("DAPI_ALLOW_OPEN", false)?,
+            request_timeout: duration("DAPI_REQUEST_TIMEOUT", Duration::from_secs(10))?,
+            max_in_flight: number("DAPI_MAX_IN_FLIGHT", 1024)?,
+            header_timeout: duration("DAPI_HEADER_TIMEOUT", Duration::from_secs(10))?,
         };
         settings.validate()
     }
@@ -109,14 +172,53 @@ impl Settings {
                 "must be at least DAPI_MAX_TEXT_BYTES + 4096, or a text of the largest allowed size could not be sent",
             ));
         }
-        if self.flushers == 0 || self.flush_batch == 0 {
-            return Err(invalid("DAPI_FLUSHERS / DAPI_FLUSH_BATCH", "must be at least 1"));
+        if self.flushers == 0 || self.flush_batch == 0 || self.flush_batch > 4096 {
+            return Err(invalid(
+                "DAPI_FLUSHERS / DAPI_FLUSH_BATCH",
+                "must be at least 1 (a batch at most 4096)",
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(invalid("DAPI_MAX_IN_FLIGHT", "must be at least 1"));
+        }
+        if self.request_timeout.is_zero() || self.header_timeout.is_zero() {
+            return Err(invalid(
+                "DAPI_REQUEST_TIMEOUT / DAPI_HEADER_TIMEOUT",
+                "must be more than 0",
+            ));
         }
         if self.redis_prefix.contains(['{', '}', ' ']) {
             return Err(invalid("DAPI_REDIS_PREFIX", "must not contain braces or spaces"));
         }
         Ok(self)
     }
+}
+
+/// Tokens from the two variables (comma-separated) and the file, merged.
+fn tokens(get: &impl Fn(&str) -> Option<String>) -> Result<Tokens, ConfigError> {
+    let list = |name: &str| -> Vec<String> {
+        get(name)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut tokens = Tokens {
+        ingest: list("DAPI_INGEST_TOKENS"),
+        read: list("DAPI_READ_TOKENS"),
+    };
+    if let Some(path) = get("DAPI_TOKENS_FILE") {
+        let text = std::fs::read_to_string(path.trim())
+            .map_err(|e| invalid("DAPI_TOKENS_FILE", &format!("cannot read the file: {e}")))?;
+        let from_file = Tokens::parse_file(&text).map_err(|reason| invalid("DAPI_TOKENS_FILE", &reason))?;
+        tokens.ingest.extend(from_file.ingest);
+        tokens.read.extend(from_file.read);
+    }
+    Ok(tokens)
 }
 
 fn invalid(name: &'static str, reason: &str) -> ConfigError {
@@ -181,6 +283,31 @@ mod tests {
     fn a_body_limit_below_the_text_limit_is_refused() {
         let err = settings(&[("DAPI_MAX_TEXT_BYTES", "65536")]).expect_err("must fail");
         assert!(err.to_string().starts_with("DAPI_MAX_BODY_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn tokens_come_from_variables_and_a_file() {
+        let dir = std::env::temp_dir().join(format!("dapi-tokens-{}", std::process::id()));
+        std::fs::write(&dir, "# tokens\ningest file-ingest\n\nread file-read\n").expect("writable temp dir");
+        let path = dir.to_string_lossy().into_owned();
+        let s = settings(&[
+            ("DAPI_INGEST_TOKENS", "a, b,"),
+            ("DAPI_READ_TOKENS", "r"),
+            ("DAPI_TOKENS_FILE", &path),
+        ])
+        .expect("valid");
+        assert_eq!(s.tokens.ingest, ["a", "b", "file-ingest"]);
+        assert_eq!(s.tokens.read, ["r", "file-read"]);
+        assert_eq!(format!("{:?}", s.tokens), "Tokens { ingest: 3, read: 2 }");
+        let _ = std::fs::remove_file(&dir);
+    }
+
+    #[test]
+    fn a_bad_tokens_file_line_is_named_without_its_token() {
+        let err = Tokens::parse_file("ingest ok\nadmin s3cret\n").expect_err("must fail");
+        assert_eq!(err, "line 2: the role must be `ingest` or `read`");
+        assert!(Tokens::parse_file("ingest").is_err());
+        assert!(Tokens::parse_file("read a b").is_err());
     }
 
     #[test]

@@ -17,10 +17,12 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::domain::{Decision, DialogState};
 use crate::staging::{Finished, FlushQueue, QueueEntry, StagingError};
 use crate::store::{Applied, Store, StoreError};
+use crate::telemetry;
 
 /// Most messages of one dialog written per batch; the rest follow in the next round.
 pub const MAX_MESSAGES_PER_DIALOG: usize = 500;
@@ -119,20 +121,29 @@ impl Flusher {
         let Some(batch) = self.next_batch().await? else {
             return Ok(Outcome::Idle);
         };
+        let started = std::time::Instant::now();
         let span = tracing::debug_span!(
             "flush_batch",
             entries = batch.entries.len(),
             dialogs = batch.states.len()
         );
-        let _enter = span.enter();
-        let applied = self.store_batch(&batch).await?;
-        self.finish_batch(&batch).await?;
-        tracing::debug!(
-            inserted = applied.inserted,
-            erased = applied.erased,
-            fenced = applied.fenced,
-            "batch flushed"
-        );
+        let applied = async {
+            let applied = self.store_batch(&batch).await?;
+            self.finish_batch(&batch).await?;
+            tracing::debug!(
+                inserted = applied.inserted,
+                erased = applied.erased,
+                fenced = applied.fenced,
+                "batch flushed"
+            );
+            Ok::<_, FlushError>(applied)
+        }
+        .instrument(span)
+        .await?;
+        metrics::counter!(telemetry::FLUSH_BATCHES).increment(1);
+        metrics::counter!(telemetry::FLUSHED_MESSAGES).increment(applied.inserted);
+        metrics::counter!(telemetry::ERASED_MESSAGES).increment(applied.erased);
+        metrics::histogram!(telemetry::FLUSH_BATCH_DURATION).record(started.elapsed().as_secs_f64());
         Ok(Outcome::Flushed {
             entries: batch.entries.len(),
             applied,
@@ -156,8 +167,13 @@ impl Flusher {
                     backoff = FIRST_BACKOFF;
                 }
                 Err(error) => {
+                    let store = match error {
+                        FlushError::Staging(_) => "redis",
+                        FlushError::Store(_) => "postgres",
+                    };
+                    metrics::counter!(telemetry::STORE_ERRORS, "store" => store).increment(1);
                     if !failing {
-                        tracing::warn!(%consumer, error = %crate::telemetry::chain(&error), "flush failed; retrying with back-off");
+                        tracing::warn!(%consumer, error = %telemetry::chain(&error), "flush failed; retrying with back-off");
                         failing = true;
                     }
                     self.queue.retry_own_pending();

@@ -37,3 +37,80 @@ pub fn chain(error: &dyn Error) -> String {
     }
     text
 }
+
+/// Metric names, in one place. Labels: `route` is the matched path template (never a
+/// raw path with IDs), `store` is `redis` or `postgres`.
+pub const HTTP_REQUESTS: &str = "dapi_http_requests_total";
+pub const HTTP_DURATION: &str = "dapi_http_request_duration_seconds";
+pub const STAGED_MESSAGES: &str = "dapi_staged_messages_total";
+pub const STAGED_DIALOGS: &str = "dapi_staged_dialogs_total";
+pub const FLUSH_QUEUE_LENGTH: &str = "dapi_flush_queue_length";
+pub const FLUSH_QUEUE_PENDING: &str = "dapi_flush_queue_pending";
+pub const FLUSH_QUEUE_OLDEST_AGE: &str = "dapi_flush_queue_oldest_age_seconds";
+pub const FLUSHED_MESSAGES: &str = "dapi_flushed_messages_total";
+pub const FLUSH_BATCHES: &str = "dapi_flush_batches_total";
+pub const FLUSH_BATCH_DURATION: &str = "dapi_flush_batch_duration_seconds";
+pub const ERASURES: &str = "dapi_erasures_total";
+pub const ERASED_MESSAGES: &str = "dapi_erased_messages_total";
+pub const STORE_ERRORS: &str = "dapi_store_errors_total";
+
+/// Installs the Prometheus recorder once per process and returns its handle; later
+/// calls (tests start many apps in one process) return the same handle.
+pub fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .map(PrometheusBuilder::build_recorder);
+            match recorder {
+                Ok(recorder) => {
+                    let handle = recorder.handle();
+                    if metrics::set_global_recorder(recorder).is_err() {
+                        tracing::warn!("another metrics recorder is installed; /metrics shows only dapi's own");
+                    }
+                    describe();
+                    handle
+                }
+                // Only reachable with an empty bucket list, which the list above is not.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route, method and status");
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request latency, by route and method"
+    );
+    describe_counter!(STAGED_MESSAGES, "messages accepted into Redis (202) by this process");
+    describe_counter!(STAGED_DIALOGS, "dialogs started (first message staged) by this process");
+    describe_gauge!(FLUSH_QUEUE_LENGTH, "entries in the flush queue");
+    describe_gauge!(
+        FLUSH_QUEUE_PENDING,
+        "flush-queue entries delivered to a flusher and not yet acknowledged"
+    );
+    describe_gauge!(
+        FLUSH_QUEUE_OLDEST_AGE,
+        Unit::Seconds,
+        "age of the oldest flush-queue entry"
+    );
+    describe_counter!(FLUSHED_MESSAGES, "messages written to PostgreSQL by the flusher");
+    describe_counter!(FLUSH_BATCHES, "flush batches committed");
+    describe_histogram!(
+        FLUSH_BATCH_DURATION,
+        Unit::Seconds,
+        "time to flush one batch, snapshot to acknowledgement"
+    );
+    describe_counter!(ERASURES, "refusals whose erasure reached PostgreSQL");
+    describe_counter!(ERASED_MESSAGES, "messages deleted from PostgreSQL by refusals");
+    describe_counter!(STORE_ERRORS, "failed calls to Redis or PostgreSQL, by store");
+}

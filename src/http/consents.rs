@@ -16,14 +16,41 @@ use super::{ApiError, AppState};
 use crate::domain::{Decision, DialogState, parse_consent};
 use crate::staging::Revival;
 use crate::store::StoreError;
+use crate::telemetry;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(example = json!({"dialogId": 2, "approved": true}))]
 pub struct ConsentAnswer {
     dialog_id: i64,
     approved: bool,
 }
 
+/// Record the customer's decision for one dialog.
+///
+/// A grant (202) moves every staged message of the dialog, and every later one, to
+/// PostgreSQL. A refusal (200) has erased the dialog from Redis and PostgreSQL when it
+/// answers, and later messages are refused. The latest decision stands.
+#[utoipa::path(
+    post,
+    path = "/consents/{dialogId}",
+    tag = "ingest",
+    params(("dialogId" = i64, Path, minimum = 0, description = "0 … 9223372036854775807")),
+    request_body(content = super::openapi::ConsentBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Refused and erased", body = ConsentAnswer),
+        (status = 202, description = "Granted; the flusher moves the dialog to PostgreSQL", body = ConsentAnswer),
+        (status = 400, description = "Malformed JSON, or a path ID that is not such an integer (`malformed_json`, `invalid_id`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 401, description = "No or unknown token (`unauthorized`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 403, description = "Not an ingest token (`forbidden`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 404, description = "dapi knows nothing of the dialog (`dialog_not_found`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 413, description = "Body over `DAPI_MAX_BODY_BYTES` (`payload_too_large`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 422, description = "Not one of the accepted shapes (`invalid_body`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 503, description = "Redis cannot be reached (nothing recorded), or a refusal cannot reach PostgreSQL yet (`erasure_pending`: it holds, dapi finishes the erasure by itself, repeating is safe)", content_type = "application/problem+json", body = super::error::Problem)
+    ),
+    security(("bearer" = []))
+)]
 pub async fn decide(
     State(state): State<AppState>,
     ConsentPath { dialog }: ConsentPath,
@@ -67,9 +94,11 @@ pub async fn decide(
     // On a task of its own: if the client goes away, the transaction still runs to its
     // end instead of being dropped half-way (sqlx #4393).
     let store = state.store.clone();
-    tokio::spawn(async move { store.apply(&[refusal]).await })
+    let applied = tokio::spawn(async move { store.apply(&[refusal]).await })
         .await
         .unwrap_or_else(|join| Err(StoreError::Task(join)))
         .map_err(ApiError::ErasurePending)?;
+    metrics::counter!(telemetry::ERASURES).increment(1);
+    metrics::counter!(telemetry::ERASED_MESSAGES).increment(applied.erased);
     Ok((StatusCode::OK, answer))
 }

@@ -4,7 +4,6 @@
 use axum::Json;
 use axum::extract::{OriginalUri, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use time::format_description::FormatItem;
 use time::macros::format_description;
@@ -18,16 +17,44 @@ use crate::store::{Filter, StoredMessage};
 const DEFAULT_PAGE_SIZE: i64 = 100;
 const MAX_PAGE_SIZE: i64 = 1000;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(example = json!({"customerId": 1, "dialogId": 2, "seq": 1, "consent": "pending"}))]
 pub struct IngestAnswer {
     customer_id: i64,
     dialog_id: i64,
+    /// 1, 2, 3 … in arrival order within the dialog.
     seq: i64,
+    /// `pending` or `granted`.
     consent: &'static str,
 }
 
-/// Stages one message: validate, one Redis script call, answer 202.
+/// Stage one message of a dialog.
+///
+/// 202 means the message is in Redis; it reaches PostgreSQL once the dialog's consent is
+/// granted (at once, if it already is).
+#[utoipa::path(
+    post,
+    path = "/data/{customerId}/{dialogId}",
+    tag = "ingest",
+    params(
+        ("customerId" = i64, Path, minimum = 0, description = "0 … 9223372036854775807"),
+        ("dialogId" = i64, Path, minimum = 0, description = "0 … 9223372036854775807")
+    ),
+    request_body(content = super::openapi::MessageBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Staged", body = IngestAnswer),
+        (status = 400, description = "Malformed JSON, or a path ID that is not such an integer (`malformed_json`, `invalid_id`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 401, description = "No or unknown token (`unauthorized`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 403, description = "Not an ingest token (`forbidden`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 409, description = "The dialog belongs to another customer, or its consent was refused (`customer_mismatch`, `consent_refused`); nothing stored", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 413, description = "Body over `DAPI_MAX_BODY_BYTES` (`payload_too_large`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 422, description = "Missing or wrong-typed field, empty or oversized text, U+0000, bad language tag (`invalid_body`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 503, description = "Redis cannot be reached, or dapi is at its limit (`redis_unavailable`, `overloaded`, `request_timeout`); nothing acknowledged", content_type = "application/problem+json", body = super::error::Problem)
+    ),
+    security(("bearer" = []))
+)]
 pub async fn ingest(
     State(state): State<AppState>,
     DataPath { customer, dialog }: DataPath,
@@ -36,7 +63,13 @@ pub async fn ingest(
     let (text, language) = parse_message(body, state.settings.max_text_bytes).map_err(ApiError::InvalidBody)?;
     match state.staging.ingest(customer, dialog, &language, &text).await? {
         IngestOutcome::Accepted { seq, decision } => Ok((
-            StatusCode::ACCEPTED,
+            {
+                metrics::counter!(crate::telemetry::STAGED_MESSAGES).increment(1);
+                if seq == 1 {
+                    metrics::counter!(crate::telemetry::STAGED_DIALOGS).increment(1);
+                }
+                StatusCode::ACCEPTED
+            },
             Json(IngestAnswer {
                 customer_id: customer.get(),
                 dialog_id: dialog.get(),
@@ -50,22 +83,24 @@ pub async fn ingest(
 }
 
 /// One consented message on the wire.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct MessageOut<'a> {
+pub struct MessageOut {
     customer_id: i64,
     dialog_id: i64,
     seq: i64,
-    text: &'a str,
-    language: &'a str,
+    text: String,
+    language: String,
+    /// When dapi accepted the message: UTC, RFC 3339 with microseconds.
+    #[schema(example = "2026-11-27T18:04:05.123456Z")]
     received_at: String,
 }
 
 const RFC3339_MICROS: &[FormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 
-impl<'a> From<&'a StoredMessage> for MessageOut<'a> {
-    fn from(m: &'a StoredMessage) -> Self {
+impl From<StoredMessage> for MessageOut {
+    fn from(m: StoredMessage) -> Self {
         let received_at = m
             .received_at
             .to_offset(time::UtcOffset::UTC)
@@ -75,25 +110,59 @@ impl<'a> From<&'a StoredMessage> for MessageOut<'a> {
             customer_id: m.customer_id,
             dialog_id: m.dialog_id,
             seq: m.seq,
-            text: &m.text,
-            language: &m.language,
+            text: m.text,
+            language: m.language,
             received_at,
         }
     }
 }
 
-#[derive(Debug, Serialize)]
-struct PageOut<'a> {
+/// A page (page mode), in Django REST framework's page-number shape.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PageOut {
+    /// How many messages match the filters, exactly.
     count: i64,
+    /// Absolute URL of the next page, or null.
     next: Option<String>,
+    /// Absolute URL of the previous page, or null.
     previous: Option<String>,
-    results: Vec<MessageOut<'a>>,
+    results: Vec<MessageOut>,
 }
 
-#[derive(Debug, Serialize)]
-struct CursorPageOut<'a> {
+/// A keyset step (cursor mode).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CursorPageOut {
+    /// Absolute URL of the next step (it carries an opaque cursor), or null at the end.
     next: Option<String>,
-    results: Vec<MessageOut<'a>>,
+    results: Vec<MessageOut>,
+}
+
+/// What GET /data answers: a page, or in cursor mode a keyset step.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum ListAnswer {
+    Page(PageOut),
+    Cursor(CursorPageOut),
+}
+
+/// The query parameters of GET /data (all optional; unknown ones are ignored).
+#[derive(Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code, non_snake_case)] // describes the query; the handler parses it itself
+pub struct ListParams {
+    /// Only messages in this language (case-insensitive).
+    language: Option<String>,
+    /// Only this customer's messages.
+    #[param(minimum = 0)]
+    customerId: Option<i64>,
+    /// 1-based page number (default 1).
+    #[param(minimum = 1)]
+    page: Option<i64>,
+    /// 1 … 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pageSize: Option<i64>,
+    /// Switches to cursor mode; empty starts at the newest message.
+    cursor: Option<String>,
 }
 
 /// The query string of GET /data, parsed. Django's `QueryDict.get` takes the last of
@@ -191,14 +260,32 @@ impl ListQuery {
     }
 }
 
-/// Newest consented messages first, in pages (`page`, `pageSize`) or, with `cursor`,
-/// in keyset steps.
+/// Read consented messages, newest first.
+///
+/// Ordered by `receivedAt`, then `dialogId`, then `seq`, all descending. Page mode answers
+/// `count`, `next`, `previous`, `results`; with `cursor` (cursor mode) `next` and
+/// `results`, at a cost that does not grow with depth.
+#[utoipa::path(
+    get,
+    path = "/data",
+    tag = "read",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page (page mode) or a keyset step (cursor mode)", body = ListAnswer),
+        (status = 400, description = "A non-integer `page`, `pageSize` or `customerId`, `pageSize` outside 1 … 1000, a cursor not issued by dapi (`invalid_query`, `invalid_cursor`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 401, description = "No or unknown token (`unauthorized`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 403, description = "Not a read token (`forbidden`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 404, description = "A page past the last one, or `page` < 1 (`invalid_page`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 503, description = "PostgreSQL cannot be reached, or dapi is at its limit (`postgres_unavailable`, `overloaded`, `request_timeout`)", content_type = "application/problem+json", body = super::error::Problem)
+    ),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+) -> Result<Json<ListAnswer>, ApiError> {
     let query = ListQuery::parse(raw.as_deref());
     let filter = query.filter()?;
     let size = query.page_size()?;
@@ -223,11 +310,11 @@ pub async fn list(
             .last()
             .filter(|_| more)
             .map(|last| query.link(&base, "cursor", Some(last.cursor().encode())));
-        let out = CursorPageOut {
+        let out = ListAnswer::Cursor(CursorPageOut {
             next,
-            results: rows.iter().map(MessageOut::from).collect(),
-        };
-        return Ok(Json(out).into_response());
+            results: rows.into_iter().map(MessageOut::from).collect(),
+        });
+        return Ok(Json(out));
     }
 
     let page = query.page()?;
@@ -246,13 +333,13 @@ pub async fn list(
         let value = (page > 2).then(|| (page - 1).to_string());
         query.link(&base, "page", value)
     });
-    let out = PageOut {
+    let out = ListAnswer::Page(PageOut {
         count,
         next,
         previous,
-        results: rows.iter().map(MessageOut::from).collect(),
-    };
-    Ok(Json(out).into_response())
+        results: rows.into_iter().map(MessageOut::from).collect(),
+    });
+    Ok(Json(out))
 }
 
 fn past_last() -> ApiError {

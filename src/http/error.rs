@@ -47,6 +47,14 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("not ready: {0}")]
     NotReady(String),
+    #[error("this request needs `Authorization: Bearer <token>` with a valid token")]
+    Unauthorized,
+    #[error("this token may not do this: ingest tokens may post, read tokens may read")]
+    Forbidden,
+    #[error("dapi is handling as many requests as it may at once; retry shortly")]
+    Overloaded,
+    #[error("the request took longer than dapi allows; it may or may not have taken effect, retry to be sure")]
+    Timeout,
     #[error("the staging store (Redis) cannot be reached; nothing was recorded, retry later")]
     Staging(#[source] StagingError),
     #[error("the consented store (PostgreSQL) cannot be reached; retry later")]
@@ -88,6 +96,10 @@ impl ApiError {
             E::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             E::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             E::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            E::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            E::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            E::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            E::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "request_timeout"),
             E::Staging(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "redis_unavailable"),
             E::Store(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "postgres_unavailable"),
             E::ErasurePending(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "erasure_pending"),
@@ -99,11 +111,21 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        match &self {
+            ApiError::Staging(_) => metrics::counter!(crate::telemetry::STORE_ERRORS, "store" => "redis").increment(1),
+            ApiError::Store(_) | ApiError::ErasurePending(_) => {
+                metrics::counter!(crate::telemetry::STORE_ERRORS, "store" => "postgres").increment(1);
+            }
+            _ => {}
+        }
         let detail = if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %chain(&self), "request failed");
             "an internal error occurred; it has been logged".to_owned()
         } else {
-            if status == StatusCode::SERVICE_UNAVAILABLE {
+            if matches!(
+                self,
+                ApiError::Staging(_) | ApiError::Store(_) | ApiError::ErasurePending(_)
+            ) {
                 tracing::warn!(error = %chain(&self), "dependency unavailable");
             }
             self.to_string()
@@ -113,8 +135,9 @@ impl IntoResponse for ApiError {
 }
 
 /// The RFC 9457 body, fields in the RFC's order.
-#[derive(Debug, Serialize)]
-struct Problem<'a> {
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"type": "about:blank", "title": "Conflict", "status": 409, "code": "consent_refused", "detail": "the customer refused consent for this dialog; nothing was stored"}))]
+pub struct Problem<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     title: &'static str,
@@ -140,6 +163,9 @@ pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
     );
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     response
 }

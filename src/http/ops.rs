@@ -1,22 +1,38 @@
-//! Operations endpoints: liveness and readiness. They never need a token.
+//! Operations endpoints: liveness, readiness, metrics, the OpenAPI document. They never
+//! need a token and are not subject to the in-flight bound, so that orchestrators and
+//! scrapers still get answers from a busy service.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState};
+use crate::telemetry::{FLUSH_QUEUE_LENGTH, FLUSH_QUEUE_OLDEST_AGE, FLUSH_QUEUE_PENDING};
 
 /// How long readiness waits for each store.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `GET /healthz`: 200 while the process runs.
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process runs", body = Object)))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: 200 when Redis and PostgreSQL both answer, else 503 naming which not.
+/// Readiness: 200 when Redis and PostgreSQL both answer, else 503 naming which not.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Redis and PostgreSQL answer", body = Object),
+        (status = 503, description = "`not_ready`: the detail names the store that does not answer", content_type = "application/problem+json", body = super::error::Problem)
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let (redis, postgres) = tokio::join!(
         tokio::time::timeout(CHECK_TIMEOUT, state.staging.ping()),
@@ -33,4 +49,35 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     } else {
         Err(ApiError::NotReady(format!("{} does not answer", down.join(" and "))))
     }
+}
+
+/// Prometheus metrics in the text format. The flush-queue gauges are read from Redis at
+/// each scrape (one round trip); when Redis is away they keep their last values.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String))
+)]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    if let Ok(Ok(stats)) = tokio::time::timeout(CHECK_TIMEOUT, state.staging.queue_stats()).await {
+        metrics::gauge!(FLUSH_QUEUE_LENGTH).set(stats.length as f64);
+        metrics::gauge!(FLUSH_QUEUE_PENDING).set(stats.pending as f64);
+        metrics::gauge!(FLUSH_QUEUE_OLDEST_AGE).set(stats.oldest_age.as_secs_f64());
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        crate::telemetry::metrics().render(),
+    )
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 description of this API", body = Object))
+)]
+pub async fn openapi(Extension(document): Extension<Arc<Value>>) -> Json<Value> {
+    Json(Value::clone(&document))
 }

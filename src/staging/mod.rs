@@ -128,6 +128,17 @@ pub struct Recorded {
     pub erased_through: i64,
 }
 
+/// A stream entry as XRANGE answers it: id and field/value pairs.
+type StreamEntry = (String, Vec<(String, String)>);
+
+/// The flush queue at a glance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    pub length: u64,
+    pub pending: u64,
+    pub oldest_age: Duration,
+}
+
 /// How to bring back a dialog Redis no longer knows but PostgreSQL does.
 #[derive(Debug, Clone, Copy)]
 pub struct Revival {
@@ -253,6 +264,46 @@ impl Staging {
             decided_at_us,
             erased_through,
         }))
+    }
+
+    /// The flush queue's length, entries delivered but not acknowledged, and the age of
+    /// its oldest entry (by Redis's clock), for `/metrics`.
+    pub async fn queue_stats(&self) -> Result<QueueStats, StagingError> {
+        let stream = self.keys.flush_stream();
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME")
+            .cmd("XLEN")
+            .arg(&stream)
+            .cmd("XRANGE")
+            .arg(&stream)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        let ((seconds, micros), length, first): ((u64, u64), u64, Vec<StreamEntry>) =
+            self.bounded(pipe.query_async(&mut conn)).await?;
+        let now_ms = seconds * 1000 + micros / 1000;
+        let oldest_ms = first
+            .first()
+            .and_then(|(id, _)| id.split('-').next())
+            .and_then(|ms| ms.parse::<u64>().ok());
+        // The pending count needs the group, which exists once a flusher has started.
+        let mut summary = redis::cmd("XPENDING");
+        summary.arg(&stream).arg(GROUP);
+        let pending = match self.bounded(summary.query_async::<Vec<redis::Value>>(&mut conn)).await {
+            Ok(summary) => summary
+                .first()
+                .and_then(|count| redis::from_redis_value_ref::<u64>(count).ok())
+                .unwrap_or_default(),
+            Err(StagingError::Redis(e)) if e.code() == Some("NOGROUP") => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(QueueStats {
+            length,
+            pending,
+            oldest_age: Duration::from_millis(oldest_ms.map_or(0, |ms| now_ms.saturating_sub(ms))),
+        })
     }
 
     /// Answers whether Redis responds.

@@ -54,6 +54,8 @@ pub struct TestApp {
     pub keys: Keyspace,
     pub redis: redis::aio::MultiplexedConnection,
     running: Option<Running>,
+    // Last field: dropped after the app is told to stop.
+    _cleanup: Cleanup,
 }
 
 /// The app with the HTTP API and flushers.
@@ -70,6 +72,7 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_app_with(settings: Settings, roles: Roles) -> TestApp {
     dapi::telemetry::init(dapi::config::LogFormat::Text);
+    let cleanup = Cleanup::new(&settings);
     let running = app::start(settings.clone(), roles).await.expect("the app starts");
     let addr = running.local_addr.expect("serving HTTP");
     let store = Store::connect(&settings.database_url).await.expect("store");
@@ -86,6 +89,7 @@ pub async fn spawn_app_with(settings: Settings, roles: Roles) -> TestApp {
         settings,
         redis,
         running: Some(running),
+        _cleanup: cleanup,
     }
 }
 
@@ -195,10 +199,30 @@ impl Drop for TestApp {
         if let Some(running) = self.running.take() {
             running.shutdown_token().cancel();
         }
-        // Clean up on a thread of its own: Drop cannot await, and the test's runtime
-        // may be shutting down.
-        let database_url = self.settings.database_url.clone();
-        let pattern = self.keys.pattern();
+    }
+}
+
+/// Drops a test's database and deletes its Redis keys when dropped.
+pub struct Cleanup {
+    database_url: String,
+    pattern: String,
+}
+
+impl Cleanup {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            database_url: settings.database_url.clone(),
+            pattern: Keyspace::new(&settings.redis_prefix).pattern(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // On a thread of its own: Drop cannot await, and the test's runtime may be
+        // shutting down.
+        let database_url = self.database_url.clone();
+        let pattern = self.pattern.clone();
         let cleanup = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
@@ -206,11 +230,10 @@ impl Drop for TestApp {
             runtime.block_on(async move {
                 use sqlx::migrate::MigrateDatabase;
                 let _ = sqlx::Postgres::force_drop_database(&database_url).await;
-                if let Ok(mut conn) = redis::Client::open(redis_url())
-                    .expect("redis url")
-                    .get_multiplexed_async_connection()
-                    .await
-                {
+                let Ok(client) = redis::Client::open(redis_url()) else {
+                    return;
+                };
+                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
                     let keys: Vec<String> = redis::cmd("KEYS")
                         .arg(&pattern)
                         .query_async(&mut conn)

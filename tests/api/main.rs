@@ -2,10 +2,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod consent;
 mod flusher;
 mod helpers;
 mod ingest;
+mod limits;
+mod observe;
 mod ops;
 mod outage;
 mod read;

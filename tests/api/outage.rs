@@ -28,7 +28,13 @@ async fn without_postgres(app: &TestApp) -> String {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let forever = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(dapi::app::serve(
+        listener,
+        router(state),
+        forever,
+        Duration::from_secs(5),
+    ));
     base
 }
 

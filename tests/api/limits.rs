@@ -1,0 +1,99 @@
+//! Limits that protect the service: requests in flight, request time, header time.
+
+use std::time::Duration;
+
+use dapi::app::Roles;
+use reqwest::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
+
+/// Opens a connection and sends a POST whose body never finishes: the request is in
+/// flight (admitted, reading its body) until the connection closes.
+async fn stalled_post(app: &TestApp) -> TcpStream {
+    let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"te",
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn past_the_in_flight_bound_requests_are_503_at_once() {
+    let mut settings = test_settings();
+    settings.max_in_flight = 1;
+    let app = spawn_app_with(
+        settings,
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+    let _stalled = stalled_post(&app).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let response = app.get("/data/").await;
+
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    assert_problem(response, StatusCode::SERVICE_UNAVAILABLE, "overloaded").await;
+    // Operations endpoints stay outside the bound.
+    assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_request_past_its_time_is_503_request_timeout() {
+    let mut settings = test_settings();
+    settings.request_timeout = Duration::from_millis(300);
+    let app = spawn_app_with(
+        settings,
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+    let mut stalled = stalled_post(&app).await;
+
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut answer)).await;
+
+    let n = read.expect("answered before the test's bound").unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_finish_its_headers_is_disconnected() {
+    let mut settings = test_settings();
+    settings.header_timeout = Duration::from_millis(300);
+    let app = spawn_app_with(
+        settings,
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+    let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+
+    assert!(closed.is_ok(), "the server closed the connection");
+    let answer = String::from_utf8_lossy(&rest);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
