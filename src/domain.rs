@@ -415,4 +415,73 @@ mod tests {
             assert_eq!(Cursor::parse(bad), Err(Invalid::Cursor), "{bad:?}");
         }
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::Bool),
+                any::<i64>().prop_map(Into::into),
+                ".{0,12}".prop_map(serde_json::Value::String),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                    proptest::collection::btree_map(
+                        prop_oneof![
+                            Just("approved".to_owned()),
+                            Just("text".to_owned()),
+                            Just("language".to_owned()),
+                            ".{0,6}"
+                        ],
+                        inner,
+                        0..4
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn id_parsing_never_panics_and_accepts_exactly_digits_in_range(raw in ".{0,24}") {
+                let parsed = DialogId::parse(&raw);
+                let valid = !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) && raw.parse::<i64>().is_ok();
+                prop_assert_eq!(parsed.is_ok(), valid);
+            }
+
+            #[test]
+            fn every_non_negative_i64_round_trips_through_its_decimal_form(n in 0..=i64::MAX) {
+                prop_assert_eq!(CustomerId::parse(&n.to_string()).map(CustomerId::get), Ok(n));
+            }
+
+            #[test]
+            fn text_and_language_parsing_never_panic(text in ".{0,64}", language in ".{0,40}", max in 1usize..64) {
+                if let Ok(t) = MessageText::parse(text.clone(), max) {
+                    prop_assert!(!t.as_str().is_empty() && t.as_str().len() <= max && !t.as_str().contains('\0'));
+                }
+                if let Ok(l) = Language::parse(language) {
+                    prop_assert!(l.as_str().len() <= Language::MAX_LEN);
+                }
+            }
+
+            #[test]
+            fn message_and_consent_bodies_never_panic(body in json()) {
+                let _ = parse_message(body.clone(), 16);
+                let _ = parse_consent(&body);
+            }
+
+            #[test]
+            fn cursors_round_trip_and_garbage_is_rejected(at in any::<i64>(), dialog in 0..=i64::MAX, seq in 1..=i64::MAX, garbage in ".{0,80}") {
+                let cursor = Cursor { received_at_us: at, dialog_id: dialog, seq };
+                prop_assert_eq!(Cursor::parse(&cursor.encode()), Ok(cursor));
+                if let Ok(parsed) = Cursor::parse(&garbage) {
+                    prop_assert_eq!(parsed.encode(), garbage);
+                }
+            }
+        }
+    }
 }

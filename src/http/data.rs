@@ -119,6 +119,7 @@ impl From<StoredMessage> for MessageOut {
 
 /// A page (page mode), in Django REST framework's page-number shape.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)] // for the schema: `additionalProperties: false`
 pub struct PageOut {
     /// How many messages match the filters, exactly.
     count: i64,
@@ -131,6 +132,7 @@ pub struct PageOut {
 
 /// A keyset step (cursor mode).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)] // for the schema: `additionalProperties: false`
 pub struct CursorPageOut {
     /// Absolute URL of the next step (it carries an opaque cursor), or null at the end.
     next: Option<String>,

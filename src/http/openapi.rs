@@ -42,8 +42,10 @@ impl Modify for BearerAuth {
 #[schema(example = json!({"text": "Hello, World", "language": "EN"}))]
 #[allow(dead_code)] // describes the body; the handler reads it field by field
 pub struct MessageBody {
-    /// 1 … `DAPI_MAX_TEXT_BYTES` (default 32768) UTF-8 bytes, without U+0000.
-    #[schema(min_length = 1)]
+    /// 1 … `DAPI_MAX_TEXT_BYTES` (default 32768) UTF-8 bytes, without U+0000. (The
+    /// schema's bound of 8192 characters is what always fits: a character takes up to 4
+    /// bytes.)
+    #[schema(min_length = 1, max_length = 8192, pattern = "^[^\\u0000]+$")]
     text: String,
     /// A language tag, stored as sent.
     #[schema(pattern = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$", max_length = 35)]

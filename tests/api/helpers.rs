@@ -13,11 +13,11 @@ use reqwest::{Response, StatusCode};
 use serde_json::Value;
 
 /// The server the tests use; `DAPI_TEST_DATABASE_URL` points elsewhere (no database name).
-fn postgres_base() -> String {
+pub fn postgres_base() -> String {
     std::env::var("DAPI_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-fn redis_url() -> String {
+pub fn redis_url() -> String {
     std::env::var("DAPI_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 

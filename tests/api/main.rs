@@ -5,6 +5,7 @@
 mod access;
 mod consent;
 mod flusher;
+mod fuzz;
 mod helpers;
 mod ingest;
 mod limits;
