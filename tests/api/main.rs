@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod access;
+mod binary;
 mod consent;
 mod flusher;
 mod fuzz;
