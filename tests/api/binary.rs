@@ -22,7 +22,7 @@ async fn the_binary_logs_no_token_and_no_customer_text_and_exits_0_on_sigterm() 
     let settings = test_settings();
     let _cleanup = Cleanup::new(&settings);
     let port = free_port();
-    let mut dapi = Command::new(env!("CARGO_BIN_EXE_dapi"))
+    let dapi = Command::new(env!("CARGO_BIN_EXE_dapi"))
         .env("DATABASE_URL", &settings.database_url)
         .env("REDIS_URL", &settings.redis_url)
         .env("DAPI_REDIS_PREFIX", &settings.redis_prefix)
