@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -138,11 +137,11 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
     let tasks = TaskTracker::new();
 
     if roles.flusher {
-        for index in 0..settings.flushers {
-            let queue = FlushQueue::new(
+        for _ in 0..settings.flushers {
+            let queue = FlushQueue::leased(
                 client.clone(),
                 Keyspace::new(&settings.redis_prefix),
-                consumer_name(index),
+                host_name(),
                 settings.flush_claim_idle,
                 FLUSH_BLOCK,
             )?;
@@ -246,23 +245,14 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
     graceful.shutdown().await;
 }
 
-/// A consumer name unique among live processes and stable across restarts of one
-/// container (same host name, same pid), so a restarted process finds its own pending
-/// entries at once.
-fn consumer_name(index: usize) -> String {
-    static INSTANCES: AtomicUsize = AtomicUsize::new(0);
-    let host = std::env::var("HOSTNAME")
+/// This host's name, for flusher consumer names.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "dapi".into());
-    let instance = if index == 0 {
-        INSTANCES.fetch_add(1, Ordering::Relaxed)
-    } else {
-        INSTANCES.load(Ordering::Relaxed).saturating_sub(1)
-    };
-    format!("{host}:{}:{instance}:{index}", std::process::id())
+        .filter(|h| !h.is_empty() && !h.contains(['{', '}', ' ']))
+        .unwrap_or_else(|| "dapi".into())
 }
 
 /// Asks the dapi listening on `bind` for `GET /healthz` over plain HTTP/1.1 (for container

@@ -41,6 +41,17 @@ pub enum FlushError {
     Store(#[from] StoreError),
 }
 
+/// The fault tests' one hook: with `DAPI_FAILPOINT=crash-after-commit` the process
+/// aborts right after a batch's PostgreSQL commit and before its acknowledgement — the
+/// worst instant for a crash. Read once; costs one branch per batch otherwise.
+fn crash_here_if_asked() {
+    static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ASKED.get_or_init(|| std::env::var("DAPI_FAILPOINT").is_ok_and(|v| v == "crash-after-commit")) {
+        tracing::error!("DAPI_FAILPOINT=crash-after-commit: aborting after the commit, before the ack");
+        std::process::abort();
+    }
+}
+
 /// A batch taken from the queue, with the state of its dialogs.
 #[derive(Debug)]
 pub struct Batch {
@@ -129,6 +140,7 @@ impl Flusher {
         );
         let applied = async {
             let applied = self.store_batch(&batch).await?;
+            crash_here_if_asked();
             self.finish_batch(&batch).await?;
             tracing::debug!(
                 inserted = applied.inserted,
@@ -153,15 +165,14 @@ impl Flusher {
     /// Runs rounds until `shutdown` is cancelled. Cancellation is checked between rounds,
     /// never inside one, so a batch is never abandoned mid-transaction.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let consumer = self.queue.consumer().to_owned();
-        tracing::info!(%consumer, "flusher started");
+        tracing::info!("flusher started");
         let mut backoff = FIRST_BACKOFF;
         let mut failing = false;
         while !shutdown.is_cancelled() {
             match self.flush_once().await {
                 Ok(_) => {
                     if failing {
-                        tracing::info!(%consumer, "flusher recovered");
+                        tracing::info!(consumer = %self.queue.consumer(), "flusher recovered");
                         failing = false;
                     }
                     backoff = FIRST_BACKOFF;
@@ -173,7 +184,7 @@ impl Flusher {
                     };
                     metrics::counter!(telemetry::STORE_ERRORS, "store" => store).increment(1);
                     if !failing {
-                        tracing::warn!(%consumer, error = %telemetry::chain(&error), "flush failed; retrying with back-off");
+                        tracing::warn!(consumer = %self.queue.consumer(), error = %telemetry::chain(&error), "flush failed; retrying with back-off");
                         failing = true;
                     }
                     self.queue.retry_own_pending();
@@ -185,6 +196,6 @@ impl Flusher {
                 }
             }
         }
-        tracing::info!(%consumer, "flusher stopped");
+        tracing::info!(consumer = %self.queue.consumer(), "flusher stopped");
     }
 }

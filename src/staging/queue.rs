@@ -35,6 +35,51 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long a consumer with nothing pending must have been idle to count as gone.
 pub const CONSUMER_GONE_AFTER: Duration = Duration::from_secs(300);
 
+/// How long a consumer-slot lease lasts without renewal, and how often it is renewed.
+const LEASE_TTL: Duration = Duration::from_secs(30);
+const LEASE_RENEW: Duration = Duration::from_secs(5);
+/// Consumer slots per host: flusher tasks of all dapi processes on one host.
+const MAX_SLOTS: u32 = 256;
+
+/// A leased consumer name.
+#[derive(Debug)]
+struct Lease {
+    host: String,
+    /// `pid:instance` of this process.
+    holder: String,
+    key: Option<String>,
+    renewed: Instant,
+}
+
+/// This process as a lease holder: its pid and a mark of this start, so that a restart
+/// that gets the same pid (pid 1 in a container) is told apart from the old process.
+fn process_instance() -> String {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE
+        .get_or_init(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default();
+            format!("{}:{nanos:x}", std::process::id())
+        })
+        .clone()
+}
+
+/// Whether the holder of a slot on this host may still be running. Another task of this
+/// process is; an earlier process with this pid (a restarted container) is not; another
+/// pid is alive while it is in `/proc`. Without `/proc`, every holder counts as alive and
+/// its entries are taken over after the claim timeout instead.
+fn holder_alive(holder: &str, me: &str) -> bool {
+    let (pid, _) = holder.split_once(':').unwrap_or((holder, ""));
+    let (my_pid, _) = me.split_once(':').unwrap_or((me, ""));
+    if pid == my_pid {
+        return holder == me;
+    }
+    let proc = std::path::Path::new("/proc");
+    !proc.join("self").exists() || proc.join(pid).exists()
+}
+
 /// One flush-queue entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueEntry {
@@ -60,11 +105,13 @@ pub struct FlushQueue {
     conn: ConnectionManager,
     keys: Keyspace,
     consumer: String,
+    lease: Option<Lease>,
     claim_idle: Duration,
     block: Duration,
     snapshot: Script,
     finish: Script,
     prune: Script,
+    lease_script: Script,
     read_own_pending: bool,
     last_claim: Option<Instant>,
     last_prune: Option<Instant>,
@@ -97,15 +144,79 @@ impl FlushQueue {
             conn: ConnectionManager::new_lazy_with_config(client, config)?,
             keys,
             consumer,
+            lease: None,
             claim_idle,
             block,
             snapshot: Script::new(include_str!("lua/snapshot.lua")),
+            lease_script: Script::new(include_str!("lua/lease.lua")),
             finish: Script::new(include_str!("lua/finish.lua")),
             prune: Script::new(include_str!("lua/prune.lua")),
             read_own_pending: true,
             last_claim: None,
             last_prune: None,
         })
+    }
+
+    /// A queue that reads as `<host>:<slot>`, leasing the first slot of this host that is
+    /// free or whose holder is gone: a process restarted on the same host (a container
+    /// keeps its host name) gets its predecessor's name back, and with it that
+    /// consumer's pending entries, at once rather than after the claim timeout.
+    pub fn leased(
+        client: Client,
+        keys: Keyspace,
+        host: String,
+        claim_idle: Duration,
+        block: Duration,
+    ) -> Result<Self, StagingError> {
+        let mut queue = Self::new(client, keys, String::new(), claim_idle, block)?;
+        queue.lease = Some(Lease {
+            host,
+            holder: process_instance(),
+            key: None,
+            renewed: Instant::now(),
+        });
+        Ok(queue)
+    }
+
+    /// Takes a consumer slot, or renews the one held (every [`LEASE_RENEW`]).
+    async fn ensure_lease(&mut self) -> Result<(), StagingError> {
+        let Some(lease) = &mut self.lease else {
+            return Ok(()); // a fixed name
+        };
+        let ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
+        if let Some(key) = &lease.key {
+            if lease.renewed.elapsed() < LEASE_RENEW {
+                return Ok(());
+            }
+            let mut renew = self.lease_script.prepare_invoke();
+            renew.key(key).arg(&lease.holder).arg(ttl).arg(&lease.holder);
+            let held: i64 = renew.invoke_async(&mut self.conn).await?;
+            if held == 1 {
+                lease.renewed = Instant::now();
+                return Ok(());
+            }
+            tracing::warn!(consumer = %self.consumer, "lost the consumer lease; taking another");
+            lease.key = None;
+        }
+        for slot in 0..MAX_SLOTS {
+            let key = self.keys.consumer_lease(&lease.host, slot);
+            let seen: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut self.conn).await?;
+            if seen.as_deref().is_some_and(|h| holder_alive(h, &lease.holder)) {
+                continue;
+            }
+            let mut take = self.lease_script.prepare_invoke();
+            take.key(&key).arg(&lease.holder).arg(ttl).arg(seen.unwrap_or_default());
+            let held: i64 = take.invoke_async(&mut self.conn).await?;
+            if held == 1 {
+                self.consumer = format!("{}:{slot}", lease.host);
+                lease.key = Some(key);
+                lease.renewed = Instant::now();
+                self.read_own_pending = true;
+                tracing::info!(consumer = %self.consumer, "flusher reads as this consumer");
+                return Ok(());
+            }
+        }
+        Err(StagingError::NoConsumerSlot)
     }
 
     pub fn consumer(&self) -> &str {
@@ -126,6 +237,7 @@ impl FlushQueue {
     }
 
     async fn next_entries_once(&mut self, count: usize) -> Result<Vec<QueueEntry>, StagingError> {
+        self.ensure_lease().await?;
         let stream = self.keys.flush_stream();
         if self.read_own_pending {
             let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")

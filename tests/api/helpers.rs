@@ -71,7 +71,11 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(settings: Settings, roles: Roles) -> TestApp {
-    dapi::telemetry::init(dapi::config::LogFormat::Text);
+    // Captured per test by the harness (shown for failing tests only).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DAPI_LOG").unwrap_or_else(|_| "info".into()))
+        .with_test_writer()
+        .try_init();
     let cleanup = Cleanup::new(&settings);
     let running = app::start(settings.clone(), roles).await.expect("the app starts");
     let addr = running.local_addr.expect("serving HTTP");

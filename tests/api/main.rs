@@ -5,8 +5,10 @@
 mod access;
 mod binary;
 mod consent;
+mod faults;
 mod flusher;
 mod fuzz;
+mod harness;
 mod helpers;
 mod ingest;
 mod limits;

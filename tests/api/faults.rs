@@ -1,0 +1,341 @@
+//! SPEC.md's guarantees under faults: processes killed at any instant, PostgreSQL and
+//! Redis outages, several processes, shutdown under load, retention.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dapi::app::Roles;
+use reqwest::StatusCode;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{Dapi, Ledger, Proxy, drive, through, upstream_of};
+use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
+
+/// A test app without HTTP or flushers of its own: the stores (migrated), the keyspace
+/// and cleanup, for tests whose dapi processes are separate.
+async fn stores(settings: &dapi::config::Settings) -> TestApp {
+    let mut own = settings.clone();
+    own.bind = "127.0.0.1:0".into();
+    spawn_app_with(
+        own,
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await
+}
+
+fn shared(bases: &[&Dapi]) -> Arc<Mutex<Vec<String>>> {
+    Arc::new(Mutex::new(bases.iter().filter_map(|d| d.base.clone()).collect()))
+}
+
+#[tokio::test]
+async fn kill_9_during_traffic_then_restart_loses_and_doubles_nothing() {
+    let settings = test_settings();
+    let app = stores(&settings).await;
+    let mut first = Dapi::start(&settings, &["serve"], &[]).await;
+    let bases = shared(&[&first]);
+    let ledger = Arc::new(Ledger::default());
+    let load = tokio::spawn(drive(
+        bases.clone(),
+        1000..1060,
+        6,
+        ledger.clone(),
+        CancellationToken::new(),
+    ));
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    first.kill9();
+    let second = Dapi::start(&settings, &["serve"], &[]).await;
+    *bases.lock().unwrap() = vec![second.base.clone().unwrap()];
+    load.await.unwrap();
+
+    app.wait_for_empty_queue().await;
+    assert!(ledger.acked_messages() > 0 && ledger.decided() > 0);
+    ledger.verify(&app.store).await;
+}
+
+#[tokio::test]
+async fn a_flusher_killed_between_commit_and_ack_is_taken_over_at_once_by_its_restart() {
+    let mut settings = test_settings();
+    // Far beyond the test's wait: only the restarted process's own lease can recover it.
+    settings.flush_claim_idle = Duration::from_secs(120);
+    let app = stores(&settings).await;
+    let mut crashing = Dapi::start(&settings, &["serve"], &[("DAPI_FAILPOINT", "crash-after-commit")]).await;
+    let base = crashing.base.clone().unwrap();
+    let http = reqwest::Client::new();
+    for text in ["a", "b", "c"] {
+        let r = http
+            .post(format!("{base}/data/1/42"))
+            .json(&json!({"text": text, "language": "EN"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    http.post(format!("{base}/consents/42"))
+        .json(&json!(true))
+        .send()
+        .await
+        .unwrap();
+
+    let status = crashing
+        .exit_within(Duration::from_secs(20))
+        .await
+        .expect("the failpoint aborts the process");
+    assert!(!status.success());
+    assert_eq!(app.stored_seqs(42).await, [1, 2, 3], "committed before the crash");
+    let started = Instant::now();
+    let _restarted = Dapi::start(&settings, &["serve"], &[]).await;
+
+    app.wait_for_empty_queue().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "taken back at once, not after the claim timeout"
+    );
+    assert_eq!(app.stored_seqs(42).await, [1, 2, 3]);
+    assert_eq!(app.get_json("/data/").await["count"], 3);
+    let mut conn = app.redis.clone();
+    let staged: usize = redis::cmd("LLEN")
+        .arg(app.keys.msgs(42))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(staged, 0);
+}
+
+#[tokio::test]
+async fn a_dead_consumers_entries_are_claimed_by_another_process_after_the_idle_time() {
+    let mut settings = test_settings();
+    settings.flush_claim_idle = Duration::from_millis(800);
+    let app = stores(&settings).await;
+    // Another host's flusher, so the lease cannot hand its name over: only XAUTOCLAIM can.
+    let mut crashing = Dapi::start(
+        &settings,
+        &["serve"],
+        &[("DAPI_FAILPOINT", "crash-after-commit"), ("HOSTNAME", "elsewhere")],
+    )
+    .await;
+    let base = crashing.base.clone().unwrap();
+    let http = reqwest::Client::new();
+    http.post(format!("{base}/data/1/43"))
+        .json(&json!({"text": "x", "language": "EN"}))
+        .send()
+        .await
+        .unwrap();
+    http.post(format!("{base}/consents/43"))
+        .json(&json!(true))
+        .send()
+        .await
+        .unwrap();
+    crashing
+        .exit_within(Duration::from_secs(20))
+        .await
+        .expect("the failpoint aborts the process");
+
+    let _other = Dapi::start(&settings, &["flusher"], &[]).await;
+
+    app.wait_for_empty_queue().await;
+    assert_eq!(app.stored_seqs(43).await, [1]);
+}
+
+#[tokio::test]
+async fn through_a_postgresql_outage_ingest_and_grants_go_on_and_refusals_complete_later() {
+    let mut settings = test_settings();
+    let app = stores(&settings).await;
+    let proxy = Proxy::start(upstream_of(&settings.database_url)).await;
+    settings.database_url = through(&settings.database_url, proxy.addr);
+    let dapi = Dapi::start(&settings, &["serve"], &[]).await;
+    let base = dapi.base.clone().unwrap();
+    let http = reqwest::Client::new();
+    let post = |dialog: i64, text: &'static str| {
+        http.post(format!("{base}/data/1/{dialog}"))
+            .json(&json!({"text": text, "language": "EN"}))
+            .send()
+    };
+    // Granted and flushed before the outage, refused during it.
+    post(1, "before").await.unwrap();
+    http.post(format!("{base}/consents/1"))
+        .json(&json!(true))
+        .send()
+        .await
+        .unwrap();
+    app.wait_for_seqs(1, &[1]).await;
+
+    proxy.cut();
+    assert_eq!(post(2, "during").await.unwrap().status(), StatusCode::ACCEPTED);
+    let grant = http
+        .post(format!("{base}/consents/2"))
+        .json(&json!(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(grant.status(), StatusCode::ACCEPTED);
+    let refusal = http
+        .post(format!("{base}/consents/1"))
+        .json(&json!(false))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(refusal, StatusCode::SERVICE_UNAVAILABLE, "erasure_pending").await;
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    let ready = assert_problem(ready, StatusCode::SERVICE_UNAVAILABLE, "not_ready").await;
+    assert!(ready["detail"].as_str().unwrap().contains("PostgreSQL"), "{ready}");
+    let ledger = Arc::new(Ledger::default());
+    drive(shared(&[&dapi]), 100..130, 3, ledger.clone(), CancellationToken::new()).await;
+    tokio::time::sleep(Duration::from_secs(8)).await; // the flushers keep failing, backing off
+    assert_eq!(app.stored_seqs(2).await, Vec::<i64>::new());
+    proxy.restore();
+
+    app.wait_for_empty_queue().await;
+    app.wait_for_seqs(2, &[1]).await;
+    assert_eq!(
+        app.stored_seqs(1).await,
+        Vec::<i64>::new(),
+        "the refusal completed without a second call"
+    );
+    ledger.verify(&app.store).await;
+    let logs = dapi.logs();
+    let failures = logs.matches("flush failed").count();
+    assert!(
+        (1..=2).contains(&failures),
+        "one line per flusher when failing starts, not per retry: {failures}\n{logs}"
+    );
+    assert!(logs.contains("flusher recovered"), "{logs}");
+}
+
+#[tokio::test]
+async fn through_a_redis_outage_posts_are_503_promptly_reads_go_on_and_it_recovers() {
+    let mut settings = test_settings();
+    let app = stores(&settings).await;
+    let proxy = Proxy::start(upstream_of(&settings.redis_url)).await;
+    settings.redis_url = through(&settings.redis_url, proxy.addr);
+    let dapi = Dapi::start(&settings, &["serve"], &[]).await;
+    let base = dapi.base.clone().unwrap();
+    let http = reqwest::Client::new();
+    let post = || {
+        http.post(format!("{base}/data/1/1"))
+            .json(&json!({"text": "x", "language": "EN"}))
+            .send()
+    };
+    assert_eq!(post().await.unwrap().status(), StatusCode::ACCEPTED);
+
+    proxy.cut();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let refused = post().await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "answered within a bounded time"
+        );
+        assert_eq!(
+            refused.headers().get("retry-after").map(|v| v.to_str().unwrap()),
+            Some("1")
+        );
+        assert_problem(refused, StatusCode::SERVICE_UNAVAILABLE, "redis_unavailable").await;
+    }
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    let ready = assert_problem(ready, StatusCode::SERVICE_UNAVAILABLE, "not_ready").await;
+    assert!(ready["detail"].as_str().unwrap().contains("Redis"), "{ready}");
+    let read = http.get(format!("{base}/data/")).send().await.unwrap();
+    assert_eq!(read.status(), StatusCode::OK, "reads need only PostgreSQL");
+    proxy.restore();
+
+    let started = Instant::now();
+    while post().await.unwrap().status() != StatusCode::ACCEPTED {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "dapi did not recover by itself"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(app);
+}
+
+#[tokio::test]
+async fn two_servers_and_a_flusher_one_server_killed_midway_lose_and_double_nothing() {
+    let settings = test_settings();
+    let app = stores(&settings).await;
+    let first = Dapi::start(&settings, &["serve", "--no-flusher"], &[]).await;
+    let mut second = Dapi::start(&settings, &["serve", "--no-flusher"], &[]).await;
+    let _flusher = Dapi::start(&settings, &["flusher"], &[]).await;
+    let bases = shared(&[&first, &second]);
+    let ledger = Arc::new(Ledger::default());
+    let load = tokio::spawn(drive(
+        bases.clone(),
+        2000..2080,
+        5,
+        ledger.clone(),
+        CancellationToken::new(),
+    ));
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    second.kill9();
+    load.await.unwrap();
+
+    app.wait_for_empty_queue().await;
+    ledger.verify(&app.store).await;
+}
+
+#[tokio::test]
+async fn sigterm_under_load_exits_0_in_time_and_loses_nothing() {
+    let mut settings = test_settings();
+    settings.shutdown_timeout = Duration::from_secs(10);
+    let app = stores(&settings).await;
+    let mut first = Dapi::start(&settings, &["serve"], &[]).await;
+    let bases = shared(&[&first]);
+    let ledger = Arc::new(Ledger::default());
+    let load = tokio::spawn(drive(
+        bases.clone(),
+        3000..3060,
+        6,
+        ledger.clone(),
+        CancellationToken::new(),
+    ));
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.sigterm();
+    let status = first
+        .exit_within(Duration::from_secs(12))
+        .await
+        .expect("exits within DAPI_SHUTDOWN_TIMEOUT");
+    assert!(status.success(), "{status}\n{}", first.logs());
+    let second = Dapi::start(&settings, &["serve"], &[]).await;
+    *bases.lock().unwrap() = vec![second.base.clone().unwrap()];
+    load.await.unwrap();
+
+    app.wait_for_empty_queue().await;
+    ledger.verify(&app.store).await;
+}
+
+#[tokio::test]
+async fn an_undecided_dialog_is_forgotten_after_the_ttl_and_a_refused_one_refuses_until_then() {
+    let mut settings = test_settings();
+    settings.staging_ttl = Duration::from_secs(1);
+    let app = spawn_app_with(
+        settings,
+        Roles {
+            http: true,
+            flusher: true,
+        },
+    )
+    .await;
+    app.stage(1, 1, "undecided", "EN").await;
+    app.stage(1, 2, "refused", "EN").await;
+    assert_eq!(app.consent(2, false).await.status(), StatusCode::OK);
+    let again = app
+        .post_json("/data/1/2", &json!({"text": "still refused", "language": "EN"}))
+        .await;
+    assert_problem(again, StatusCode::CONFLICT, "consent_refused").await;
+
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+
+    assert_problem(app.consent(1, true).await, StatusCode::NOT_FOUND, "dialog_not_found").await;
+    assert_eq!(
+        app.stage(1, 2, "a new start", "EN").await,
+        1,
+        "the refusal is forgotten too"
+    );
+}

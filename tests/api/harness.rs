@@ -1,0 +1,358 @@
+//! The fault harness: real `dapi` processes (the built binary) that a test can SIGKILL or
+//! SIGTERM, a TCP proxy of our own between dapi and PostgreSQL or Redis that a test can
+//! cut and restore (an outage that never touches the machine's shared servers), and a
+//! load driver that records every message it got a 202 for and every decision it got an
+//! answer to, and then checks the stores against that ledger.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dapi::config::Settings;
+use dapi::store::Store;
+use reqwest::StatusCode;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::unique;
+
+// ---------------------------------------------------------------------------- proxy
+
+/// A TCP proxy to `upstream`. `cut` drops every connection and refuses new ones until
+/// `restore`.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+    accept: AbortHandle,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let accept = {
+            let (cut, connections) = (cut.clone(), connections.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if cut.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections.lock().unwrap().push(task.abort_handle());
+                }
+            })
+            .abort_handle()
+        };
+        Proxy {
+            addr,
+            cut,
+            connections,
+            accept,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// `postgres://…@host:port/db` with host and port replaced by `addr`.
+pub fn through(url: &str, addr: SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+    let credentials = authority
+        .rsplit_once('@')
+        .map(|(c, _)| format!("{c}@"))
+        .unwrap_or_default();
+    let path = if path.is_empty() {
+        String::new()
+    } else {
+        format!("/{path}")
+    };
+    format!("{scheme}://{credentials}{addr}{path}")
+}
+
+/// The `host:port` a URL points at.
+pub fn upstream_of(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").unwrap().1;
+    let authority = rest.split('/').next().unwrap();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host_port = host_port.replace("localhost", "127.0.0.1");
+    host_port.parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------- processes
+
+/// One `dapi` process.
+pub struct Dapi {
+    child: Child,
+    pub base: Option<String>,
+    log: PathBuf,
+}
+
+impl Dapi {
+    /// Starts `dapi <args>` with `settings` (its `bind` is replaced by a free port) plus
+    /// `extra` variables, and waits until it answers /healthz (when it serves HTTP).
+    pub async fn start(settings: &Settings, args: &[&str], extra: &[(&str, &str)]) -> Dapi {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::env::temp_dir().join(format!("{}.log", unique("dapi_fault")));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dapi"));
+        command
+            .args(args)
+            .env("DATABASE_URL", &settings.database_url)
+            .env("REDIS_URL", &settings.redis_url)
+            .env("DAPI_REDIS_PREFIX", &settings.redis_prefix)
+            .env("DAPI_BIND", format!("127.0.0.1:{port}"))
+            .env(
+                "DAPI_FLUSH_CLAIM_IDLE",
+                format!("{}ms", settings.flush_claim_idle.as_millis()),
+            )
+            .env("DAPI_STAGING_TTL", format!("{}ms", settings.staging_ttl.as_millis()))
+            .env(
+                "DAPI_SHUTDOWN_TIMEOUT",
+                format!("{}ms", settings.shutdown_timeout.as_millis()),
+            )
+            .env("DAPI_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (name, value) in extra {
+            command.env(name, value);
+        }
+        let child = command.spawn().unwrap();
+        let serves = !args.contains(&"flusher");
+        let mut dapi = Dapi {
+            child,
+            base: serves.then(|| format!("http://127.0.0.1:{port}")),
+            log,
+        };
+        if let Some(base) = dapi.base.clone() {
+            let http = reqwest::Client::new();
+            let started = Instant::now();
+            while http.get(format!("{base}/healthz")).send().await.is_err() {
+                if let Ok(Some(status)) = dapi.child.try_wait() {
+                    panic!("dapi exited at start ({status}):\n{}", dapi.logs());
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(40),
+                    "dapi did not start:\n{}",
+                    dapi.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        dapi
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&self) {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Waits for the process to exit, at most `bound`.
+    pub async fn exit_within(&mut self, bound: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < bound {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dapi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+// ---------------------------------------------------------------------------- load
+
+/// What the load driver was told: the messages answered 202 and the decisions answered.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    acked: Mutex<HashMap<i64, BTreeSet<i64>>>,
+    granted: Mutex<BTreeSet<i64>>,
+    refused: Mutex<BTreeSet<i64>>,
+}
+
+impl Ledger {
+    pub fn acked_messages(&self) -> usize {
+        self.acked.lock().unwrap().values().map(BTreeSet::len).sum()
+    }
+
+    pub fn decided(&self) -> usize {
+        self.granted.lock().unwrap().len() + self.refused.lock().unwrap().len()
+    }
+
+    /// Checks the stores against the ledger: every acknowledged message of a granted
+    /// dialog is in PostgreSQL exactly once, nothing of a refused dialog is, and the
+    /// exact count agrees with the rows.
+    pub async fn verify(&self, store: &Store) {
+        let granted = self.granted.lock().unwrap().clone();
+        let refused = self.refused.lock().unwrap().clone();
+        let acked = self.acked.lock().unwrap().clone();
+        assert!(!granted.is_empty() && !refused.is_empty(), "the load made no decisions");
+        let rows: Vec<(i64, i64, i64)> =
+            sqlx::query_as("SELECT dialog_id, seq, count(*) OVER (PARTITION BY dialog_id, seq) FROM messages")
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+        let mut stored: HashMap<i64, BTreeSet<i64>> = HashMap::new();
+        for (dialog, seq, copies) in rows {
+            assert_eq!(copies, 1, "dialog {dialog} seq {seq} is stored {copies} times");
+            stored.entry(dialog).or_default().insert(seq);
+        }
+        for dialog in &granted {
+            let want = acked.get(dialog).cloned().unwrap_or_default();
+            let have = stored.get(dialog).cloned().unwrap_or_default();
+            let lost: Vec<&i64> = want.difference(&have).collect();
+            assert!(
+                lost.is_empty(),
+                "dialog {dialog} (granted) lost acknowledged seqs {lost:?}"
+            );
+        }
+        for dialog in &refused {
+            assert!(
+                !stored.contains_key(dialog),
+                "dialog {dialog} was refused but is stored: {:?}",
+                stored[dialog]
+            );
+        }
+        let total: i64 = stored.values().map(|s| s.len() as i64).sum();
+        let counted: Option<i64> =
+            sqlx::query_scalar("SELECT n FROM message_counts WHERE customer_id = -1 AND language = ''")
+                .fetch_optional(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(counted.unwrap_or(0), total, "the exact count disagrees with the rows");
+    }
+}
+
+/// Drives dialogs `dialogs` through any of `bases` (whichever answers): each dialog gets
+/// `messages` messages, then a final decision — even dialogs are refused, odd granted —
+/// retried until some dapi answers it. Stops early when `stop` is cancelled.
+pub async fn drive(
+    bases: Arc<Mutex<Vec<String>>>,
+    dialogs: std::ops::Range<i64>,
+    messages: usize,
+    ledger: Arc<Ledger>,
+    stop: CancellationToken,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for dialog in dialogs {
+        let (http, bases, ledger, stop) = (http.clone(), bases.clone(), ledger.clone(), stop.clone());
+        tasks.spawn(async move {
+            let customer = dialog % 7;
+            for i in 0..messages {
+                if stop.is_cancelled() {
+                    return;
+                }
+                let body = json!({"text": format!("message {i} of {dialog}"), "language": "EN"});
+                let answer = send(&http, &bases, &format!("/data/{customer}/{dialog}"), &body, 200).await;
+                if let Some((StatusCode::ACCEPTED, reply)) = answer {
+                    let seq = reply["seq"].as_i64().unwrap();
+                    ledger.acked.lock().unwrap().entry(dialog).or_default().insert(seq);
+                }
+            }
+            let approved = dialog % 2 == 1;
+            // The final decision must be known: retry until a dapi answers it.
+            let answer = send(&http, &bases, &format!("/consents/{dialog}"), &json!(approved), 200).await;
+            match answer {
+                Some((status, reply)) if status.is_success() || reply["code"] == "erasure_pending" => {
+                    let decisions = if approved { &ledger.granted } else { &ledger.refused };
+                    decisions.lock().unwrap().insert(dialog);
+                }
+                // No message was acknowledged: dapi rightly knows nothing of the dialog.
+                Some((StatusCode::NOT_FOUND, _)) => {}
+                other => panic!("dialog {dialog}: no answer to its decision: {other:?}"),
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// POSTs `body` to `path` on the first of `bases` that answers, trying up to `attempts`
+/// rounds (50 ms apart). A 503 counts as no answer (and is retried), except a refusal
+/// whose erasure waits for PostgreSQL, which already holds.
+async fn send(
+    http: &reqwest::Client,
+    bases: &Mutex<Vec<String>>,
+    path: &str,
+    body: &serde_json::Value,
+    attempts: usize,
+) -> Option<(StatusCode, serde_json::Value)> {
+    for attempt in 0..attempts {
+        let candidates = bases.lock().unwrap().clone();
+        for base in candidates.iter().cycle().skip(attempt).take(candidates.len()) {
+            if let Ok(response) = http.post(format!("{base}{path}")).json(body).send().await {
+                let status = response.status();
+                let reply: serde_json::Value = response.json().await.unwrap_or_default();
+                // A refusal whose erasure waits for PostgreSQL holds already: an answer.
+                let holds = reply["code"] == "erasure_pending";
+                if status == StatusCode::SERVICE_UNAVAILABLE && !holds && attempt + 1 < attempts {
+                    continue;
+                }
+                return Some((status, reply));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
