@@ -185,7 +185,7 @@ async fn through_a_postgresql_outage_ingest_and_grants_go_on_and_refusals_comple
     assert!(ready["detail"].as_str().unwrap().contains("PostgreSQL"), "{ready}");
     let ledger = Arc::new(Ledger::default());
     drive(shared(&[&dapi]), 100..130, 3, ledger.clone(), CancellationToken::new()).await;
-    tokio::time::sleep(Duration::from_secs(8)).await; // the flushers keep failing, backing off
+    tokio::time::sleep(Duration::from_secs(12)).await; // the flushers keep failing, backing off
     assert_eq!(app.stored_seqs(2).await, Vec::<i64>::new());
     proxy.restore();
 
