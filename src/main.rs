@@ -5,6 +5,11 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// glibc's malloc showed as a quarter of the request path's CPU profile (perf); mimalloc
+/// serves the many small, short-lived allocations of HTTP and Redis work far cheaper.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dapi::app::{self, Roles};
 use dapi::config::Settings;
 use dapi::telemetry;

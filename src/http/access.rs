@@ -5,11 +5,6 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::Next;
-use axum::response::Response;
-
 use super::ApiError;
 use crate::config::Tokens;
 
@@ -89,15 +84,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= usize::from(x ^ y);
     }
     std::hint::black_box(diff) == 0
-}
-
-/// Middleware for the routes that need `role`.
-pub async fn require(State((access, role)): State<(Access, Role)>, request: Request, next: Next) -> Response {
-    let authorization = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    match access.check(role, authorization) {
-        Ok(()) => next.run(request).await,
-        Err(denied) => axum::response::IntoResponse::into_response(denied),
-    }
 }
 
 #[cfg(test)]

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
 use super::ApiError;
+use super::access::{Access, Role};
 use crate::telemetry::{HTTP_DURATION, HTTP_REQUESTS};
 
 #[derive(Debug, Clone)]
@@ -29,29 +31,36 @@ impl Limits {
     }
 }
 
-/// Middleware: admit the request if there is room, and bound its time.
-pub async fn bound(State(limits): State<Limits>, request: Request, next: Next) -> Response {
-    let Ok(_permit) = limits.in_flight.try_acquire() else {
+/// What guards a group of API routes: the limits and the role its token must have.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    pub limits: Limits,
+    pub access: Access,
+    pub role: Role,
+}
+
+/// Middleware (one per request, for speed): admit the request if there is room, check
+/// its token, and bound its time.
+pub async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = guard.limits.in_flight.try_acquire() else {
         return ApiError::Overloaded.into_response();
     };
-    match tokio::time::timeout(limits.timeout, next.run(request)).await {
+    let authorization = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if let Err(denied) = guard.access.check(guard.role, authorization) {
+        return denied.into_response();
+    }
+    match tokio::time::timeout(guard.limits.timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),
     }
 }
 
-/// Middleware: count every answer by route template, method and status, and time it.
-pub async fn measure(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
+/// Records one answer: counted by route template, method and status, and timed.
+pub fn measure(route: Option<&MatchedPath>, method: &Method, status: StatusCode, started: Instant) {
+    let route = route.map_or("unmatched", MatchedPath::as_str).to_owned();
+    let method = method.as_str().to_owned();
     metrics::histogram!(HTTP_DURATION, "route" => route.clone(), "method" => method.clone())
         .record(started.elapsed().as_secs_f64());
-    metrics::counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status).increment(1);
-    response
+    metrics::counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status.as_str().to_owned())
+        .increment(1);
 }

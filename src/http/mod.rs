@@ -22,12 +22,13 @@ use axum::middleware::{from_fn, from_fn_with_state};
 use axum::{Extension, Router};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::router::UtoipaMethodRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
 use crate::staging::Staging;
 use crate::store::Store;
-use limits::Limits;
+use limits::{Guard, Limits};
 
 /// What handlers share: the two store handles and the settings. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -39,17 +40,20 @@ pub struct AppState {
 
 /// Every documented route, grouped by what guards it. The OpenAPI document is gathered
 /// from this same list, so a route cannot be served without being described.
-fn routes(access: Access, limits: Limits) -> OpenApiRouter<AppState> {
+fn routes(access: Access, limits: Limits, ingest: UtoipaMethodRouter<AppState>) -> OpenApiRouter<AppState> {
+    let guard = |role| Guard {
+        limits: limits.clone(),
+        access: access.clone(),
+        role,
+    };
     let ingest = OpenApiRouter::new()
-        .routes(routes!(data::ingest))
+        .routes(ingest)
         .routes(routes!(consents::decide))
-        .route_layer(from_fn_with_state((access.clone(), Role::Ingest), access::require));
+        .route_layer(from_fn_with_state(guard(Role::Ingest), limits::guard));
     let read = OpenApiRouter::new()
         .routes(routes!(data::list))
-        .route_layer(from_fn_with_state((access, Role::Read), access::require));
-    let api = ingest
-        .merge(read)
-        .route_layer(from_fn_with_state(limits, limits::bound));
+        .route_layer(from_fn_with_state(guard(Role::Read), limits::guard));
+    let api = ingest.merge(read);
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
@@ -63,23 +67,37 @@ fn routes(access: Access, limits: Limits) -> OpenApiRouter<AppState> {
 /// The OpenAPI document of this API.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     let open = Access::new(&crate::config::Tokens::default());
-    let (_, document) = routes(open, Limits::new(1, std::time::Duration::from_secs(1))).split_for_parts();
+    let (_, document) = routes(
+        open,
+        Limits::new(1, std::time::Duration::from_secs(1)),
+        routes!(data::ingest),
+    )
+    .split_for_parts();
     document
 }
 
 /// The whole API, with the browsable document at `/docs`.
 pub fn router(state: AppState) -> Router {
+    build(state, routes!(data::ingest))
+}
+
+/// The same router with an ingest handler that validates and answers 202 without
+/// touching Redis: the ceiling the ingest benchmark measures dapi against.
+pub fn ceiling_router(state: AppState) -> Router {
+    build(state, routes!(data::ingest_ceiling))
+}
+
+fn build(state: AppState, ingest: UtoipaMethodRouter<AppState>) -> Router {
     let body_limit = state.settings.max_body_bytes;
     let settings = &state.settings;
     let access = Access::new(&settings.tokens);
     let limits = Limits::new(settings.max_in_flight, settings.request_timeout);
-    let (api, document) = routes(access, limits).split_for_parts();
+    let (api, document) = routes(access, limits, ingest).split_for_parts();
     let document = Arc::new(serde_json::to_value(&document).unwrap_or_default());
     api.merge(SwaggerUi::new("/docs").config(Config::new(["/openapi.json"])))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(from_fn(limits::measure))
-        .layer(from_fn(trace))
+        .layer(from_fn(observe))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(document))
         .with_state(state)
@@ -87,9 +105,10 @@ pub fn router(state: AppState) -> Router {
 
 /// Middleware: one span per request, carrying its request id, which is taken from
 /// `x-request-id` when the client sent a sensible one (≤ 64 of `A-Z a-z 0-9 - _ .`),
-/// else made up, and returned in the answer's `x-request-id`. No header, query value or
-/// body goes into the span: tokens and customer text stay out of the logs.
-async fn trace(mut request: Request, next: axum::middleware::Next) -> axum::response::Response {
+/// else made up, and returned in the answer's `x-request-id`; and the request metrics.
+/// No header, query value or body goes into the span: tokens and customer text stay out
+/// of the logs.
+async fn observe(mut request: Request, next: axum::middleware::Next) -> axum::response::Response {
     use axum::http::HeaderValue;
     use tracing::Instrument;
 
@@ -114,8 +133,11 @@ async fn trace(mut request: Request, next: axum::middleware::Next) -> axum::resp
         path = %request.uri().path(),
     );
     let started = std::time::Instant::now();
+    let route = request.extensions().get::<axum::extract::MatchedPath>().cloned();
+    let method = request.method().clone();
     let mut response = async move {
         let response = next.run(request).await;
+        limits::measure(route.as_ref(), &method, response.status(), started);
         tracing::debug!(
             status = response.status().as_u16(),
             micros = started.elapsed().as_micros() as u64,
