@@ -33,7 +33,10 @@ async fn stage_and_grant(sandbox: &common::Sandbox, first: u64) {
             while d < first + DIALOGS {
                 let dialog = DialogId::from_stored(d as i64);
                 for _ in 0..MESSAGES {
-                    staging.ingest(CustomerId::from_stored((d % 100) as i64), dialog, &language, &text).await.unwrap();
+                    staging
+                        .ingest(CustomerId::from_stored((d % 100) as i64), dialog, &language, &text)
+                        .await
+                        .unwrap();
                 }
                 staging.decide(dialog, true, None).await.unwrap();
                 d += 32;
@@ -50,7 +53,14 @@ async fn drain(sandbox: &common::Sandbox, target: u64) -> Duration {
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..FLUSHERS {
         let client = redis::Client::open(sandbox.settings.redis_url.as_str()).unwrap();
-        let queue = FlushQueue::new(client, sandbox.keys(), format!("bench-{index}"), Duration::from_secs(60), Duration::from_millis(20)).unwrap();
+        let queue = FlushQueue::new(
+            client,
+            sandbox.keys(),
+            format!("bench-{index}"),
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+        )
+        .unwrap();
         let mut flusher = Flusher::new(queue, sandbox.store.clone(), 256);
         let inserted = inserted.clone();
         tasks.spawn(async move {
@@ -115,7 +125,10 @@ async fn preload(sandbox: &common::Sandbox, rows: i64) {
     .execute(sandbox.store.pool())
     .await
     .unwrap();
-    sqlx::query("VACUUM ANALYZE messages").execute(sandbox.store.pool()).await.unwrap();
+    sqlx::query("VACUUM ANALYZE messages")
+        .execute(sandbox.store.pool())
+        .await
+        .unwrap();
 }
 
 fn flush(c: &mut Criterion) {
@@ -127,7 +140,9 @@ fn flush(c: &mut Criterion) {
         }
         let next = AtomicU64::new(1);
         let mut group = c.benchmark_group(format!("flush/{label}"));
-        group.throughput(Throughput::Elements(DIALOGS * MESSAGES)).sample_size(10);
+        group
+            .throughput(Throughput::Elements(DIALOGS * MESSAGES))
+            .sample_size(10);
         group.bench_function("bulk_insert_ceiling", |b| {
             b.to_async(&rt).iter_custom(|iters| {
                 let (sandbox, next) = (&sandbox, &next);

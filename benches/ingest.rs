@@ -26,7 +26,9 @@ fn ingest(c: &mut Criterion) {
             b.to_async(&rt).iter_custom(|iters| {
                 let base = base.clone();
                 // Dialogs of 5 messages over 100 customers, as a fleet of bots posts.
-                common::post_load(base, CONNECTIONS, iters, |i| format!("/data/{}/{}", (i / 5) % 100, 1_000_000 + i / 5))
+                common::post_load(base, CONNECTIONS, iters, |i| {
+                    format!("/data/{}/{}", (i / 5) % 100, 1_000_000 + i / 5)
+                })
             });
         });
     }

@@ -32,7 +32,10 @@ async fn preload(sandbox: &common::Sandbox, rows: i64) {
 }
 
 fn read(c: &mut Criterion) {
-    let rows: i64 = std::env::var("DAPI_BENCH_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(1_000_000);
+    let rows: i64 = std::env::var("DAPI_BENCH_ROWS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1_000_000);
     let rt = common::runtime();
     let sandbox = rt.block_on(common::Sandbox::new("read"));
     rt.block_on(preload(&sandbox, rows));
@@ -55,9 +58,15 @@ fn read(c: &mut Criterion) {
         ("page1_all", "/data/?pageSize=100".to_owned()),
         ("page1_language", "/data/?language=de&pageSize=100".to_owned()),
         ("page1_customer", "/data/?customerId=4242&pageSize=100".to_owned()),
-        ("page1_customer_language", "/data/?customerId=4242&language=de&pageSize=100".to_owned()),
+        (
+            "page1_customer_language",
+            "/data/?customerId=4242&language=de&pageSize=100".to_owned(),
+        ),
         ("page_5000_offset_500k", "/data/?page=5000&pageSize=100".to_owned()),
-        ("cursor_step_half_way_down", format!("/data/?cursor={deep_cursor}&pageSize=100")),
+        (
+            "cursor_step_half_way_down",
+            format!("/data/?cursor={deep_cursor}&pageSize=100"),
+        ),
     ];
     for (name, query) in cases {
         let url = format!("{base}{query}");

@@ -14,7 +14,11 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 pub fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// A bench's own database and Redis prefix; both removed when dropped.
@@ -27,7 +31,8 @@ pub struct Sandbox {
 impl Sandbox {
     pub async fn new(tag: &str) -> Sandbox {
         let mut settings = Settings::from_lookup(|_| None).unwrap();
-        let base = std::env::var("DAPI_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let base =
+            std::env::var("DAPI_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
         settings.database_url = format!("{base}/dapi_bench_{tag}_{}", std::process::id());
         settings.redis_url = std::env::var("DAPI_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         settings.redis_prefix = format!("dapibench_{tag}_{}", std::process::id());
@@ -37,7 +42,11 @@ impl Sandbox {
         store.migrate().await.unwrap();
         let client = redis::Client::open(settings.redis_url.as_str()).unwrap();
         let staging = Staging::new(client, &settings.redis_prefix, settings.staging_ttl).unwrap();
-        Sandbox { settings, store, staging }
+        Sandbox {
+            settings,
+            store,
+            staging,
+        }
     }
 
     pub fn state(&self) -> AppState {
@@ -52,7 +61,12 @@ impl Sandbox {
     pub async fn serve(&self, app: axum::Router) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(dapi::app::serve(listener, app, CancellationToken::new(), Duration::from_secs(10)));
+        tokio::spawn(dapi::app::serve(
+            listener,
+            app,
+            CancellationToken::new(),
+            Duration::from_secs(10),
+        ));
         base
     }
 
@@ -79,12 +93,23 @@ impl Drop for Sandbox {
         let redis_url = self.settings.redis_url.clone();
         let pattern = self.keys().pattern();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 use sqlx::migrate::MigrateDatabase;
                 let _ = sqlx::Postgres::force_drop_database(&url).await;
-                if let Ok(mut conn) = redis::Client::open(redis_url).unwrap().get_multiplexed_async_connection().await {
-                    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap_or_default();
+                if let Ok(mut conn) = redis::Client::open(redis_url)
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(&pattern)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_default();
                     for chunk in keys.chunks(10_000) {
                         let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
                     }
@@ -97,7 +122,12 @@ impl Drop for Sandbox {
 
 /// Sends `total` POSTs from `concurrency` keep-alive connections; `path(i)` names the
 /// i-th request's path. Returns the wall time.
-pub async fn post_load(base: String, concurrency: usize, total: u64, path: impl Fn(u64) -> String + Send + Sync + 'static) -> Duration {
+pub async fn post_load(
+    base: String,
+    concurrency: usize,
+    total: u64,
+    path: impl Fn(u64) -> String + Send + Sync + 'static,
+) -> Duration {
     let path = Arc::new(path);
     let body: &'static [u8] = br#"{"text": "Hello, World", "language": "EN"}"#;
     let started = Instant::now();

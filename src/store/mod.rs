@@ -21,7 +21,9 @@
 //!
 //! `message_counts` holds exact counts per (customer, language), per customer, per
 //! language and in total (`-1` / `''` mean "any"), maintained by the same statements that
-//! insert and delete messages, from the rows they actually inserted or deleted. A page
+//! insert and delete messages, from the rows they actually inserted or deleted. Each
+//! transaction adds into one of 16 shards of every counter it touches, so concurrent
+//! flushes and erasures do not queue on one hot row; a count sums its shards. A page
 //! answer reads its count and its rows in one statement, so both come from one snapshot.
 //!
 //! # Order
@@ -202,6 +204,7 @@ impl Store {
         if states.is_empty() {
             return Ok(Applied::default());
         }
+        let shard = next_counter_shard();
         let mut tx = self.pool.begin().await?;
         let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
             .bind(states.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
@@ -222,6 +225,7 @@ impl Store {
             let erased: i64 = sqlx::query_scalar(DELETE_MESSAGES)
                 .bind(erasures.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
                 .bind(erasures.iter().map(|s| s.erased_through).collect::<Vec<_>>())
+                .bind(shard)
                 .fetch_one(&mut *tx)
                 .await?;
             applied.erased = erased.unsigned_abs();
@@ -250,6 +254,7 @@ impl Store {
                 .bind(cols.language)
                 .bind(cols.text)
                 .bind(cols.received_at)
+                .bind(shard)
                 .fetch_one(&mut *tx)
                 .await?;
             applied.inserted = inserted.unsigned_abs();
@@ -375,6 +380,19 @@ impl MessageColumns<'_> {
     }
 }
 
+/// Counter shards: concurrent transactions spread their count updates over this many rows
+/// per counter instead of queueing on one.
+const COUNTER_SHARDS: u32 = 16;
+
+/// The shard this transaction writes its counts into: round-robin within a process, and
+/// offset by the pid so that processes do not march in step.
+fn next_counter_shard() -> i16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(std::process::id());
+    i16::try_from(n % COUNTER_SHARDS).unwrap_or(0)
+}
+
 /// Microseconds since the Unix epoch → timestamp (values come from Redis's clock).
 pub fn time_of(micros: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
@@ -395,10 +413,10 @@ SET customer_id = EXCLUDED.customer_id, decision = EXCLUDED.decision,
 WHERE dialogs.epoch <= EXCLUDED.epoch
 RETURNING dialog_id";
 
-/// Adds `$sign * count` of the rows in CTE `changed` to every counter they belong to,
-/// in key order (one lock order for all writers).
+/// Adds `$sign * count` of the rows in CTE `changed` to every counter they belong to, in
+/// the shard given by parameter `$shard`, in key order (one lock order for all writers).
 macro_rules! count_changes {
-    ($changed:literal, $sign:literal) => {
+    ($changed:literal, $sign:literal, $shard:literal) => {
         concat!(
             "WITH changed AS (",
             $changed,
@@ -408,11 +426,13 @@ delta AS (
     FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
     HAVING count(*) > 0
 ), bumped AS (
-    INSERT INTO message_counts (customer_id, language, n)
+    INSERT INTO message_counts (customer_id, language, shard, n)
     SELECT customer_id, language, ",
+            $shard,
+            "::int2, ",
             $sign,
             " n FROM delta ORDER BY customer_id, language
-    ON CONFLICT (customer_id, language) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+    ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
 )
 SELECT n FROM delta WHERE customer_id = -1 AND language = ''
 UNION ALL SELECT 0 LIMIT 1"
@@ -425,7 +445,8 @@ const INSERT_MESSAGES: &str = count_changes!(
     "INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[])
     ON CONFLICT (dialog_id, seq) DO NOTHING",
-    ""
+    "",
+    "$7"
 );
 
 /// Erasure of refused messages: per dialog, every seq up to its `erased_through`;
@@ -433,7 +454,8 @@ const INSERT_MESSAGES: &str = count_changes!(
 const DELETE_MESSAGES: &str = count_changes!(
     "DELETE FROM messages m USING UNNEST($1::int8[], $2::int8[]) AS e(dialog_id, erased_through)
     WHERE m.dialog_id = e.dialog_id AND m.seq <= e.erased_through",
-    "-"
+    "-",
+    "$3"
 );
 
 /// Four variants per statement, one per filter form (see [`Filter::form`]), so each is
@@ -452,7 +474,7 @@ macro_rules! per_filter_form {
 /// `$1` limit, `$2` offset, `$3` language, `$4` customer.
 const PAGE: [&str; 4] = per_filter_form!(
     "WITH total AS (
-    SELECT coalesce((SELECT n FROM message_counts
+    SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
                      WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
 )
 SELECT total.n, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at

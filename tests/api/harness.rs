@@ -273,7 +273,7 @@ impl Ledger {
         }
         let total: i64 = stored.values().map(|s| s.len() as i64).sum();
         let counted: Option<i64> =
-            sqlx::query_scalar("SELECT n FROM message_counts WHERE customer_id = -1 AND language = ''")
+            sqlx::query_scalar("SELECT sum(n)::int8 FROM message_counts WHERE customer_id = -1 AND language = ''")
                 .fetch_optional(store.pool())
                 .await
                 .unwrap();
