@@ -6,6 +6,8 @@
 //!
 //! Run: `cargo bench --bench flush` (needs PostgreSQL and Redis, see README).
 
+#![allow(clippy::unwrap_used)] // a bench that cannot set up has nothing to measure
+
 mod common;
 
 use std::sync::Arc;

@@ -4,6 +4,8 @@
 //!
 //! Run: `cargo bench --bench ingest` (needs PostgreSQL and Redis, see README).
 
+#![allow(clippy::unwrap_used)] // a bench that cannot set up has nothing to measure
+
 mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
