@@ -70,8 +70,26 @@ fn read(c: &mut Criterion) {
             format!("/data/?cursor={deep_cursor}&pageSize=100"),
         ),
     ];
+    let mut tails = Vec::new();
     for (name, query) in cases {
         let url = format!("{base}{query}");
+        // Criterion reports means; the targets are p99, so take 500 timed requests too.
+        let mut micros: Vec<u128> = rt.block_on(async {
+            let mut out = Vec::with_capacity(500);
+            for _ in 0..500 {
+                let started = std::time::Instant::now();
+                let response = http.get(&url).send().await.unwrap();
+                let _ = response.bytes().await.unwrap();
+                out.push(started.elapsed().as_micros());
+            }
+            out
+        });
+        micros.sort_unstable();
+        tails.push(format!(
+            "{name}: p50 {:.2} ms, p99 {:.2} ms",
+            micros[250] as f64 / 1000.0,
+            micros[494] as f64 / 1000.0
+        ));
         group.bench_function(name, |b| {
             b.to_async(&rt).iter(|| async {
                 let response = http.get(&url).send().await.unwrap();
@@ -81,6 +99,9 @@ fn read(c: &mut Criterion) {
         });
     }
     group.finish();
+    for line in tails {
+        eprintln!("read/{rows}_rows {line}");
+    }
     drop(sandbox);
 }
 

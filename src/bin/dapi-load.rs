@@ -64,6 +64,10 @@ struct Args {
     /// Skip the loss check.
     #[arg(long)]
     no_check: bool,
+    /// Share of granted dialogs whose time from the grant's answer until their messages
+    /// are readable is measured (by polling GET /data every 20 ms).
+    #[arg(long, default_value_t = 0.05)]
+    probe: f64,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -209,6 +213,9 @@ impl Client {
 
 struct Plan {
     args: Args,
+    /// Grant → readable latencies (µs), and probes that gave up after 10 s.
+    visibility: std::sync::Mutex<Histogram<u64>>,
+    invisible: AtomicU64,
     /// First customer and dialog ID of this run: fresh IDs, so the check reads only them.
     customer_base: i64,
     dialog_base: i64,
@@ -217,10 +224,33 @@ struct Plan {
     deadline: Instant,
 }
 
+/// Polls until `seq` of `dialog` is readable; records the time since `granted`.
+async fn probe(plan: Arc<Plan>, client: Arc<Client>, customer: i64, dialog: i64, seq: i64, granted: Instant) {
+    while granted.elapsed() < Duration::from_secs(10) {
+        if let Some((200, page)) = client.get(&format!("/data/?customerId={customer}&pageSize=1000")).await {
+            let found = page["results"].as_array().is_some_and(|results| {
+                results
+                    .iter()
+                    .any(|m| m["dialogId"].as_i64() == Some(dialog) && m["seq"].as_i64() == Some(seq))
+            });
+            if found {
+                let micros = u64::try_from(granted.elapsed().as_micros()).unwrap_or(u64::MAX);
+                if let Ok(mut histogram) = plan.visibility.lock() {
+                    let _ = histogram.record(micros.clamp(1, 60_000_000));
+                }
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    plan.invisible.fetch_add(1, Ordering::Relaxed);
+}
+
 async fn worker(plan: Arc<Plan>, client: Arc<Client>, index: usize) -> Record {
     let args = &plan.args;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
     let mut record = Record::new();
+    let mut probes = tokio::task::JoinSet::new();
     // Pace: each worker sends rate/concurrency requests per second.
     let interval = (args.rate > 0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate as f64));
     let mut next_send = Instant::now();
@@ -263,9 +293,22 @@ async fn worker(plan: Arc<Plan>, client: Arc<Client>, index: usize) -> Record {
                     .post(&format!("/consents/{dialog}"), &json!({ "approved": approved }))
                     .await;
                 record.note(Endpoint::Consent, started, answer.as_ref().map(|a| a.0));
-                if !answer.is_some_and(|(s, _)| s == 200 || s == 202) {
+                if !answer.as_ref().is_some_and(|(s, _)| *s == 200 || *s == 202) {
                     // The decision is unknown: leave the dialog out of the check.
                     continue 'dialogs;
+                }
+                if approved
+                    && let Some(&last) = acked.last()
+                    && rng.chance(args.probe)
+                {
+                    probes.spawn(probe(
+                        plan.clone(),
+                        client.clone(),
+                        customer,
+                        dialog,
+                        last,
+                        Instant::now(),
+                    ));
                 }
             } else {
                 let body = json!({"text": format!("load message {step} of dialog {dialog}"), "language": if step % 3 == 0 { "EN" } else { "de" }});
@@ -280,6 +323,7 @@ async fn worker(plan: Arc<Plan>, client: Arc<Client>, index: usize) -> Record {
         }
         record.dialogs.insert(dialog, (customer, acked, fate));
     }
+    while probes.join_next().await.is_some() {}
     record
 }
 
@@ -406,6 +450,10 @@ async fn main() -> ExitCode {
         dialog_base: epoch * 10_000_000,
         next_dialog: AtomicU64::new(0),
         sent: AtomicU64::new(0),
+        visibility: std::sync::Mutex::new(
+            Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable_histogram()),
+        ),
+        invisible: AtomicU64::new(0),
         deadline: Instant::now() + args.duration,
         args,
     });
@@ -478,8 +526,22 @@ async fn main() -> ExitCode {
             "statuses": statuses.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         }));
     }
+    let visibility = plan
+        .visibility
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| unreachable_histogram());
+    let grant_to_readable = json!({
+        "probes": visibility.len(),
+        "p50_ms": percentile_ms(&visibility, 0.50),
+        "p90_ms": percentile_ms(&visibility, 0.90),
+        "p99_ms": percentile_ms(&visibility, 0.99),
+        "max_ms": visibility.max() as f64 / 1000.0,
+        "not_readable_after_10s": plan.invisible.load(Ordering::Relaxed),
+    });
     let summary = json!({
         "url": plan.args.url,
+        "grant_to_readable": grant_to_readable,
         "seconds": elapsed,
         "concurrency": plan.args.concurrency,
         "rate": plan.args.rate,
@@ -508,6 +570,15 @@ async fn main() -> ExitCode {
             );
         }
         println!("transport errors: {}", record.errors);
+        println!(
+            "grant → readable: {} probes, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, not readable after 10 s: {}",
+            grant_to_readable["probes"],
+            grant_to_readable["p50_ms"].as_f64().unwrap_or_default(),
+            grant_to_readable["p90_ms"].as_f64().unwrap_or_default(),
+            grant_to_readable["p99_ms"].as_f64().unwrap_or_default(),
+            grant_to_readable["max_ms"].as_f64().unwrap_or_default(),
+            grant_to_readable["not_readable_after_10s"]
+        );
         if let Some(c) = &check {
             println!(
                 "check: {} granted dialogs ({} acknowledged messages), {} refused, {} undecided — lost {}, duplicated {}, leaked {} (stored without a 202: {})",
