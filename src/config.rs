@@ -257,7 +257,7 @@ mod tests {
 
     #[test]
     fn defaults_serve_a_local_machine() {
-        let s = settings(&[]).expect("defaults are valid");
+        let s = settings(&[]).expect("defaults are valid"); // allow: test
         assert_eq!(s.database_url, "postgres://postgres@127.0.0.1:5432/dapi");
         assert_eq!(s.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(s.bind, "127.0.0.1:8000");
@@ -288,14 +288,14 @@ mod tests {
     #[test]
     fn tokens_come_from_variables_and_a_file() {
         let dir = std::env::temp_dir().join(format!("dapi-tokens-{}", std::process::id()));
-        std::fs::write(&dir, "# tokens\ningest file-ingest\n\nread file-read\n").expect("writable temp dir");
+        std::fs::write(&dir, "# tokens\ningest file-ingest\n\nread file-read\n").expect("writable temp dir"); // allow: test
         let path = dir.to_string_lossy().into_owned();
         let s = settings(&[
             ("DAPI_INGEST_TOKENS", "a, b,"),
             ("DAPI_READ_TOKENS", "r"),
             ("DAPI_TOKENS_FILE", &path),
         ])
-        .expect("valid");
+        .expect("valid"); // allow: test
         assert_eq!(s.tokens.ingest, ["a", "b", "file-ingest"]);
         assert_eq!(s.tokens.read, ["r", "file-read"]);
         assert_eq!(format!("{:?}", s.tokens), "Tokens { ingest: 3, read: 2 }");

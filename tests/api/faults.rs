@@ -31,23 +31,27 @@ fn shared(bases: &[&Dapi]) -> Arc<Mutex<Vec<String>>> {
     Arc::new(Mutex::new(bases.iter().filter_map(|d| d.base.clone()).collect()))
 }
 
-#[tokio::test]
-async fn kill_9_during_traffic_then_restart_loses_and_doubles_nothing() {
-    let settings = test_settings();
+/// Runs load through one `dapi serve`, stops it with `stop` part-way, starts another,
+/// lets the load finish, and checks the stores against the ledger.
+async fn stop_and_restart_under_load(
+    settings: dapi::config::Settings,
+    dialogs: std::ops::Range<i64>,
+    stop: impl AsyncFnOnce(&mut Dapi),
+) {
     let app = stores(&settings).await;
     let mut first = Dapi::start(&settings, &["serve"], &[]).await;
     let bases = shared(&[&first]);
     let ledger = Arc::new(Ledger::default());
     let load = tokio::spawn(drive(
         bases.clone(),
-        1000..1060,
+        dialogs,
         6,
         ledger.clone(),
         CancellationToken::new(),
     ));
 
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    first.kill9();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    stop(&mut first).await;
     let second = Dapi::start(&settings, &["serve"], &[]).await;
     *bases.lock().unwrap() = vec![second.base.clone().unwrap()];
     load.await.unwrap();
@@ -55,6 +59,11 @@ async fn kill_9_during_traffic_then_restart_loses_and_doubles_nothing() {
     app.wait_for_empty_queue().await;
     assert!(ledger.acked_messages() > 0 && ledger.decided() > 0);
     ledger.verify(&app.store).await;
+}
+
+#[tokio::test]
+async fn kill_9_during_traffic_then_restart_loses_and_doubles_nothing() {
+    stop_and_restart_under_load(test_settings(), 1000..1060, async |dapi: &mut Dapi| dapi.kill9()).await;
 }
 
 #[tokio::test]
@@ -283,31 +292,15 @@ async fn two_servers_and_a_flusher_one_server_killed_midway_lose_and_double_noth
 async fn sigterm_under_load_exits_0_in_time_and_loses_nothing() {
     let mut settings = test_settings();
     settings.shutdown_timeout = Duration::from_secs(10);
-    let app = stores(&settings).await;
-    let mut first = Dapi::start(&settings, &["serve"], &[]).await;
-    let bases = shared(&[&first]);
-    let ledger = Arc::new(Ledger::default());
-    let load = tokio::spawn(drive(
-        bases.clone(),
-        3000..3060,
-        6,
-        ledger.clone(),
-        CancellationToken::new(),
-    ));
-
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    first.sigterm();
-    let status = first
-        .exit_within(Duration::from_secs(12))
-        .await
-        .expect("exits within DAPI_SHUTDOWN_TIMEOUT");
-    assert!(status.success(), "{status}\n{}", first.logs());
-    let second = Dapi::start(&settings, &["serve"], &[]).await;
-    *bases.lock().unwrap() = vec![second.base.clone().unwrap()];
-    load.await.unwrap();
-
-    app.wait_for_empty_queue().await;
-    ledger.verify(&app.store).await;
+    stop_and_restart_under_load(settings, 3000..3060, async |dapi: &mut Dapi| {
+        dapi.sigterm();
+        let status = dapi
+            .exit_within(Duration::from_secs(12))
+            .await
+            .expect("exits within DAPI_SHUTDOWN_TIMEOUT");
+        assert!(status.success(), "{status}\n{}", dapi.logs());
+    })
+    .await;
 }
 
 #[tokio::test]
