@@ -137,7 +137,10 @@ fn flush(c: &mut Criterion) {
     let rt = common::runtime();
     // DAPI_BENCH_PRELOAD sets the big table's size (default 1M; BENCHMARKS.md also
     // reports a manual run at 5M).
-    let big: i64 = std::env::var("DAPI_BENCH_PRELOAD").ok().and_then(|n| n.parse().ok()).unwrap_or(1_000_000);
+    let big: i64 = std::env::var("DAPI_BENCH_PRELOAD")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
     for (label, preloaded) in [("empty_table".to_owned(), 0), (format!("table_of_{big}"), big)] {
         let sandbox = rt.block_on(common::Sandbox::new(&format!("flush{preloaded}")));
         if preloaded > 0 {
