@@ -45,7 +45,7 @@ const MAX_SLOTS: u32 = 256;
 #[derive(Debug)]
 struct Lease {
     host: String,
-    /// `pid:instance` of this process.
+    /// `pid:instance:task`: this process, this start of it, this flusher task.
     holder: String,
     key: Option<String>,
     renewed: Instant,
@@ -66,16 +66,20 @@ fn process_instance() -> String {
         .clone()
 }
 
-/// Whether the holder of a slot on this host may still be running. Another task of this
-/// process is; an earlier process with this pid (a restarted container) is not; another
-/// pid is alive while it is in `/proc`. Without `/proc`, every holder counts as alive and
-/// its entries are taken over after the claim timeout instead.
+/// Whether the holder (`pid:instance:task`) of a slot on this host may still be running.
+/// A task of this process is; an earlier process with this pid (a restarted container)
+/// is not; another pid is alive while it is in `/proc`. Without `/proc`, every holder
+/// counts as alive and its entries are taken over after the claim timeout instead.
 fn holder_alive(holder: &str, me: &str) -> bool {
-    let (pid, _) = holder.split_once(':').unwrap_or((holder, ""));
-    let (my_pid, _) = me.split_once(':').unwrap_or((me, ""));
+    let mut theirs = holder.split(':');
+    let mut mine = me.split(':');
+    let (pid, my_pid) = (theirs.next(), mine.next());
     if pid == my_pid {
-        return holder == me;
+        return theirs.next() == mine.next(); // same start of this process: alive
     }
+    let Some(pid) = pid else {
+        return true;
+    };
     let proc = std::path::Path::new("/proc");
     !proc.join("self").exists() || proc.join(pid).exists()
 }
@@ -169,9 +173,12 @@ impl FlushQueue {
         block: Duration,
     ) -> Result<Self, StagingError> {
         let mut queue = Self::new(client, keys, String::new(), claim_idle, block)?;
+        // One holder per queue (per flusher task): `pid:instance:task`.
+        static TASKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let task = TASKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         queue.lease = Some(Lease {
             host,
-            holder: process_instance(),
+            holder: format!("{}:{task}", process_instance()),
             key: None,
             renewed: Instant::now(),
         });
@@ -467,6 +474,21 @@ fn entry_of(id: &StreamId) -> QueueEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_holder_is_alive_if_it_is_this_process_or_a_running_one() {
+        let me = format!("{}:abc:0", std::process::id());
+        assert!(
+            holder_alive(&format!("{}:abc:1", std::process::id()), &me),
+            "another task of ours"
+        );
+        assert!(
+            !holder_alive(&format!("{}:old:0", std::process::id()), &me),
+            "an earlier start with our pid"
+        );
+        assert!(holder_alive("1:x:0", &me), "pid 1 runs");
+        assert!(!holder_alive("4294967294:x:0", &me), "no such pid");
+    }
 
     #[test]
     fn staged_messages_decode_with_colons_in_the_text() {
