@@ -12,7 +12,7 @@
 //! | `<prefix>:{d<id>}:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `z` highest seq the latest refusal erased |
 //! | `<prefix>:{d<id>}:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text` |
 //! | `<prefix>:flush` | stream | flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
-//! | `<prefix>:consumer:<host>:<slot>` | string | lease on flusher consumer name `<host>:<slot>`: `pid:instance` of its holder, 30 s, renewed every 5 s |
+//! | `<prefix>:consumer:<host>:<slot>` | string | lease on flusher consumer name `<host>:<slot>`: `pid:instance:task` of its holder, 30 s, renewed every 5 s |
 //!
 //! An undecided dialog's keys expire `DAPI_STAGING_TTL` after its last message; a refused
 //! one's meta expires that long after the refusal (its messages are deleted at once). A
@@ -72,7 +72,7 @@ impl Keyspace {
         format!("{}:flush", self.prefix)
     }
 
-    /// The lease on flusher consumer name `<host>:<slot>`; holds `pid:instance`.
+    /// The lease on flusher consumer name `<host>:<slot>`; holds `pid:instance:task`.
     pub fn consumer_lease(&self, host: &str, slot: u32) -> String {
         format!("{}:consumer:{host}:{slot}", self.prefix)
     }
