@@ -154,7 +154,7 @@ impl Record {
 #[allow(clippy::expect_used)]
 fn unreachable_histogram() -> Histogram<u64> {
     // allow: bounds 1 … 60 s with 3 digits are valid for hdrhistogram.
-    Histogram::new(3).expect("a histogram with 3 significant digits")
+    Histogram::new(3).expect("a histogram with 3 significant digits") // allow: valid bounds
 }
 
 /// A small, fast, deterministic-per-worker generator (xorshift64*).
@@ -432,7 +432,7 @@ async fn main() -> ExitCode {
         {
             Ok(http) => http,
             Err(e) => {
-                eprintln!("dapi-load: cannot build an HTTP client: {e}");
+                eprintln!("dapi-load: cannot build an HTTP client: {e}"); // allow: this tool reports on the terminal
                 return ExitCode::from(2);
             }
         },
@@ -472,6 +472,7 @@ async fn main() -> ExitCode {
                 every.tick().await;
                 let sent = plan.sent.load(Ordering::Relaxed);
                 eprint!(
+                    // allow: this tool reports on the terminal
                     "\r{:>5.0}s  {sent:>9} requests  {:>7} req/s ",
                     started.elapsed().as_secs_f64(),
                     sent - last
@@ -488,16 +489,16 @@ async fn main() -> ExitCode {
     }
     progress.abort();
     let elapsed = started.elapsed().as_secs_f64();
-    eprintln!();
+    eprintln!(); // allow: this tool reports on the terminal
 
     let check = if plan.args.no_check {
         None
     } else {
-        eprintln!("checking: reading back every message of this run's customers …");
+        eprintln!("checking: reading back every message of this run's customers …"); // allow: this tool reports on the terminal
         match check(&client, &record, plan.args.settle).await {
             Some(check) => Some(check),
             None => {
-                eprintln!("dapi-load: the loss check could not read the messages back");
+                eprintln!("dapi-load: the loss check could not read the messages back"); // allow: this tool reports on the terminal
                 return ExitCode::FAILURE;
             }
         }
@@ -550,14 +551,16 @@ async fn main() -> ExitCode {
         "check": check,
     });
     if plan.args.json {
-        println!("{summary:#}");
+        println!("{summary:#}"); // allow: this tool reports on the terminal
     } else {
         println!(
+            // allow: this tool reports on the terminal
             "{:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}  statuses",
             "endpoint", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
         );
         for e in &endpoints {
             println!(
+                // allow: this tool reports on the terminal
                 "{:<16} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1}  {}",
                 e["endpoint"].as_str().unwrap_or_default(),
                 e["requests"],
@@ -569,8 +572,9 @@ async fn main() -> ExitCode {
                 e["statuses"]
             );
         }
-        println!("transport errors: {}", record.errors);
+        println!("transport errors: {}", record.errors); // allow: this tool reports on the terminal
         println!(
+            // allow: this tool reports on the terminal
             "grant → readable: {} probes, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, not readable after 10 s: {}",
             grant_to_readable["probes"],
             grant_to_readable["p50_ms"].as_f64().unwrap_or_default(),
@@ -581,6 +585,7 @@ async fn main() -> ExitCode {
         );
         if let Some(c) = &check {
             println!(
+                // allow: this tool reports on the terminal
                 "check: {} granted dialogs ({} acknowledged messages), {} refused, {} undecided — lost {}, duplicated {}, leaked {} (stored without a 202: {})",
                 c.granted_dialogs,
                 c.acknowledged_granted_messages,
@@ -595,7 +600,7 @@ async fn main() -> ExitCode {
     }
     match check {
         Some(c) if c.lost + c.duplicated + c.leaked > 0 => {
-            eprintln!("dapi-load: FAILED: messages lost, duplicated or leaked");
+            eprintln!("dapi-load: FAILED: messages lost, duplicated or leaked"); // allow: this tool reports on the terminal
             ExitCode::FAILURE
         }
         _ => ExitCode::SUCCESS,

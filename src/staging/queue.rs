@@ -492,7 +492,7 @@ mod tests {
 
     #[test]
     fn staged_messages_decode_with_colons_in_the_text() {
-        let m = decode_message(b"3:1795000000123456:pt-BR:a:b:c").expect("decodes");
+        let m = decode_message(b"3:1795000000123456:pt-BR:a:b:c").expect("decodes"); // allow: test
         assert_eq!((m.seq, m.received_at_us), (3, 1_795_000_000_123_456));
         assert_eq!((m.language.as_str(), m.text.as_str()), ("pt-BR", "a:b:c"));
         assert!(decode_message(b"x:1:EN:t").is_none());
