@@ -417,6 +417,58 @@ async fn check(client: &Client, record: &Record, settle: Duration) -> Option<Che
     }
 }
 
+/// The human-readable summary: a table per endpoint, then latency and check lines.
+fn report(endpoints: &[Value], transport_errors: u64, visibility: &Value, check: Option<&Check>) -> String {
+    use std::fmt::Write;
+    let ms = |v: &Value, key: &str| v[key].as_f64().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}  statuses",
+        "endpoint", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
+    );
+    for e in endpoints {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1}  {}",
+            e["endpoint"].as_str().unwrap_or_default(),
+            e["requests"],
+            ms(e, "per_second"),
+            ms(e, "p50_ms"),
+            ms(e, "p90_ms"),
+            ms(e, "p99_ms"),
+            ms(e, "max_ms"),
+            e["statuses"]
+        );
+    }
+    let _ = writeln!(out, "transport errors: {transport_errors}");
+    let _ = write!(
+        out,
+        "grant → readable: {} probes, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, not readable after 10 s: {}",
+        visibility["probes"],
+        ms(visibility, "p50_ms"),
+        ms(visibility, "p90_ms"),
+        ms(visibility, "p99_ms"),
+        ms(visibility, "max_ms"),
+        visibility["not_readable_after_10s"]
+    );
+    if let Some(c) = check {
+        let _ = write!(
+            out,
+            "\ncheck: {} granted dialogs ({} acknowledged messages), {} refused, {} undecided — lost {}, duplicated {}, leaked {} (stored without a 202: {})",
+            c.granted_dialogs,
+            c.acknowledged_granted_messages,
+            c.refused_dialogs,
+            c.undecided_dialogs,
+            c.lost,
+            c.duplicated,
+            c.leaked,
+            c.unacknowledged_but_stored
+        );
+    }
+    out
+}
+
 fn percentile_ms(histogram: &Histogram<u64>, q: f64) -> f64 {
     histogram.value_at_quantile(q) as f64 / 1000.0
 }
@@ -553,50 +605,8 @@ async fn main() -> ExitCode {
     if plan.args.json {
         println!("{summary:#}"); // allow: this tool reports on the terminal
     } else {
-        println!(
-            // allow: this tool reports on the terminal
-            "{:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}  statuses",
-            "endpoint", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
-        );
-        for e in &endpoints {
-            println!(
-                // allow: this tool reports on the terminal
-                "{:<16} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1}  {}",
-                e["endpoint"].as_str().unwrap_or_default(),
-                e["requests"],
-                e["per_second"].as_f64().unwrap_or_default(),
-                e["p50_ms"].as_f64().unwrap_or_default(),
-                e["p90_ms"].as_f64().unwrap_or_default(),
-                e["p99_ms"].as_f64().unwrap_or_default(),
-                e["max_ms"].as_f64().unwrap_or_default(),
-                e["statuses"]
-            );
-        }
-        println!("transport errors: {}", record.errors); // allow: this tool reports on the terminal
-        println!(
-            // allow: this tool reports on the terminal
-            "grant → readable: {} probes, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, not readable after 10 s: {}",
-            grant_to_readable["probes"],
-            grant_to_readable["p50_ms"].as_f64().unwrap_or_default(),
-            grant_to_readable["p90_ms"].as_f64().unwrap_or_default(),
-            grant_to_readable["p99_ms"].as_f64().unwrap_or_default(),
-            grant_to_readable["max_ms"].as_f64().unwrap_or_default(),
-            grant_to_readable["not_readable_after_10s"]
-        );
-        if let Some(c) = &check {
-            println!(
-                // allow: this tool reports on the terminal
-                "check: {} granted dialogs ({} acknowledged messages), {} refused, {} undecided — lost {}, duplicated {}, leaked {} (stored without a 202: {})",
-                c.granted_dialogs,
-                c.acknowledged_granted_messages,
-                c.refused_dialogs,
-                c.undecided_dialogs,
-                c.lost,
-                c.duplicated,
-                c.leaked,
-                c.unacknowledged_but_stored
-            );
-        }
+        let text = report(&endpoints, record.errors, &grant_to_readable, check.as_ref());
+        println!("{text}"); // allow: this tool reports on the terminal
     }
     match check {
         Some(c) if c.lost + c.duplicated + c.leaked > 0 => {
