@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dapi::domain::{CustomerId, DialogId, Language, MessageText};
 use dapi::flusher::{Flusher, Outcome};
-use dapi::staging::FlushQueue;
+use dapi::staging::{Create, FlushQueue};
 
 const DIALOGS: u64 = 2000;
 const MESSAGES: u64 = 5;
@@ -36,7 +36,13 @@ async fn stage_and_grant(sandbox: &common::Sandbox, first: u64) {
                 let dialog = DialogId::from_stored(d as i64);
                 for _ in 0..MESSAGES {
                     staging
-                        .ingest(CustomerId::from_stored((d % 100) as i64), dialog, &language, &text)
+                        .ingest(
+                            CustomerId::from_stored((d % 100) as i64),
+                            dialog,
+                            &language,
+                            &text,
+                            Create::New,
+                        )
                         .await
                         .unwrap();
                 }
@@ -61,6 +67,7 @@ async fn drain(sandbox: &common::Sandbox, target: u64) -> Duration {
             format!("bench-{index}"),
             Duration::from_secs(60),
             Duration::from_millis(20),
+            sandbox.settings.staging_ttl,
         )
         .unwrap();
         let mut flusher = Flusher::new(queue, sandbox.store.clone(), 256);

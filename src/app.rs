@@ -15,7 +15,7 @@ use crate::flusher::Flusher;
 use axum::Router;
 
 use crate::http::{AppState, router};
-use crate::staging::{FlushQueue, Keyspace, Staging, StagingError};
+use crate::staging::{FlushQueue, Keyspace, Staging, StagingError, unique_consumer_name};
 use crate::store::{Store, StoreError};
 use crate::telemetry::chain;
 
@@ -138,12 +138,13 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
 
     if roles.flusher {
         for _ in 0..settings.flushers {
-            let queue = FlushQueue::leased(
+            let queue = FlushQueue::new(
                 client.clone(),
                 Keyspace::new(&settings.redis_prefix),
-                host_name(),
+                unique_consumer_name(&host_name()),
                 settings.flush_claim_idle,
                 FLUSH_BLOCK,
+                settings.staging_ttl,
             )?;
             let flusher = Flusher::new(queue, store.clone(), settings.flush_batch);
             tasks.spawn(flusher.run(shutdown.clone()));

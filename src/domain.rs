@@ -152,6 +152,25 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The one-letter form staging keeps in Redis (`p`, `g`, `r`).
+    pub fn letter(self) -> &'static str {
+        match self {
+            Decision::Pending => "p",
+            Decision::Granted => "g",
+            Decision::Refused => "r",
+        }
+    }
+
+    /// Reads the one-letter form back; `None` for anything dapi does not write.
+    pub fn from_letter(letter: &[u8]) -> Option<Self> {
+        match letter {
+            b"p" => Some(Decision::Pending),
+            b"g" => Some(Decision::Granted),
+            b"r" => Some(Decision::Refused),
+            _ => None,
+        }
+    }
+
     /// The word used in API answers and in PostgreSQL.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -172,11 +191,19 @@ pub struct DialogState {
     /// Bumped by every decision; PostgreSQL ignores states older than the one it holds.
     pub epoch: i64,
     pub decided_at_us: i64,
-    /// The highest seq the latest refusal erased (0: none). Messages up to it must be
-    /// gone from PostgreSQL, whatever was decided since.
-    pub erased_through: i64,
+    /// A refusal recorded in Redis whose erasure PostgreSQL has not confirmed yet. Any
+    /// write of this state erases the dialog under that refusal's epoch first, so a grant
+    /// that follows a refusal can never keep what the refusal took back.
+    pub unerased_refusal: Option<Refusal>,
     /// Staged messages in seq order (for a grant; empty for a refusal).
     pub messages: Vec<StagedMessage>,
+}
+
+/// A refusal as PostgreSQL must apply it: the epoch it was recorded under and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub epoch: i64,
+    pub decided_at_us: i64,
 }
 
 /// One staged message of a dialog.

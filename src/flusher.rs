@@ -4,10 +4,15 @@
 //! One round ([`Flusher::flush_once`]):
 //! 1. take a batch of flush-queue entries (own pending, then stale ones of dead
 //!    consumers, then new ones);
-//! 2. read the state of the batch's dialogs in one atomic Redis round trip;
-//! 3. write them in one PostgreSQL transaction under the epoch fence ([`Store::apply`]);
-//! 4. only after the commit: trim what was written from Redis, re-queue dialogs that got
-//!    more messages meanwhile, acknowledge and delete the entries (one script call).
+//! 2. read the state of the batch's dialogs in one atomic Redis round trip; settle the
+//!    ones staged while PostgreSQL could not be asked about them (and read them again),
+//!    and set aside the ones that cannot be read (Guarantee 6);
+//! 3. write them in one PostgreSQL transaction under the epoch fence ([`Store::apply`]),
+//!    keeping the batch's entries alive meanwhile so no other flusher claims them;
+//! 4. only after the commit: trim from Redis what the transaction wrote — only for
+//!    dialogs whose upsert took; a fenced dialog keeps its messages and is queued again —
+//!    forget refusals that are now erased, re-queue dialogs that got more messages
+//!    meanwhile, acknowledge and delete the entries (one script call).
 //!
 //! A crash anywhere before step 4 only makes the batch run again, which the
 //! (dialog, seq) key makes harmless. On errors nothing is acknowledged; the flusher
@@ -20,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::domain::{Decision, DialogState};
-use crate::staging::{Finished, FlushQueue, QueueEntry, StagingError};
+use crate::staging::{Finished, FlushQueue, QueueEntry, Settled, Snapshot, StagingError};
 use crate::store::{Applied, Store, StoreError};
 use crate::telemetry;
 
@@ -96,30 +101,107 @@ impl Flusher {
         let mut dialogs: Vec<i64> = entries.iter().filter_map(|e| e.dialog).collect();
         dialogs.sort_unstable();
         dialogs.dedup();
-        let states = self
+        let mut states = Vec::with_capacity(dialogs.len());
+        let mut unverified = Vec::new();
+        for snapshot in self
             .queue
             .snapshot(&dialogs, MAX_MESSAGES_PER_DIALOG, BATCH_BYTE_BUDGET)
-            .await?;
+            .await?
+        {
+            match snapshot {
+                Snapshot::Ready(state) => states.push(state),
+                Snapshot::Unverified(dialog) => unverified.push(dialog),
+                Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason).await?,
+            }
+        }
+        if !unverified.is_empty() {
+            for &dialog in &unverified {
+                let granted = self
+                    .store
+                    .granted_dialog(crate::domain::DialogId::from_stored(dialog))
+                    .await?;
+                let settled = self
+                    .queue
+                    .settle(dialog, granted.map(|g| (g.customer, g.last_seq)))
+                    .await?;
+                if settled == Settled::CustomerDiffers {
+                    self.set_aside(dialog, "PostgreSQL holds the dialog under another customer")
+                        .await?;
+                }
+            }
+            // Settled now: read them again, in this batch.
+            for snapshot in self
+                .queue
+                .snapshot(&unverified, MAX_MESSAGES_PER_DIALOG, BATCH_BYTE_BUDGET)
+                .await?
+            {
+                match snapshot {
+                    Snapshot::Ready(state) => states.push(state),
+                    // Unsettled again: a concurrent writer; the finish re-queues nothing
+                    // for it, but its own entry (queued by ingest) comes back later.
+                    Snapshot::Unverified(_) => {}
+                    Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason).await?,
+                }
+            }
+        }
         Ok(Some(Batch { entries, states }))
     }
 
-    /// Step 3: one PostgreSQL transaction for the whole batch.
-    pub async fn store_batch(&self, batch: &Batch) -> Result<Applied, FlushError> {
-        Ok(self.store.apply(&batch.states).await?)
+    /// Moves a dialog the flusher cannot read out of the way, so that the rest of its
+    /// batch goes on (Guarantee 6).
+    async fn set_aside(&mut self, dialog: i64, reason: &'static str) -> Result<(), FlushError> {
+        self.queue.quarantine(dialog, reason).await?;
+        metrics::counter!(telemetry::FLUSH_QUARANTINED).increment(1);
+        tracing::error!(
+            dialog,
+            reason,
+            "set a dialog aside that the flusher cannot read; see README, \"Quarantine\""
+        );
+        Ok(())
     }
 
-    /// Step 4, after the commit: trim, re-queue, acknowledge.
-    pub async fn finish_batch(&mut self, batch: &Batch) -> Result<(), FlushError> {
+    /// Step 3: one PostgreSQL transaction for the whole batch. Its entries are kept
+    /// alive meanwhile (their idle time reset), so however long PostgreSQL takes, no
+    /// other flusher claims and runs the same batch.
+    pub async fn store_batch(&self, batch: &Batch) -> Result<Applied, FlushError> {
+        let mut keep_alive = self.queue.keep_alive();
+        let ids: Vec<String> = batch.entries.iter().map(|e| e.id.clone()).collect();
+        let write = self.store.apply(&batch.states);
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                applied = &mut write => return Ok(applied?),
+                () = tokio::time::sleep(keep_alive.every) => {
+                    // Best effort: at worst another flusher runs the batch again, which
+                    // the (dialog, seq) key and the fence make harmless.
+                    if let Err(e) = keep_alive.touch(&ids).await {
+                        tracing::debug!(error = %telemetry::chain(&e), "could not keep the batch's entries alive");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Step 4, after the commit: trim what was written, forget erased refusals,
+    /// re-queue, acknowledge.
+    pub async fn finish_batch(&mut self, batch: &Batch, applied: &Applied) -> Result<(), FlushError> {
         let done: Vec<Finished> = batch
             .states
             .iter()
-            .map(|s| Finished {
-                dialog: s.dialog.get(),
-                last_seq: match s.decision {
-                    Decision::Granted => s.messages.last().map_or(0, |m| m.seq),
-                    Decision::Pending | Decision::Refused => 0,
-                },
-                read: s.messages.len(),
+            .map(|s| {
+                let written = s.decision == Decision::Granted && applied.granted.contains(&s.dialog.get());
+                Finished {
+                    dialog: s.dialog.get(),
+                    last_seq: if written {
+                        s.messages.last().map_or(0, |m| m.seq)
+                    } else {
+                        0
+                    },
+                    read: s.messages.len(),
+                    // The transaction committed: the refusal took (and erased), or
+                    // PostgreSQL held a newer decision of this dialog, which erased it.
+                    erased_refusal: s.unerased_refusal.map_or(0, |r| r.epoch),
+                }
             })
             .collect();
         let ids: Vec<String> = batch.entries.iter().map(|e| e.id.clone()).collect();
@@ -141,7 +223,7 @@ impl Flusher {
         let applied = async {
             let applied = self.store_batch(&batch).await?;
             crash_here_if_asked();
-            self.finish_batch(&batch).await?;
+            self.finish_batch(&batch, &applied).await?;
             tracing::debug!(
                 inserted = applied.inserted,
                 erased = applied.erased,

@@ -53,6 +53,7 @@ pub const FLUSH_BATCH_DURATION: &str = "dapi_flush_batch_duration_seconds";
 pub const ERASURES: &str = "dapi_erasures_total";
 pub const ERASED_MESSAGES: &str = "dapi_erased_messages_total";
 pub const STORE_ERRORS: &str = "dapi_store_errors_total";
+pub const FLUSH_QUARANTINED: &str = "dapi_flush_quarantined_total";
 
 /// Installs the Prometheus recorder once per process and returns its handle; later
 /// calls (tests start many apps in one process) return the same handle.
@@ -104,6 +105,10 @@ fn describe() {
         "age of the oldest flush-queue entry"
     );
     describe_counter!(FLUSHED_MESSAGES, "messages written to PostgreSQL by the flusher");
+    describe_counter!(
+        FLUSH_QUARANTINED,
+        "dialogs the flusher could not read and set aside (README, \"Quarantine\")"
+    );
     describe_counter!(FLUSH_BATCHES, "flush batches committed");
     describe_histogram!(
         FLUSH_BATCH_DURATION,

@@ -4,7 +4,8 @@
 //! refusal is recorded in Redis — from then on nothing more is flushed and new messages
 //! are refused — and then erased from PostgreSQL before the answer, under the epoch
 //! fence. If PostgreSQL cannot be reached the answer is 503, and the flush-queue entry
-//! the refusal queued makes the flusher finish the erasure once it is back.
+//! the refusal queued makes the flusher finish the erasure once it is back; until one of
+//! them confirms it, the refusal's Redis state does not expire.
 
 use axum::Json;
 use axum::extract::State;
@@ -13,7 +14,7 @@ use serde::Serialize;
 
 use super::extract::{ConsentPath, JsonBody};
 use super::{ApiError, AppState};
-use crate::domain::{Decision, DialogState, parse_consent};
+use crate::domain::{Decision, DialogState, Refusal, parse_consent};
 use crate::staging::Revival;
 use crate::store::StoreError;
 use crate::telemetry;
@@ -62,12 +63,15 @@ pub async fn decide(
         None => {
             // Redis does not know the dialog; PostgreSQL may still hold it as granted
             // (Redis lost its data). Bring it back so its seqs keep counting.
-            let (customer, last_seq) = state
+            let granted = state
                 .store
                 .granted_dialog(dialog)
                 .await?
                 .ok_or(ApiError::DialogNotFound)?;
-            let revival = Revival { customer, last_seq };
+            let revival = Revival {
+                customer: granted.customer,
+                last_seq: granted.last_seq,
+            };
             state
                 .staging
                 .decide(dialog, approved, Some(revival))
@@ -88,7 +92,10 @@ pub async fn decide(
         decision: Decision::Refused,
         epoch: recorded.epoch,
         decided_at_us: recorded.decided_at_us,
-        erased_through: recorded.erased_through,
+        unerased_refusal: Some(Refusal {
+            epoch: recorded.epoch,
+            decided_at_us: recorded.decided_at_us,
+        }),
         messages: Vec::new(),
     };
     // On a task of its own: if the client goes away, the transaction still runs to its
@@ -100,5 +107,10 @@ pub async fn decide(
         .map_err(ApiError::ErasurePending)?;
     metrics::counter!(telemetry::ERASURES).increment(1);
     metrics::counter!(telemetry::ERASED_MESSAGES).increment(applied.erased);
+    // The erasure is done; telling Redis only lets the dialog's keys start to expire
+    // sooner. If Redis does not hear it, the flusher's entry for the refusal does it.
+    if let Err(e) = state.staging.confirm_erasure(dialog, recorded.epoch).await {
+        tracing::warn!(error = %telemetry::chain(&e), "could not confirm an erasure to Redis; the flusher will");
+    }
     Ok((StatusCode::OK, answer))
 }

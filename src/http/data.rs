@@ -11,7 +11,7 @@ use time::macros::format_description;
 use super::extract::{DataPath, JsonBody};
 use super::{ApiError, AppState};
 use crate::domain::{Cursor, CustomerId, Language, parse_message};
-use crate::staging::IngestOutcome;
+use crate::staging::{Create, IngestOutcome};
 use crate::store::{Filter, StoredMessage};
 
 const DEFAULT_PAGE_SIZE: i64 = 100;
@@ -61,7 +61,24 @@ pub async fn ingest(
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<IngestAnswer>), ApiError> {
     let (text, language) = parse_message(body, state.settings.max_text_bytes).map_err(ApiError::InvalidBody)?;
-    match state.staging.ingest(customer, dialog, &language, &text).await? {
+    let mut outcome = state
+        .staging
+        .ingest(customer, dialog, &language, &text, Create::Not)
+        .await?;
+    if outcome == IngestOutcome::Unknown {
+        // Redis does not know the dialog: new, or forgotten while PostgreSQL holds it as
+        // granted. Ask PostgreSQL, briefly; if it cannot say, the flusher settles it.
+        let create = match state.store.granted_dialog_quickly(dialog).await {
+            Ok(Some(granted)) if granted.customer != customer => return Err(ApiError::CustomerMismatch),
+            Ok(Some(granted)) => Create::Revive {
+                last_seq: granted.last_seq,
+            },
+            Ok(None) => Create::New,
+            Err(_) => Create::Unverified,
+        };
+        outcome = state.staging.ingest(customer, dialog, &language, &text, create).await?;
+    }
+    match outcome {
         IngestOutcome::Accepted { seq, decision } => Ok((
             {
                 metrics::counter!(crate::telemetry::STAGED_MESSAGES).increment(1);
@@ -79,6 +96,9 @@ pub async fn ingest(
         )),
         IngestOutcome::CustomerMismatch => Err(ApiError::CustomerMismatch),
         IngestOutcome::ConsentRefused => Err(ApiError::ConsentRefused),
+        IngestOutcome::Unknown => Err(ApiError::Staging(crate::staging::StagingError::Corrupt(
+            "the ingest script did not create the dialog it was told to",
+        ))),
     }
 }
 
@@ -177,13 +197,13 @@ pub struct ListParams {
     /// Only this customer's messages.
     #[param(minimum = 0)]
     customerId: Option<i64>,
-    /// 1-based page number (default 1).
+    /// 1-based page number (default 1); page mode only (with `cursor`: 400 `invalid_query`).
     #[param(minimum = 1)]
     page: Option<i64>,
     /// 1 … 1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
     pageSize: Option<i64>,
-    /// Switches to cursor mode; empty starts at the newest message.
+    /// Switches to cursor mode; empty starts at the newest message. Not with `page`.
     cursor: Option<String>,
 }
 
@@ -294,7 +314,7 @@ impl ListQuery {
     params(ListParams),
     responses(
         (status = 200, description = "A page (page mode) or a keyset step (cursor mode)", body = ListAnswer),
-        (status = 400, description = "A non-integer `page`, `pageSize` or `customerId`, `pageSize` outside 1 … 1000, a cursor not issued by dapi (`invalid_query`, `invalid_cursor`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 400, description = "A non-integer `page`, `pageSize` or `customerId`, `pageSize` outside 1 … 1000, a cursor not issued by dapi, `page` together with `cursor` (`invalid_query`, `invalid_cursor`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 401, description = "No or unknown token (`unauthorized`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 403, description = "Not a read token (`forbidden`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 404, description = "A page past the last one, or `page` < 1 (`invalid_page`)", content_type = "application/problem+json", body = super::error::Problem),
@@ -317,6 +337,11 @@ pub async fn list(
     };
 
     if let Some(raw_cursor) = query.get("cursor") {
+        // Cursor mode has no pages; a `page` beside a cursor is a client's mistake, not
+        // something to ignore silently (SPEC: 400 `invalid_query`).
+        if query.get("page").is_some() {
+            return Err(ApiError::InvalidQuery("`page` cannot be combined with `cursor`".into()));
+        }
         let cursor = match raw_cursor {
             "" => None,
             raw => Some(Cursor::parse(raw).map_err(ApiError::InvalidCursor)?),

@@ -102,8 +102,10 @@ impl ApiError {
             E::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "request_timeout"),
             E::Staging(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "redis_unavailable"),
             E::Store(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "postgres_unavailable"),
-            E::ErasurePending(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "erasure_pending"),
-            E::Staging(_) | E::Store(_) | E::ErasurePending(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            // Whatever PostgreSQL answered, the refusal holds in Redis and the flusher
+            // finishes the erasure: the client's truth is "pending", never a 500.
+            E::ErasurePending(_) => (StatusCode::SERVICE_UNAVAILABLE, "erasure_pending"),
+            E::Staging(_) | E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
@@ -122,11 +124,14 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %chain(&self), "request failed");
             "an internal error occurred; it has been logged".to_owned()
         } else {
-            if matches!(
-                self,
-                ApiError::Staging(_) | ApiError::Store(_) | ApiError::ErasurePending(_)
-            ) {
-                tracing::warn!(error = %chain(&self), "dependency unavailable");
+            match &self {
+                ApiError::ErasurePending(e) if !e.is_unavailable() => {
+                    tracing::error!(error = %chain(&self), "refusal recorded; its erasure failed and is left to the flusher");
+                }
+                ApiError::Staging(_) | ApiError::Store(_) | ApiError::ErasurePending(_) => {
+                    tracing::warn!(error = %chain(&self), "dependency unavailable");
+                }
+                _ => {}
             }
             self.to_string()
         };

@@ -9,16 +9,32 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<prefix>:{d<id>}:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `z` highest seq the latest refusal erased |
+//! | `<prefix>:{d<id>}:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `x`/`xt` epoch and time of a refusal whose PostgreSQL erasure is not confirmed yet, `u` 1 while the dialog is unverified (staged when PostgreSQL could not be asked about it) |
 //! | `<prefix>:{d<id>}:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text` |
 //! | `<prefix>:flush` | stream | flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
-//! | `<prefix>:consumer:<host>:<slot>` | string | lease on flusher consumer name `<host>:<slot>`: `pid:instance:task` of its holder, 30 s, renewed every 5 s |
+//! | `<prefix>:{d<id>}:quarantined:meta`, `…:quarantined:msgs` | hash, list | a dialog the flusher could not read, set aside as it was |
+//! | `<prefix>:quarantine` | hash | dialog id → `<unix seconds> <reason>` of every dialog set aside |
 //!
-//! An undecided dialog's keys expire `DAPI_STAGING_TTL` after its last message; a refused
-//! one's meta expires that long after the refusal (its messages are deleted at once). A
-//! granted dialog's keys do not expire: its meta keeps counting seqs for later messages,
-//! and its messages leave only by the flusher, after they are committed in PostgreSQL.
+//! # Expiry (Guarantee 5)
 //!
+//! Every write to a dialog — a message, a decision — sets its keys to expire
+//! `DAPI_STAGING_TTL` later, whatever its decision: a granted dialog's state lasts that
+//! long after its last message. The one exception is a refusal whose erasure PostgreSQL
+//! has not confirmed (`x` set): its keys do not expire until the erasure commits (the
+//! refusal handler's or the flusher's), however long PostgreSQL is away, and then the
+//! TTL starts. Only the flush stream and the quarantine outlive that.
+//!
+//! # Redis forgetting a dialog
+//!
+//! A restart without persistence, a failover or an expiry can make Redis forget a dialog
+//! that PostgreSQL holds as granted. The ingest script therefore stages nothing for a
+//! dialog it does not know and answers `unknown`; the caller asks PostgreSQL (quickly,
+//! never waiting on an outage) and calls again saying how to create it: as a new pending
+//! dialog, as granted again with its seq continuing after PostgreSQL's last, or — when
+//! PostgreSQL could not answer — as *unverified*: pending, marked `u` and queued, so that
+//! the flusher settles it against PostgreSQL ([`FlushQueue::settle`]) before writing
+//! anything of it.
+
 //! # Atomicity
 //!
 //! Each request is one call of one Lua script ([`Staging::ingest`], [`Staging::decide`]):
@@ -32,11 +48,12 @@
 //! in microseconds, so it is newer than anything stored for a dialog of the same id that
 //! was forgotten before. PostgreSQL keeps the epoch of the last decision it applied and
 //! ignores older ones (see `store`): that is the fence that lets a refusal win a race
-//! against a flush.
+//! against a flush, and keeps a stale flush of a forgotten incarnation from touching a
+//! later one.
 
 mod queue;
 
-pub use queue::{Finished, FlushQueue, QueueEntry};
+pub use queue::{Finished, FlushQueue, KeepAlive, QueueEntry, Settled, Snapshot, Unreadable, unique_consumer_name};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,9 +89,17 @@ impl Keyspace {
         format!("{}:flush", self.prefix)
     }
 
-    /// The lease on flusher consumer name `<host>:<slot>`; holds `pid:instance:task`.
-    pub fn consumer_lease(&self, host: &str, slot: u32) -> String {
-        format!("{}:consumer:{host}:{slot}", self.prefix)
+    pub fn quarantined_meta(&self, dialog: i64) -> String {
+        format!("{}:{{d{dialog}}}:quarantined:meta", self.prefix)
+    }
+
+    pub fn quarantined_msgs(&self, dialog: i64) -> String {
+        format!("{}:{{d{dialog}}}:quarantined:msgs", self.prefix)
+    }
+
+    /// Dialog id → `<unix seconds> <reason>` of every dialog set aside.
+    pub fn quarantine_index(&self) -> String {
+        format!("{}:quarantine", self.prefix)
     }
 
     /// A pattern matching every key of this prefix (for tests and operators' `SCAN`).
@@ -91,8 +116,6 @@ pub enum StagingError {
     Redis(#[from] redis::RedisError),
     #[error("Redis holds a value dapi did not write: {0}")]
     Corrupt(&'static str),
-    #[error("every flusher consumer slot of this host is held by a live process")]
-    NoConsumerSlot,
 }
 
 impl StagingError {
@@ -113,7 +136,7 @@ impl StagingError {
                         Some("OOM" | "LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN")
                     )
             }
-            StagingError::Corrupt(_) | StagingError::NoConsumerSlot => false,
+            StagingError::Corrupt(_) => false,
         }
     }
 }
@@ -121,9 +144,28 @@ impl StagingError {
 /// What became of a message offered to [`Staging::ingest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IngestOutcome {
-    Accepted { seq: i64, decision: Decision },
+    Accepted {
+        seq: i64,
+        decision: Decision,
+    },
     CustomerMismatch,
     ConsentRefused,
+    /// Redis does not know the dialog and was not told how to create it: nothing staged.
+    Unknown,
+}
+
+/// How [`Staging::ingest`] creates a dialog Redis does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Create {
+    /// Don't: answer [`IngestOutcome::Unknown`] so the caller can ask PostgreSQL first.
+    Not,
+    /// PostgreSQL holds no grant for it: a new pending dialog.
+    New,
+    /// PostgreSQL holds it as granted, its last stored seq given: granted again, its seq
+    /// continuing.
+    Revive { last_seq: i64 },
+    /// PostgreSQL could not be asked: pending and unverified, for the flusher to settle.
+    Unverified,
 }
 
 /// A decision as recorded in Redis.
@@ -132,8 +174,6 @@ pub struct Recorded {
     pub epoch: i64,
     pub customer: CustomerId,
     pub decided_at_us: i64,
-    /// For a refusal: the highest seq it erased.
-    pub erased_through: i64,
 }
 
 /// A stream entry as XRANGE answers it: id and field/value pairs.
@@ -177,6 +217,12 @@ impl std::fmt::Debug for Staging {
 struct Scripts {
     ingest: Script,
     consent: Script,
+    finish: Script,
+}
+
+/// Milliseconds for `PEXPIRE`.
+fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Staging {
@@ -193,28 +239,33 @@ impl Staging {
         Ok(Self {
             conn,
             keys: Keyspace::new(prefix),
-            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            ttl_ms: ttl_millis(ttl),
             scripts: Arc::new(Scripts {
                 ingest: Script::new(include_str!("lua/ingest.lua")),
                 consent: Script::new(include_str!("lua/consent.lua")),
+                finish: Script::new(include_str!("lua/finish.lua")),
             }),
             call_timeout,
         })
     }
 
-    pub fn keys(&self) -> &Keyspace {
-        &self.keys
-    }
-
-    /// Stages one message: one script call, one round trip.
+    /// Stages one message: one script call, one round trip. `create` says what to do
+    /// when Redis does not know the dialog (see the module's "Redis forgetting a dialog").
     pub async fn ingest(
         &self,
         customer: CustomerId,
         dialog: DialogId,
         language: &Language,
         text: &MessageText,
+        create: Create,
     ) -> Result<IngestOutcome, StagingError> {
         let d = dialog.get();
+        let (mode, last_seq) = match create {
+            Create::Not => ("", 0),
+            Create::New => ("new", 0),
+            Create::Revive { last_seq } => ("revive", last_seq),
+            Create::Unverified => ("unverified", 0),
+        };
         let mut invocation = self.scripts.ingest.prepare_invoke();
         invocation
             .key(self.keys.meta(d))
@@ -224,20 +275,18 @@ impl Staging {
             .arg(d)
             .arg(language.as_str())
             .arg(text.as_str())
-            .arg(self.ttl_ms);
+            .arg(self.ttl_ms)
+            .arg(mode)
+            .arg(last_seq);
         let mut conn = self.conn.clone();
         let (status, seq): (String, i64) = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if let Some(decision) = Decision::from_letter(status.as_bytes()) {
+            return Ok(IngestOutcome::Accepted { seq, decision });
+        }
         Ok(match status.as_str() {
-            "p" => IngestOutcome::Accepted {
-                seq,
-                decision: Decision::Pending,
-            },
-            "g" => IngestOutcome::Accepted {
-                seq,
-                decision: Decision::Granted,
-            },
             "mismatch" => IngestOutcome::CustomerMismatch,
             "refused" => IngestOutcome::ConsentRefused,
+            "unknown" => IngestOutcome::Unknown,
             _ => return Err(StagingError::Corrupt("unknown ingest status")),
         })
     }
@@ -257,21 +306,42 @@ impl Staging {
             .key(self.keys.msgs(d))
             .key(self.keys.flush_stream())
             .arg(d)
-            .arg(if approved { "g" } else { "r" })
+            .arg(if approved { Decision::Granted } else { Decision::Refused }.letter())
             .arg(self.ttl_ms);
         match revival {
             Some(r) => invocation.arg(r.customer.get()).arg(r.last_seq),
             None => invocation.arg("").arg(0),
         };
         let mut conn = self.conn.clone();
-        let (status, epoch, customer, decided_at_us, erased_through): (String, i64, i64, i64, i64) =
+        let (status, epoch, customer, decided_at_us): (String, i64, i64, i64) =
             self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok((status == "ok").then_some(Recorded {
             epoch,
             customer: CustomerId::from_stored(customer),
             decided_at_us,
-            erased_through,
         }))
+    }
+
+    /// Tells Redis that PostgreSQL has applied the refusal recorded under `epoch`: the
+    /// dialog stops waiting for its erasure and its keys start to expire (unless a newer
+    /// refusal is waiting by now).
+    pub async fn confirm_erasure(&self, dialog: DialogId, epoch: i64) -> Result<(), StagingError> {
+        let d = dialog.get();
+        let mut invocation = self.scripts.finish.prepare_invoke();
+        invocation
+            .key(self.keys.flush_stream())
+            .key(self.keys.meta(d))
+            .key(self.keys.msgs(d))
+            .arg(GROUP)
+            .arg(1)
+            .arg(self.ttl_ms)
+            .arg(d)
+            .arg(0)
+            .arg(0)
+            .arg(epoch);
+        let mut conn = self.conn.clone();
+        let _: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        Ok(())
     }
 
     /// The flush queue's length, entries delivered but not acknowledged, and the age of

@@ -6,82 +6,70 @@
 //! At least once. An entry stays in its consumer's pending list until the finish script
 //! acknowledges and deletes it, which the flusher calls only after its PostgreSQL commit.
 //! A flusher that dies leaves its entries pending; another one takes them over with
-//! `XAUTOCLAIM` once they have been idle for `DAPI_FLUSH_CLAIM_IDLE`. Running an entry
-//! twice is harmless: messages are keyed by (dialog, seq) in PostgreSQL, and the decision
-//! is fenced by its epoch.
+//! `XAUTOCLAIM` once they have been idle for `DAPI_FLUSH_CLAIM_IDLE`. A flusher working
+//! on a long batch keeps its entries alive ([`KeepAlive`]), so a slow PostgreSQL does not
+//! make a second flusher run the same batch. Running an entry twice is harmless all the
+//! same: messages are keyed by (dialog, seq) in PostgreSQL, and decisions are fenced by
+//! their epoch.
 //!
 //! An entry names only a dialog, never what to write: the flusher reads the dialog's
 //! current state in one atomic snapshot (a script), so a stale entry can never write
 //! data that a later decision took back.
 //!
+//! # Consumers
+//!
+//! Every flusher task reads under a name of its own, unique to this start of this
+//! process (`<host>-<pid>-<start>-<task>`): no two processes can ever share one, whatever
+//! their host names. A dead consumer's entries are claimed after the idle time; consumers
+//! idle for long with nothing pending are deleted ([`FlushQueue::prune_gone_consumers`]).
+//!
 //! # Rounds
 //!
 //! [`FlushQueue::next_entries`] first re-reads this consumer's own pending entries (after
 //! a failed batch, so nothing waits for the claim timeout), then claims entries idle past
-//! the timeout from other consumers, then blocks for new ones. A lost consumer group (a
-//! Redis restart without persistence) is created again on the `NOGROUP` answer.
+//! the timeout from other consumers (walking the pending list with `XAUTOCLAIM`'s cursor),
+//! then blocks for new ones. A lost consumer group (a Redis restart without persistence)
+//! is created again on the `NOGROUP` answer.
+//!
+//! # Dialogs that cannot be read
+//!
+//! The snapshot checks every field of every dialog. A dialog whose state dapi cannot
+//! read (a decision it does not know, a message that does not decode) is reported as
+//! [`Unreadable`]; the flusher sets it aside with [`FlushQueue::quarantine`] and flushes
+//! the rest of its batch.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamReadReply};
-use redis::{Client, Script};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamClaimOptions, StreamId, StreamInfoConsumersReply,
+    StreamReadOptions, StreamReadReply,
+};
+use redis::{Client, Script, Value};
+use tokio::time::Instant;
 
-use super::{GROUP, Keyspace, StagingError};
-use crate::domain::{CustomerId, Decision, DialogId, DialogState, StagedMessage};
+use super::{GROUP, Keyspace, StagingError, ttl_millis};
+use crate::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage};
 
 /// How often a flusher looks for consumers that are gone.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long a consumer with nothing pending must have been idle to count as gone.
 pub const CONSUMER_GONE_AFTER: Duration = Duration::from_secs(300);
 
-/// How long a consumer-slot lease lasts without renewal, and how often it is renewed.
-const LEASE_TTL: Duration = Duration::from_secs(30);
-const LEASE_RENEW: Duration = Duration::from_secs(5);
-/// Consumer slots per host: flusher tasks of all dapi processes on one host.
-const MAX_SLOTS: u32 = 256;
-
-/// A leased consumer name.
-#[derive(Debug)]
-struct Lease {
-    host: String,
-    /// `pid:instance:task`: this process, this start of it, this flusher task.
-    holder: String,
-    key: Option<String>,
-    renewed: Instant,
-}
-
-/// This process as a lease holder: its pid and a mark of this start, so that a restart
-/// that gets the same pid (pid 1 in a container) is told apart from the old process.
-fn process_instance() -> String {
-    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    INSTANCE
-        .get_or_init(|| {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default();
-            format!("{}:{nanos:x}", std::process::id())
-        })
-        .clone()
-}
-
-/// Whether the holder (`pid:instance:task`) of a slot on this host may still be running.
-/// A task of this process is; an earlier process with this pid (a restarted container)
-/// is not; another pid is alive while it is in `/proc`. Without `/proc`, every holder
-/// counts as alive and its entries are taken over after the claim timeout instead.
-fn holder_alive(holder: &str, me: &str) -> bool {
-    let mut theirs = holder.split(':');
-    let mut mine = me.split(':');
-    let (pid, my_pid) = (theirs.next(), mine.next());
-    if pid == my_pid {
-        return theirs.next() == mine.next(); // same start of this process: alive
-    }
-    let Some(pid) = pid else {
-        return true;
-    };
-    let proc = std::path::Path::new("/proc");
-    !proc.join("self").exists() || proc.join(pid).exists()
+/// A consumer name unique to this start of this process and this flusher task.
+pub fn unique_consumer_name(host: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static START: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    static TASKS: AtomicU32 = AtomicU32::new(0);
+    let start = START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    });
+    let task = TASKS.fetch_add(1, Ordering::Relaxed);
+    format!("{host}-{}-{start:x}-{task}", std::process::id())
 }
 
 /// One flush-queue entry.
@@ -101,22 +89,55 @@ pub struct Finished {
     pub last_seq: i64,
     /// How many messages the snapshot read.
     pub read: usize,
+    /// The epoch of the refusal whose erasure PostgreSQL has now applied (0: none).
+    pub erased_refusal: i64,
+}
+
+/// A dialog of a snapshot whose state dapi cannot read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub dialog: i64,
+    /// Why, for the quarantine index and the log (never customer text).
+    pub reason: &'static str,
+}
+
+/// A dialog's state as the snapshot read it.
+#[derive(Debug)]
+pub enum Snapshot {
+    /// Settled state, ready for PostgreSQL.
+    Ready(DialogState),
+    /// Staged while PostgreSQL could not be asked whether it holds the dialog: to be
+    /// settled ([`FlushQueue::settle`]) before anything of it is written.
+    Unverified(i64),
+    Unreadable(Unreadable),
+}
+
+/// How [`FlushQueue::settle`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Done,
+    /// PostgreSQL holds the dialog under another customer.
+    CustomerDiffers,
 }
 
 /// One flusher task's handle on the flush queue, with its own connection (a blocking
-/// read holds a connection; sharing it would stall everyone else).
+/// read holds a connection; sharing it would stall everyone else). A self-reconnecting
+/// `ConnectionManager` rather than a deadpool-redis pool: each task holds one connection
+/// for its whole life, which is all a pool would give it.
 pub struct FlushQueue {
     conn: ConnectionManager,
     keys: Keyspace,
     consumer: String,
-    lease: Option<Lease>,
     claim_idle: Duration,
     block: Duration,
+    ttl_ms: u64,
     snapshot: Script,
     finish: Script,
     prune: Script,
-    lease_script: Script,
+    settle: Script,
+    quarantine: Script,
     read_own_pending: bool,
+    claim_cursor: String,
     last_claim: Option<Instant>,
     last_prune: Option<Instant>,
 }
@@ -129,6 +150,31 @@ impl std::fmt::Debug for FlushQueue {
     }
 }
 
+/// Keeps a batch's entries from looking idle while the batch is being worked on: a
+/// cheap `XCLAIM … JUSTID` of the entries to their own consumer resets their idle time.
+#[derive(Debug, Clone)]
+pub struct KeepAlive {
+    conn: ConnectionManager,
+    stream: String,
+    consumer: String,
+    /// How often to touch the entries: well inside the claim idle time.
+    pub every: Duration,
+}
+
+impl KeepAlive {
+    pub async fn touch(&mut self, ids: &[String]) -> Result<(), StagingError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let options = StreamClaimOptions::default().with_justid();
+        let _: Value = self
+            .conn
+            .xclaim_options(&self.stream, GROUP, &self.consumer, 0, ids, options)
+            .await?;
+        Ok(())
+    }
+}
+
 impl FlushQueue {
     pub fn new(
         client: Client,
@@ -136,6 +182,7 @@ impl FlushQueue {
         consumer: String,
         claim_idle: Duration,
         block: Duration,
+        ttl: Duration,
     ) -> Result<Self, StagingError> {
         // redis-rs times every call out after 500 ms by default; a blocking read must
         // be allowed to block (redis-rs #1924).
@@ -148,86 +195,33 @@ impl FlushQueue {
             conn: ConnectionManager::new_lazy_with_config(client, config)?,
             keys,
             consumer,
-            lease: None,
             claim_idle,
             block,
+            ttl_ms: ttl_millis(ttl),
             snapshot: Script::new(include_str!("lua/snapshot.lua")),
-            lease_script: Script::new(include_str!("lua/lease.lua")),
             finish: Script::new(include_str!("lua/finish.lua")),
             prune: Script::new(include_str!("lua/prune.lua")),
+            settle: Script::new(include_str!("lua/settle.lua")),
+            quarantine: Script::new(include_str!("lua/quarantine.lua")),
             read_own_pending: true,
+            claim_cursor: "0-0".into(),
             last_claim: None,
             last_prune: None,
         })
     }
 
-    /// A queue that reads as `<host>:<slot>`, leasing the first slot of this host that is
-    /// free or whose holder is gone: a process restarted on the same host (a container
-    /// keeps its host name) gets its predecessor's name back, and with it that
-    /// consumer's pending entries, at once rather than after the claim timeout.
-    pub fn leased(
-        client: Client,
-        keys: Keyspace,
-        host: String,
-        claim_idle: Duration,
-        block: Duration,
-    ) -> Result<Self, StagingError> {
-        let mut queue = Self::new(client, keys, String::new(), claim_idle, block)?;
-        // One holder per queue (per flusher task): `pid:instance:task`.
-        static TASKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let task = TASKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        queue.lease = Some(Lease {
-            host,
-            holder: format!("{}:{task}", process_instance()),
-            key: None,
-            renewed: Instant::now(),
-        });
-        Ok(queue)
-    }
-
-    /// Takes a consumer slot, or renews the one held (every [`LEASE_RENEW`]).
-    async fn ensure_lease(&mut self) -> Result<(), StagingError> {
-        let Some(lease) = &mut self.lease else {
-            return Ok(()); // a fixed name
-        };
-        let ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
-        if let Some(key) = &lease.key {
-            if lease.renewed.elapsed() < LEASE_RENEW {
-                return Ok(());
-            }
-            let mut renew = self.lease_script.prepare_invoke();
-            renew.key(key).arg(&lease.holder).arg(ttl).arg(&lease.holder);
-            let held: i64 = renew.invoke_async(&mut self.conn).await?;
-            if held == 1 {
-                lease.renewed = Instant::now();
-                return Ok(());
-            }
-            tracing::warn!(consumer = %self.consumer, "lost the consumer lease; taking another");
-            lease.key = None;
-        }
-        for slot in 0..MAX_SLOTS {
-            let key = self.keys.consumer_lease(&lease.host, slot);
-            let seen: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut self.conn).await?;
-            if seen.as_deref().is_some_and(|h| holder_alive(h, &lease.holder)) {
-                continue;
-            }
-            let mut take = self.lease_script.prepare_invoke();
-            take.key(&key).arg(&lease.holder).arg(ttl).arg(seen.unwrap_or_default());
-            let held: i64 = take.invoke_async(&mut self.conn).await?;
-            if held == 1 {
-                self.consumer = format!("{}:{slot}", lease.host);
-                lease.key = Some(key);
-                lease.renewed = Instant::now();
-                self.read_own_pending = true;
-                tracing::info!(consumer = %self.consumer, "flusher reads as this consumer");
-                return Ok(());
-            }
-        }
-        Err(StagingError::NoConsumerSlot)
-    }
-
     pub fn consumer(&self) -> &str {
         &self.consumer
+    }
+
+    /// A handle that keeps entries of this consumer alive while a batch runs.
+    pub fn keep_alive(&self) -> KeepAlive {
+        KeepAlive {
+            conn: self.conn.clone(),
+            stream: self.keys.flush_stream(),
+            consumer: self.consumer.clone(),
+            every: (self.claim_idle / 3).max(Duration::from_millis(100)),
+        }
     }
 
     /// The next entries for this consumer: its own pending ones first, then entries of
@@ -244,20 +238,10 @@ impl FlushQueue {
     }
 
     async fn next_entries_once(&mut self, count: usize) -> Result<Vec<QueueEntry>, StagingError> {
-        self.ensure_lease().await?;
         let stream = self.keys.flush_stream();
         if self.read_own_pending {
-            let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg(count)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg("0")
-                .query_async(&mut self.conn)
-                .await?;
+            let options = StreamReadOptions::default().group(GROUP, &self.consumer).count(count);
+            let reply: Option<StreamReadReply> = self.conn.xread_options(&[&stream], &["0"], &options).await?;
             let entries = entries_of(reply);
             if !entries.is_empty() {
                 return Ok(entries);
@@ -274,52 +258,45 @@ impl FlushQueue {
             }
         }
 
-        let claim_due = self.last_claim.is_none_or(|at| at.elapsed() >= self.claim_idle / 2);
-        if claim_due {
-            self.last_claim = Some(Instant::now());
-            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&stream)
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg(u64::try_from(self.claim_idle.as_millis()).unwrap_or(u64::MAX))
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(count)
-                .query_async(&mut self.conn)
+        if self.last_claim.is_none_or(|at| at.elapsed() >= self.claim_idle / 2) {
+            let reply: StreamAutoClaimReply = self
+                .conn
+                .xautoclaim_options(
+                    &stream,
+                    GROUP,
+                    &self.consumer,
+                    u64::try_from(self.claim_idle.as_millis()).unwrap_or(u64::MAX),
+                    &self.claim_cursor,
+                    StreamAutoClaimOptions::default().count(count),
+                )
                 .await?;
+            // The cursor walks the pending list; "0-0" means it went round: rest until
+            // the next claim time.
+            let wrapped = reply.next_stream_id == "0-0";
+            self.claim_cursor = reply.next_stream_id;
+            if wrapped {
+                self.last_claim = Some(Instant::now());
+            }
             if !reply.claimed.is_empty() {
-                // More may be waiting; keep claiming next round.
-                self.last_claim = None;
                 return Ok(reply.claimed.iter().map(entry_of).collect());
             }
         }
 
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(u64::try_from(self.block.as_millis()).unwrap_or(1000))
-            .arg("STREAMS")
-            .arg(&stream)
-            .arg(">")
-            .query_async(&mut self.conn)
-            .await?;
+        let block = usize::try_from(self.block.as_millis()).unwrap_or(1000);
+        let options = StreamReadOptions::default()
+            .group(GROUP, &self.consumer)
+            .count(count)
+            .block(block);
+        let reply: Option<StreamReadReply> = self.conn.xread_options(&[&stream], &[">"], &options).await?;
         Ok(entries_of(reply))
     }
 
     /// Creates the consumer group (and the stream) if missing; reading from the start,
     /// so entries written before the group existed are not skipped.
     pub async fn create_group(&mut self) -> Result<(), StagingError> {
-        let created: Result<String, _> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(self.keys.flush_stream())
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut self.conn)
+        let created: Result<(), _> = self
+            .conn
+            .xgroup_create_mkstream(self.keys.flush_stream(), GROUP, "0")
             .await;
         match created {
             Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
@@ -328,16 +305,11 @@ impl FlushQueue {
     }
 
     /// Deletes other consumers idle for longer than `gone_after` that hold no pending
-    /// entry: each process start adds a consumer name, and the group would otherwise keep
+    /// entry: each process start adds consumer names, and the group would otherwise keep
     /// them all. Flushers call it every minute with [`CONSUMER_GONE_AFTER`] (or ten claim
     /// timeouts, if longer). Returns how many were deleted.
     pub async fn prune_gone_consumers(&mut self, gone_after: Duration) -> Result<usize, StagingError> {
-        let info: StreamInfoConsumersReply = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(self.keys.flush_stream())
-            .arg(GROUP)
-            .query_async(&mut self.conn)
-            .await?;
+        let info: StreamInfoConsumersReply = self.conn.xinfo_consumers(self.keys.flush_stream(), GROUP).await?;
         let gone: Vec<String> = info
             .consumers
             .into_iter()
@@ -355,13 +327,14 @@ impl FlushQueue {
 
     /// Reads the state of `dialogs` in one atomic round trip (the snapshot script), with
     /// at most `max_messages` per dialog and about `byte_budget` bytes of messages in all.
-    /// Dialogs Redis no longer knows are left out.
+    /// Dialogs Redis no longer knows are left out; every other dialog is answered, as
+    /// ready, unverified, or unreadable.
     pub async fn snapshot(
         &mut self,
         dialogs: &[i64],
         max_messages: usize,
         byte_budget: usize,
-    ) -> Result<Vec<DialogState>, StagingError> {
+    ) -> Result<Vec<Snapshot>, StagingError> {
         if dialogs.is_empty() {
             return Ok(Vec::new());
         }
@@ -370,50 +343,67 @@ impl FlushQueue {
             invocation.key(self.keys.meta(d)).key(self.keys.msgs(d));
         }
         invocation.arg(max_messages).arg(byte_budget);
-        let replies: Vec<SnapshotReply> = invocation.invoke_async(&mut self.conn).await?;
+        // Raw values: one dialog's bad field must not fail the whole answer's decoding.
+        let replies: Vec<Vec<Value>> = invocation.invoke_async(&mut self.conn).await?;
         if replies.len() != dialogs.len() {
             return Err(StagingError::Corrupt("snapshot reply has the wrong length"));
         }
-        let mut states = Vec::with_capacity(dialogs.len());
-        for (&d, (customer, decision, epoch, decided_at_us, erased_through, msgs)) in dialogs.iter().zip(replies) {
-            let (Some(customer), Some(decision), Some(epoch)) = (customer, decision, epoch) else {
-                continue; // forgotten (expired) dialog
-            };
-            let decision = match decision.as_str() {
-                "p" => Decision::Pending,
-                "g" => Decision::Granted,
-                "r" => Decision::Refused,
-                _ => return Err(StagingError::Corrupt("dialog decision")),
-            };
-            let messages = msgs
-                .iter()
-                .map(|raw| decode_message(raw))
-                .collect::<Option<Vec<_>>>()
-                .ok_or(StagingError::Corrupt("staged message"))?;
-            states.push(DialogState {
-                dialog: DialogId::from_stored(d),
-                customer: CustomerId::from_stored(customer),
-                decision,
-                epoch,
-                decided_at_us: decided_at_us.unwrap_or_default(),
-                erased_through: erased_through.unwrap_or_default(),
-                messages,
-            });
-        }
-        Ok(states)
+        Ok(dialogs
+            .iter()
+            .zip(replies)
+            .filter_map(|(&d, fields)| read_snapshot(d, &fields))
+            .collect())
     }
 
-    /// After the PostgreSQL commit: trims what was written, re-queues dialogs that got
-    /// more messages meanwhile, and acknowledges and deletes the entries. One script call.
+    /// Settles an unverified dialog with what PostgreSQL holds of it: `granted` is its
+    /// customer and last stored seq when PostgreSQL holds it as granted.
+    pub async fn settle(&mut self, dialog: i64, granted: Option<(CustomerId, i64)>) -> Result<Settled, StagingError> {
+        let mut invocation = self.settle.prepare_invoke();
+        invocation.key(self.keys.meta(dialog)).key(self.keys.msgs(dialog));
+        match granted {
+            Some((customer, last_seq)) => invocation.arg("1").arg(customer.get()).arg(last_seq),
+            None => invocation.arg("0").arg(0).arg(0),
+        };
+        let settled: i64 = invocation.invoke_async(&mut self.conn).await?;
+        Ok(if settled < 0 {
+            Settled::CustomerDiffers
+        } else {
+            Settled::Done
+        })
+    }
+
+    /// Sets a dialog aside: its keys move, unchanged, to the quarantine names and the
+    /// reason is recorded (see README, "Quarantine").
+    pub async fn quarantine(&mut self, dialog: i64, reason: &str) -> Result<(), StagingError> {
+        let mut invocation = self.quarantine.prepare_invoke();
+        invocation
+            .key(self.keys.meta(dialog))
+            .key(self.keys.msgs(dialog))
+            .key(self.keys.quarantined_meta(dialog))
+            .key(self.keys.quarantined_msgs(dialog))
+            .key(self.keys.quarantine_index())
+            .arg(dialog)
+            .arg(reason);
+        let _: i64 = invocation.invoke_async(&mut self.conn).await?;
+        Ok(())
+    }
+
+    /// After the PostgreSQL commit: trims what was written, forgets refusals that are now
+    /// erased, re-queues dialogs that still have messages, and acknowledges and deletes
+    /// the entries. One script call.
     pub async fn finish(&mut self, done: &[Finished], entry_ids: &[String]) -> Result<(), StagingError> {
         let mut invocation = self.finish.prepare_invoke();
         invocation.key(self.keys.flush_stream());
         for f in done {
             invocation.key(self.keys.meta(f.dialog)).key(self.keys.msgs(f.dialog));
         }
-        invocation.arg(GROUP).arg(done.len());
+        invocation.arg(GROUP).arg(done.len()).arg(self.ttl_ms);
         for f in done {
-            invocation.arg(f.dialog).arg(f.last_seq).arg(f.read);
+            invocation
+                .arg(f.dialog)
+                .arg(f.last_seq)
+                .arg(f.read)
+                .arg(f.erased_refusal);
         }
         for id in entry_ids {
             invocation.arg(id);
@@ -426,6 +416,82 @@ impl FlushQueue {
     /// next round retries them at once.
     pub fn retry_own_pending(&mut self) {
         self.read_own_pending = true;
+    }
+}
+
+/// One dialog of the snapshot script's answer: `{customer, decision, epoch, decided-at,
+/// unerased refusal epoch, its decided-at, unverified, {messages}}`. `None` when Redis
+/// no longer knows the dialog.
+fn read_snapshot(dialog: i64, fields: &[Value]) -> Option<Snapshot> {
+    let unreadable = |reason| Some(Snapshot::Unreadable(Unreadable { dialog, reason }));
+    let [
+        customer,
+        decision,
+        epoch,
+        decided_at,
+        refused,
+        refused_at,
+        unverified,
+        messages,
+    ] = fields
+    else {
+        return unreadable("the snapshot answer has the wrong shape");
+    };
+    if matches!(customer, Value::Nil) && matches!(decision, Value::Nil) {
+        return None; // forgotten (expired) dialog
+    }
+    let Some(customer) = number(customer) else {
+        return unreadable("customer id is not a number");
+    };
+    let Some(decision) = bytes(decision).and_then(Decision::from_letter) else {
+        return unreadable("decision is not one dapi writes");
+    };
+    let Some(epoch) = number(epoch) else {
+        return unreadable("epoch is not a number");
+    };
+    if bytes(unverified).is_some_and(|u| u == b"1") {
+        return Some(Snapshot::Unverified(dialog));
+    }
+    let unerased_refusal = match (refused, refused_at) {
+        (Value::Nil, _) => None,
+        (epoch, at) => match (number(epoch), number(at)) {
+            (Some(epoch), Some(decided_at_us)) => Some(Refusal { epoch, decided_at_us }),
+            _ => return unreadable("unerased refusal is not a number"),
+        },
+    };
+    let Value::Array(raw) = messages else {
+        return unreadable("messages are not a list");
+    };
+    let Some(messages) = raw
+        .iter()
+        .map(|m| bytes(m).and_then(decode_message))
+        .collect::<Option<Vec<_>>>()
+    else {
+        return unreadable("a staged message does not decode");
+    };
+    Some(Snapshot::Ready(DialogState {
+        dialog: DialogId::from_stored(dialog),
+        customer: CustomerId::from_stored(customer),
+        decision,
+        epoch,
+        decided_at_us: number(decided_at).unwrap_or_default(),
+        unerased_refusal,
+        messages,
+    }))
+}
+
+fn bytes(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn number(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        other => std::str::from_utf8(bytes(other)?).ok()?.parse().ok(),
     }
 }
 
@@ -444,16 +510,6 @@ fn decode_message(raw: &[u8]) -> Option<StagedMessage> {
         text,
     })
 }
-
-/// One dialog in the snapshot script's answer.
-type SnapshotReply = (
-    Option<i64>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Vec<Vec<u8>>,
-);
 
 fn entries_of(reply: Option<StreamReadReply>) -> Vec<QueueEntry> {
     reply
@@ -476,18 +532,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slot_holder_is_alive_if_it_is_this_process_or_a_running_one() {
-        let me = format!("{}:abc:0", std::process::id());
-        assert!(
-            holder_alive(&format!("{}:abc:1", std::process::id()), &me),
-            "another task of ours"
-        );
-        assert!(
-            !holder_alive(&format!("{}:old:0", std::process::id()), &me),
-            "an earlier start with our pid"
-        );
-        assert!(holder_alive("1:x:0", &me), "pid 1 runs");
-        assert!(!holder_alive("4294967294:x:0", &me), "no such pid");
+    fn consumer_names_are_unique_per_task() {
+        let (a, b) = (unique_consumer_name("h"), unique_consumer_name("h"));
+        assert_ne!(a, b);
+        assert!(a.starts_with(&format!("h-{}-", std::process::id())));
     }
 
     #[test]
@@ -497,5 +545,24 @@ mod tests {
         assert_eq!((m.language.as_str(), m.text.as_str()), ("pt-BR", "a:b:c"));
         assert!(decode_message(b"x:1:EN:t").is_none());
         assert!(decode_message(b"1:2:EN").is_none());
+    }
+
+    #[test]
+    fn a_dialog_with_an_unknown_decision_is_unreadable_not_an_error() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let fields = [
+            bulk("1"),
+            bulk("?"),
+            bulk("5"),
+            bulk("6"),
+            Value::Nil,
+            Value::Nil,
+            Value::Nil,
+            Value::Array(vec![]),
+        ];
+        let Some(Snapshot::Unreadable(u)) = read_snapshot(7, &fields) else {
+            panic!("not set aside");
+        };
+        assert_eq!(u.dialog, 7);
     }
 }

@@ -10,12 +10,21 @@
 //! therefore serialise on the row lock, and whichever commits last, the decision with the
 //! newer epoch is what holds: a stale flush can never bring back what a refusal erased.
 //!
-//! Erasure does not depend on the fence. Every state carries `erased_through`, the
-//! highest seq its dialog's latest refusal erased; every write deletes the dialog's
-//! messages up to it, whether or not its own upsert took. So a refusal whose own
-//! PostgreSQL write failed is completed by the next write of that dialog, even one made
-//! under a later grant, and a refusal that lost the row to a newer grant still leaves
-//! nothing of what it refused.
+//! # Erasure
+//!
+//! A refusal erases the dialog, not a range of it: when a refusal's upsert takes, every
+//! stored message of the dialog is deleted in the same transaction, whatever its seq and
+//! however it got there (an earlier incarnation of the dialog, a flush that raced it).
+//! When the upsert does not take, nothing is deleted: PostgreSQL already holds a newer
+//! decision, which either erased the dialog itself or belongs to a later incarnation
+//! whose rows are not this refusal's to touch. A state that carries an unconfirmed
+//! refusal (a grant that followed a refusal whose own erasure never reached PostgreSQL)
+//! is written as two steps in one transaction: that refusal first, then the grant.
+//!
+//! Every statement here is planned for an index whatever the planner's mode: the
+//! generic plan a prepared statement falls back to after a few executions is checked by
+//! a test (`tests/api/plans.rs`) that fails on any sequential scan of `messages` or
+//! `dialogs`.
 //!
 //! # Counts
 //!
@@ -31,14 +40,17 @@
 //! Readers see newest first: `received_at DESC, dialog_id DESC, seq DESC`, served by
 //! scanning the `(…, received_at, dialog_id, seq)` indexes backwards.
 
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 use time::OffsetDateTime;
 
-use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState};
+use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState, Refusal};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -97,6 +109,17 @@ pub struct Applied {
     pub erased: u64,
     /// Dialogs whose state was not written because PostgreSQL holds a newer decision.
     pub fenced: u64,
+    /// Granted dialogs whose upsert took: their messages are in PostgreSQL now, and only
+    /// theirs may be trimmed from Redis.
+    pub granted: BTreeSet<i64>,
+}
+
+/// A dialog PostgreSQL holds as granted: enough to bring it back in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantedDialog {
+    pub customer: CustomerId,
+    /// The highest seq stored (0 when none).
+    pub last_seq: i64,
 }
 
 /// A consented message as readers see it.
@@ -139,6 +162,21 @@ impl Filter {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Until when (ms since the Unix epoch) [`Store::granted_dialog_quickly`] does not
+    /// even try: set by its last failure, so an outage costs ingest one bounded wait per
+    /// [`PROBE_BACKOFF`], not one per request.
+    probe_closed_until_ms: Arc<AtomicU64>,
+}
+
+/// How long [`Store::granted_dialog_quickly`] waits for PostgreSQL.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long it stops asking after a failure.
+const PROBE_BACKOFF: Duration = Duration::from_secs(1);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Store {
@@ -159,11 +197,14 @@ impl Store {
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            probe_closed_until_ms: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -182,11 +223,15 @@ impl Store {
         Ok(())
     }
 
-    /// Writes dialog states in one transaction under the epoch fence: granted dialogs get
-    /// their messages inserted (existing (dialog, seq) keys are left alone), refused ones
-    /// get theirs deleted. Retried on deadlock.
+    /// Writes dialog states in one transaction under the epoch fence: a state carrying
+    /// an unconfirmed refusal erases the dialog first (if that refusal is not fenced);
+    /// granted dialogs get their messages inserted (existing (dialog, seq) keys are left
+    /// alone). Pending states are not written. Retried on deadlock.
     pub async fn apply(&self, states: &[DialogState]) -> Result<Applied, StoreError> {
-        let mut states: Vec<&DialogState> = states.iter().filter(|s| s.decision != Decision::Pending).collect();
+        let mut states: Vec<&DialogState> = states
+            .iter()
+            .filter(|s| s.decision == Decision::Granted || s.unerased_refusal.is_some())
+            .collect();
         // One lock order for every transaction: by dialog id. A dialog named twice keeps
         // its newest state (one statement cannot upsert a row twice).
         states.sort_by_key(|s| (s.dialog, std::cmp::Reverse(s.epoch)));
@@ -206,74 +251,122 @@ impl Store {
         }
         let shard = next_counter_shard();
         let mut tx = self.pool.begin().await?;
-        let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
-            .bind(states.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
-            .bind(states.iter().map(|s| s.customer.get()).collect::<Vec<_>>())
-            .bind(states.iter().map(|s| s.decision.as_str()).collect::<Vec<_>>())
-            .bind(states.iter().map(|s| s.epoch).collect::<Vec<_>>())
-            .bind(states.iter().map(|s| time_of(s.decided_at_us)).collect::<Vec<_>>())
-            .fetch_all(&mut *tx)
-            .await?;
-        let took: std::collections::HashSet<i64> = took.into_iter().collect();
-        let mut applied = Applied {
-            fenced: (states.len() - took.len()) as u64,
-            ..Applied::default()
-        };
+        let mut applied = Applied::default();
 
-        let erasures: Vec<&&DialogState> = states.iter().filter(|s| s.erased_through > 0).collect();
-        if !erasures.is_empty() {
-            let erased: i64 = sqlx::query_scalar(DELETE_MESSAGES)
-                .bind(erasures.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
-                .bind(erasures.iter().map(|s| s.erased_through).collect::<Vec<_>>())
-                .bind(shard)
-                .fetch_one(&mut *tx)
+        // Step 1: refusals not yet applied, each erasing its whole dialog if it takes.
+        let refusals: Vec<(&DialogState, Refusal)> = states
+            .iter()
+            .filter_map(|s| s.unerased_refusal.map(|r| (*s, r)))
+            .collect();
+        if !refusals.is_empty() {
+            let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
+                .bind(refusals.iter().map(|(s, _)| s.dialog.get()).collect::<Vec<_>>())
+                .bind(refusals.iter().map(|(s, _)| s.customer.get()).collect::<Vec<_>>())
+                .bind(vec![Decision::Refused.as_str(); refusals.len()])
+                .bind(refusals.iter().map(|(_, r)| r.epoch).collect::<Vec<_>>())
+                .bind(
+                    refusals
+                        .iter()
+                        .map(|(_, r)| time_of(r.decided_at_us))
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_all(&mut *tx)
                 .await?;
-            applied.erased = erased.unsigned_abs();
+            applied.fenced += (refusals.len() - took.len()) as u64;
+            if !took.is_empty() {
+                let erased: i64 = sqlx::query_scalar(DELETE_DIALOGS_MESSAGES)
+                    .bind(&took)
+                    .bind(shard)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                applied.erased = erased.unsigned_abs();
+            }
         }
 
-        let granted: Vec<&&DialogState> = states
+        // Step 2: grants, and their messages where the grant took.
+        let grants: Vec<&DialogState> = states
             .iter()
-            .filter(|s| s.decision == Decision::Granted && took.contains(&s.dialog.get()))
+            .copied()
+            .filter(|s| s.decision == Decision::Granted)
             .collect();
-        let rows = granted.iter().flat_map(|s| s.messages.iter().map(move |m| (*s, m)));
-        let count = granted.iter().map(|s| s.messages.len()).sum();
-        if count > 0 {
-            let mut cols = MessageColumns::with_capacity(count);
-            for (s, m) in rows {
-                cols.dialog_id.push(s.dialog.get());
-                cols.seq.push(m.seq);
-                cols.customer_id.push(s.customer.get());
-                cols.language.push(&m.language);
-                cols.text.push(&m.text);
-                cols.received_at.push(time_of(m.received_at_us));
-            }
-            let inserted: i64 = sqlx::query_scalar(INSERT_MESSAGES)
-                .bind(cols.dialog_id)
-                .bind(cols.seq)
-                .bind(cols.customer_id)
-                .bind(cols.language)
-                .bind(cols.text)
-                .bind(cols.received_at)
-                .bind(shard)
-                .fetch_one(&mut *tx)
+        if !grants.is_empty() {
+            let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
+                .bind(grants.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+                .bind(grants.iter().map(|s| s.customer.get()).collect::<Vec<_>>())
+                .bind(vec![Decision::Granted.as_str(); grants.len()])
+                .bind(grants.iter().map(|s| s.epoch).collect::<Vec<_>>())
+                .bind(grants.iter().map(|s| time_of(s.decided_at_us)).collect::<Vec<_>>())
+                .fetch_all(&mut *tx)
                 .await?;
-            applied.inserted = inserted.unsigned_abs();
+            applied.fenced += (grants.len() - took.len()) as u64;
+            applied.granted = took.into_iter().collect();
+            let written: Vec<&DialogState> = grants
+                .into_iter()
+                .filter(|s| applied.granted.contains(&s.dialog.get()))
+                .collect();
+            let count = written.iter().map(|s| s.messages.len()).sum();
+            if count > 0 {
+                let mut cols = MessageColumns::with_capacity(count);
+                for s in &written {
+                    for m in &s.messages {
+                        cols.dialog_id.push(s.dialog.get());
+                        cols.seq.push(m.seq);
+                        cols.customer_id.push(s.customer.get());
+                        cols.language.push(&m.language);
+                        cols.text.push(&m.text);
+                        cols.received_at.push(time_of(m.received_at_us));
+                    }
+                }
+                let inserted: i64 = sqlx::query_scalar(INSERT_MESSAGES)
+                    .bind(cols.dialog_id)
+                    .bind(cols.seq)
+                    .bind(cols.customer_id)
+                    .bind(cols.language)
+                    .bind(cols.text)
+                    .bind(cols.received_at)
+                    .bind(shard)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                applied.inserted = inserted.unsigned_abs();
+            }
         }
         tx.commit().await?;
         Ok(applied)
     }
 
-    /// A dialog PostgreSQL holds as granted: its customer and last stored seq. Used when
-    /// Redis has forgotten a dialog that a consent call names.
-    pub async fn granted_dialog(&self, dialog: DialogId) -> Result<Option<(CustomerId, i64)>, StoreError> {
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT customer_id, coalesce((SELECT max(seq) FROM messages WHERE dialog_id = $1), 0) \
-             FROM dialogs WHERE dialog_id = $1 AND decision = 'granted'",
-        )
-        .bind(dialog.get())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|(customer, last_seq)| (CustomerId::from_stored(customer), last_seq)))
+    /// The dialog if PostgreSQL holds it as granted: its customer and last stored seq.
+    /// Used when Redis has forgotten a dialog that a request names.
+    pub async fn granted_dialog(&self, dialog: DialogId) -> Result<Option<GrantedDialog>, StoreError> {
+        let row: Option<GrantedRow> = sqlx::query_as(GRANTED_DIALOG)
+            .bind(dialog.get())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| GrantedDialog {
+            customer: CustomerId::from_stored(r.customer_id),
+            last_seq: r.last_seq,
+        }))
+    }
+
+    /// [`Store::granted_dialog`] for the ingest path, which must never wait on
+    /// PostgreSQL: at most [`PROBE_TIMEOUT`], and after a failure not asked at all for
+    /// [`PROBE_BACKOFF`]. `Err` means "could not find out".
+    pub async fn granted_dialog_quickly(&self, dialog: DialogId) -> Result<Option<GrantedDialog>, StoreError> {
+        if now_ms() < self.probe_closed_until_ms.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+        }
+        // On a task of its own: a query is never dropped half-way on its connection.
+        let store = self.clone();
+        let lookup = tokio::spawn(async move { store.granted_dialog(dialog).await });
+        let result = match tokio::time::timeout(PROBE_TIMEOUT, lookup).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(StoreError::Task(join)),
+            Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
+        };
+        if result.is_err() {
+            let until = now_ms().saturating_add(u64::try_from(PROBE_BACKOFF.as_millis()).unwrap_or(u64::MAX));
+            self.probe_closed_until_ms.store(until, Ordering::Relaxed);
+        }
+        result
     }
 
     /// One page in newest-first order and the exact number of matching messages, read
@@ -413,50 +506,58 @@ SET customer_id = EXCLUDED.customer_id, decision = EXCLUDED.decision,
 WHERE dialogs.epoch <= EXCLUDED.epoch
 RETURNING dialog_id";
 
-/// Adds `$sign * count` of the rows in CTE `changed` to every counter they belong to, in
-/// the shard given by parameter `$shard`, in key order (one lock order for all writers).
-macro_rules! count_changes {
-    ($changed:literal, $sign:literal, $shard:literal) => {
-        concat!(
-            "WITH changed AS (",
-            $changed,
-            " RETURNING customer_id, lower(language) AS language),
-delta AS (
+/// Bulk insert of one batch's messages; returns how many were new. The same statement
+/// adds the inserted rows to every counter they belong to (per customer and language,
+/// per customer, per language, in total; `-1` / `''` mean "any"), in the shard `$7`, in
+/// key order (one lock order for all writers).
+const INSERT_MESSAGES: &str = "\
+WITH changed AS (
+    INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
+    SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[])
+    ON CONFLICT (dialog_id, seq) DO NOTHING
+    RETURNING customer_id, lower(language) AS language
+), delta AS (
     SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
     FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
     HAVING count(*) > 0
 ), bumped AS (
     INSERT INTO message_counts (customer_id, language, shard, n)
-    SELECT customer_id, language, ",
-            $shard,
-            "::int2, ",
-            $sign,
-            " n FROM delta ORDER BY customer_id, language
+    SELECT customer_id, language, $7::int2, n FROM delta ORDER BY customer_id, language
     ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
 )
 SELECT n FROM delta WHERE customer_id = -1 AND language = ''
-UNION ALL SELECT 0 LIMIT 1"
-        )
-    };
+UNION ALL SELECT 0 LIMIT 1";
+
+/// Erasure of refused dialogs: every message of the dialogs `$1`, whatever its seq,
+/// subtracted from the counters in shard `$2`; returns how many were deleted.
+/// `dialog_id = ANY($1)` is a primary-key index scan in the generic plan too (a join
+/// against `UNNEST` was planned as a sequential scan of `messages`).
+const DELETE_DIALOGS_MESSAGES: &str = "\
+WITH changed AS (
+    DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
+    RETURNING customer_id, lower(language) AS language
+), delta AS (
+    SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped AS (
+    INSERT INTO message_counts (customer_id, language, shard, n)
+    SELECT customer_id, language, $2::int2, -n FROM delta ORDER BY customer_id, language
+    ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+)
+SELECT n FROM delta WHERE customer_id = -1 AND language = ''
+UNION ALL SELECT 0 LIMIT 1";
+
+/// A granted dialog's customer and last stored seq (a backward primary-key scan).
+const GRANTED_DIALOG: &str = "\
+SELECT customer_id, coalesce((SELECT max(seq) FROM messages WHERE dialog_id = $1), 0) AS last_seq
+FROM dialogs WHERE dialog_id = $1 AND decision = 'granted'";
+
+#[derive(sqlx::FromRow)]
+struct GrantedRow {
+    customer_id: i64,
+    last_seq: i64,
 }
-
-/// Bulk insert of one batch's messages; returns how many were new.
-const INSERT_MESSAGES: &str = count_changes!(
-    "INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
-    SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[])
-    ON CONFLICT (dialog_id, seq) DO NOTHING",
-    "",
-    "$7"
-);
-
-/// Erasure of refused messages: per dialog, every seq up to its `erased_through`;
-/// returns how many were deleted.
-const DELETE_MESSAGES: &str = count_changes!(
-    "DELETE FROM messages m USING UNNEST($1::int8[], $2::int8[]) AS e(dialog_id, erased_through)
-    WHERE m.dialog_id = e.dialog_id AND m.seq <= e.erased_through",
-    "-",
-    "$3"
-);
 
 /// Four variants per statement, one per filter form (see [`Filter::form`]), so each is
 /// planned for its own index.

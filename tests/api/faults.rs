@@ -67,10 +67,11 @@ async fn kill_9_during_traffic_then_restart_loses_and_doubles_nothing() {
 }
 
 #[tokio::test]
-async fn a_flusher_killed_between_commit_and_ack_is_taken_over_at_once_by_its_restart() {
+async fn a_flusher_killed_between_commit_and_ack_is_finished_by_its_restart_after_the_claim_idle_time() {
     let mut settings = test_settings();
-    // Far beyond the test's wait: only the restarted process's own lease can recover it.
-    settings.flush_claim_idle = Duration::from_secs(120);
+    // Every start reads under new consumer names: the dead process's pending entry is
+    // claimed once it has been idle this long.
+    settings.flush_claim_idle = Duration::from_secs(2);
     let app = stores(&settings).await;
     let mut crashing = Dapi::start(&settings, &["serve"], &[("DAPI_FAILPOINT", "crash-after-commit")]).await;
     let base = crashing.base.clone().unwrap();
@@ -96,14 +97,9 @@ async fn a_flusher_killed_between_commit_and_ack_is_taken_over_at_once_by_its_re
         .expect("the failpoint aborts the process");
     assert!(!status.success());
     assert_eq!(app.stored_seqs(42).await, [1, 2, 3], "committed before the crash");
-    let started = Instant::now();
     let _restarted = Dapi::start(&settings, &["serve"], &[]).await;
 
     app.wait_for_empty_queue().await;
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "taken back at once, not after the claim timeout"
-    );
     assert_eq!(app.stored_seqs(42).await, [1, 2, 3]);
     assert_eq!(app.get_json("/data/").await["count"], 3);
     let mut conn = app.redis.clone();
@@ -120,7 +116,7 @@ async fn a_dead_consumers_entries_are_claimed_by_another_process_after_the_idle_
     let mut settings = test_settings();
     settings.flush_claim_idle = Duration::from_millis(800);
     let app = stores(&settings).await;
-    // Another host's flusher, so the lease cannot hand its name over: only XAUTOCLAIM can.
+    // A flusher of another host (names never repeat anyway): only XAUTOCLAIM recovers.
     let mut crashing = Dapi::start(
         &settings,
         &["serve"],

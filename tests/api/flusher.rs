@@ -23,6 +23,7 @@ fn queue(app: &TestApp, consumer: &str, claim_idle: Duration) -> FlushQueue {
         consumer.to_owned(),
         claim_idle,
         Duration::from_millis(100),
+        app.settings.staging_ttl,
     )
     .unwrap()
 }
@@ -92,8 +93,8 @@ async fn messages_that_arrive_during_a_flush_are_kept_and_flushed_next() {
     let batch = flusher.next_batch().await.unwrap().unwrap();
 
     app.stage(1, 2, "during", "EN").await; // after the snapshot, before the finish
-    flusher.store_batch(&batch).await.unwrap();
-    flusher.finish_batch(&batch).await.unwrap();
+    let applied = flusher.store_batch(&batch).await.unwrap();
+    flusher.finish_batch(&batch, &applied).await.unwrap();
 
     assert_eq!(app.stored_seqs(2).await, [1]);
     assert!(matches!(flusher.flush_once().await.unwrap(), Outcome::Flushed { .. }));

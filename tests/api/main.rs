@@ -5,6 +5,7 @@
 mod access;
 mod binary;
 mod consent;
+mod edges;
 mod faults;
 mod flusher;
 mod fuzz;

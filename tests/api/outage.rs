@@ -15,7 +15,7 @@ use sqlx::postgres::PgPoolOptions;
 use crate::helpers::{TestApp, assert_problem, spawn_app};
 
 /// Serves the API of `app`'s Redis prefix with a PostgreSQL that cannot be reached.
-async fn without_postgres(app: &TestApp) -> String {
+pub async fn without_postgres(app: &TestApp) -> String {
     let pool = PgPoolOptions::new()
         .acquire_timeout(Duration::from_millis(500))
         .connect_lazy("postgres://postgres@127.0.0.1:1/unreachable")

@@ -1,18 +1,22 @@
 //! The store's fenced write, driven directly: the orders of commits that the HTTP tests
 //! cannot force.
 
-use dapi::domain::{CustomerId, Decision, DialogId, DialogState, StagedMessage};
+use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage};
 
 use crate::helpers::{TestApp, spawn_app_with, test_settings};
 
-fn state(decision: Decision, epoch: i64, erased_through: i64, seqs: &[i64]) -> DialogState {
+/// Dialog 1's state at `epoch`, carrying the unconfirmed refusal of epoch `refused` (if any).
+fn state(decision: Decision, epoch: i64, refused: Option<i64>, seqs: &[i64]) -> DialogState {
     DialogState {
         dialog: DialogId::from_stored(1),
         customer: CustomerId::from_stored(9),
         decision,
         epoch,
         decided_at_us: 1_795_000_000_000_000,
-        erased_through,
+        unerased_refusal: refused.map(|epoch| Refusal {
+            epoch,
+            decided_at_us: 1_795_000_000_000_000,
+        }),
         messages: seqs
             .iter()
             .map(|&seq| StagedMessage {
@@ -39,16 +43,20 @@ async fn app() -> TestApp {
 #[tokio::test]
 async fn a_stale_grant_cannot_write_after_a_refusal() {
     let app = app().await;
-    app.store.apply(&[state(Decision::Refused, 2, 3, &[])]).await.unwrap();
+    app.store
+        .apply(&[state(Decision::Refused, 2, Some(2), &[])])
+        .await
+        .unwrap();
 
     // A flusher that read the dialog under the grant of epoch 1 commits late.
     let applied = app
         .store
-        .apply(&[state(Decision::Granted, 1, 0, &[1, 2, 3])])
+        .apply(&[state(Decision::Granted, 1, None, &[1, 2, 3])])
         .await
         .unwrap();
 
     assert_eq!((applied.inserted, applied.fenced), (0, 1));
+    assert!(applied.granted.is_empty(), "a fenced grant wrote nothing to trim");
     assert_eq!(app.stored_seqs(1).await, Vec::<i64>::new());
 }
 
@@ -56,32 +64,64 @@ async fn a_stale_grant_cannot_write_after_a_refusal() {
 async fn a_refusal_that_never_reached_postgresql_is_completed_by_the_next_grant() {
     let app = app().await;
     app.store
-        .apply(&[state(Decision::Granted, 1, 0, &[1, 2, 3])])
+        .apply(&[state(Decision::Granted, 1, None, &[1, 2, 3])])
         .await
         .unwrap();
 
     // Refused at epoch 2 while PostgreSQL was away, granted again at epoch 3, one more
-    // message: the flusher's write carries the refusal's horizon.
-    app.store.apply(&[state(Decision::Granted, 3, 3, &[4])]).await.unwrap();
+    // message: the flusher's write carries the unconfirmed refusal and applies it first.
+    let applied = app
+        .store
+        .apply(&[state(Decision::Granted, 3, Some(2), &[4])])
+        .await
+        .unwrap();
 
+    assert_eq!((applied.erased, applied.inserted), (3, 1));
     assert_eq!(app.stored_seqs(1).await, [4]);
     assert_eq!(app.get_json("/data/").await["count"], 1);
 }
 
 #[tokio::test]
-async fn a_refusal_that_loses_the_row_to_a_newer_grant_still_erases_what_it_refused() {
+async fn a_late_refusal_write_under_an_older_epoch_leaves_the_newer_grant_alone() {
     let app = app().await;
     app.store
-        .apply(&[state(Decision::Granted, 1, 0, &[1, 2, 3])])
+        .apply(&[state(Decision::Granted, 1, None, &[1, 2, 3])])
         .await
         .unwrap();
-    // The grant of epoch 3 commits first, from a snapshot taken before the refusal's
-    // horizon reached it (the worst case).
-    app.store.apply(&[state(Decision::Granted, 3, 0, &[4])]).await.unwrap();
+    // The grant of epoch 3 (which carried the refusal of epoch 2) committed first.
+    app.store
+        .apply(&[state(Decision::Granted, 3, Some(2), &[4])])
+        .await
+        .unwrap();
 
-    let applied = app.store.apply(&[state(Decision::Refused, 2, 3, &[])]).await.unwrap();
+    // The refusal handler's own write of epoch 2 arrives late.
+    let applied = app
+        .store
+        .apply(&[state(Decision::Refused, 2, Some(2), &[])])
+        .await
+        .unwrap();
 
-    assert_eq!((applied.fenced, applied.erased), (1, 3));
+    assert_eq!((applied.fenced, applied.erased), (1, 0));
     assert_eq!(app.stored_seqs(1).await, [4]);
     assert_eq!(app.get_json("/data/").await["count"], 1);
+}
+
+#[tokio::test]
+async fn a_refusal_erases_every_stored_message_whatever_its_seq() {
+    let app = app().await;
+    // Seqs far beyond anything Redis counts now: an earlier incarnation of the dialog.
+    app.store
+        .apply(&[state(Decision::Granted, 1, None, &[1, 2, 40, 41])])
+        .await
+        .unwrap();
+
+    let applied = app
+        .store
+        .apply(&[state(Decision::Refused, 5, Some(5), &[])])
+        .await
+        .unwrap();
+
+    assert_eq!(applied.erased, 4);
+    assert_eq!(app.stored_seqs(1).await, Vec::<i64>::new());
+    assert_eq!(app.get_json("/data/").await["count"], 0);
 }

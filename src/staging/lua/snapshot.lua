@@ -1,17 +1,23 @@
 -- Read the state of a batch's dialogs in one atomic step, within a byte budget.
 -- KEYS: per dialog: meta, msgs
 -- ARGV: 1 most messages per dialog, 2 byte budget for all messages together
--- Returns per dialog {customer, decision, epoch, decided-at, erased-through, {messages}};
--- fields of a forgotten dialog are nil. Only a granted dialog's messages are read. The
--- budget stops reading once reached (the first message always fits), so a batch of
--- large texts stays bounded; the flusher re-queues what it did not read.
+-- Returns per dialog {customer, decision, epoch, decided-at, unerased refusal's epoch,
+-- its decided-at, unverified, {messages}}; fields of a forgotten dialog are nil, and the
+-- caller checks every field (a dialog it cannot read is set aside, not failed on).
+-- Only a granted, settled dialog's messages are read. The budget stops reading once
+-- reached (the first message always fits), so a batch of large texts stays bounded; the
+-- flusher re-queues what it did not read.
 local max, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
 local used = 0
 local out = {}
 for i = 1, #KEYS / 2 do
-  local meta = redis.call('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'z')
+  local meta = redis.call('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'x', 'xt', 'u', 'z')
+  -- A refusal staged by a dapi before `x` existed kept `z` instead; erase it as unconfirmed.
+  if meta[2] == 'r' and not meta[5] and meta[8] then
+    meta[5], meta[6] = meta[3], meta[4]
+  end
   local msgs = {}
-  if meta[2] == 'g' then
+  if meta[2] == 'g' and meta[7] ~= '1' then
     local start = 0
     while #msgs < max and used < budget do
       local chunk = redis.call('LRANGE', KEYS[2 * i], start, start + 63)
@@ -24,6 +30,6 @@ for i = 1, #KEYS / 2 do
       start = start + 64
     end
   end
-  out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], msgs}
+  out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], msgs}
 end
 return out

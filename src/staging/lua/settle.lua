@@ -1,0 +1,32 @@
+-- Settle a dialog that was staged while PostgreSQL could not be asked about it (marked
+-- `u` by ingest.lua), with what PostgreSQL says now. Atomic.
+-- If PostgreSQL holds the dialog as granted, its seq continues after PostgreSQL's last:
+-- every staged message is renumbered, `n` moves on, and a dialog still pending is
+-- granted again (that grant still stands). Otherwise the dialog simply is what Redis
+-- says. Either way `u` goes.
+-- KEYS: 1 meta, 2 msgs
+-- ARGV: 1 '1' when PostgreSQL holds a grant, 2 its customer id, 3 its last seq
+-- Returns 1 settled, 0 nothing to settle (settled already, or forgotten), -1 PostgreSQL
+-- holds the dialog under another customer (left unsettled for the caller to set aside).
+local meta = redis.call('HMGET', KEYS[1], 'u', 'c', 'd')
+if meta[1] ~= '1' then return 0 end
+if ARGV[1] == '1' then
+  if meta[2] ~= ARGV[2] then return -1 end
+  local last = tonumber(ARGV[3])
+  if last > 0 then
+    local items = redis.call('LRANGE', KEYS[2], 0, -1)
+    if #items > 0 then
+      local ttl = redis.call('PTTL', KEYS[2])
+      redis.call('DEL', KEYS[2])
+      for _, item in ipairs(items) do
+        local seq, rest = string.match(item, '^(%d+)(:.*)$')
+        redis.call('RPUSH', KEYS[2], string.format('%d', tonumber(seq) + last) .. rest)
+      end
+      if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+    end
+    redis.call('HINCRBY', KEYS[1], 'n', last)
+  end
+  if meta[3] == 'p' then redis.call('HSET', KEYS[1], 'd', 'g') end
+end
+redis.call('HDEL', KEYS[1], 'u')
+return 1

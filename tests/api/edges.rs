@@ -1,0 +1,430 @@
+//! The edges of the guarantees (issue 8): each hole a review found, replayed
+//! deterministically against the real stores by driving the flusher through its seams
+//! (`next_batch`, `store_batch`, `finish_batch`). Redis forgetting is a `DEL`; a
+//! PostgreSQL outage is a second API on the same Redis whose PostgreSQL is unreachable.
+
+use std::time::Duration;
+
+use dapi::app::Roles;
+use dapi::domain::{CustomerId, Decision, DialogId, DialogState};
+use dapi::flusher::{Flusher, Outcome};
+use dapi::staging::{FlushQueue, unique_consumer_name};
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
+use crate::outage::without_postgres;
+
+/// The API without flushers: the test drives every flush itself.
+async fn api_only() -> TestApp {
+    spawn_app_with(
+        test_settings(),
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await
+}
+
+fn flusher(app: &TestApp) -> Flusher {
+    let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
+    let queue = FlushQueue::new(
+        client,
+        app.keys.clone(),
+        unique_consumer_name("edges"),
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        app.settings.staging_ttl,
+    )
+    .unwrap();
+    Flusher::new(queue, app.store.clone(), 64)
+}
+
+/// Runs rounds until one finds nothing to do.
+async fn drain(flusher: &mut Flusher) {
+    for _ in 0..50 {
+        if flusher.flush_once().await.unwrap() == Outcome::Idle {
+            return;
+        }
+    }
+    panic!("the queue never drained");
+}
+
+async fn meta_field(app: &TestApp, dialog: i64, field: &str) -> Option<String> {
+    let mut conn = app.redis.clone();
+    redis::cmd("HGET")
+        .arg(app.keys.meta(dialog))
+        .arg(field)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+async fn pttl(app: &TestApp, key: &str) -> i64 {
+    let mut conn = app.redis.clone();
+    redis::cmd("PTTL").arg(key).query_async(&mut conn).await.unwrap()
+}
+
+/// Redis forgets the dialog (a restart without persistence, a failover, an expiry).
+async fn forget(app: &TestApp, dialog: i64) {
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.meta(dialog))
+        .arg(app.keys.msgs(dialog))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+async fn stored_texts(app: &TestApp, dialog: i64) -> Vec<String> {
+    sqlx::query_scalar("SELECT text FROM messages WHERE dialog_id = $1 ORDER BY seq")
+        .bind(dialog)
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap()
+}
+
+async fn post_to(app: &TestApp, base: &str, path: &str, body: serde_json::Value) -> reqwest::Response {
+    app.http.post(format!("{base}{path}")).json(&body).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn hole_1_a_fenced_flush_keeps_the_messages_it_did_not_write() {
+    let app = api_only().await;
+    for text in ["a", "b", "c"] {
+        app.stage(1, 10, text, "EN").await;
+    }
+    app.consent(10, true).await;
+    // Flusher A reads the dialog under the grant's epoch and is slow.
+    let mut slow = flusher(&app);
+    let batch = slow.next_batch().await.unwrap().expect("the grant queued the dialog");
+
+    // A second grant moves the epoch on, and another flusher commits the dialog's row
+    // under it with none of its messages (its batch's byte budget went elsewhere).
+    assert_eq!(app.consent(10, true).await.status(), StatusCode::ACCEPTED);
+    let epoch: i64 = meta_field(&app, 10, "e").await.unwrap().parse().unwrap();
+    let newer = DialogState {
+        dialog: DialogId::from_stored(10),
+        customer: CustomerId::from_stored(1),
+        decision: Decision::Granted,
+        epoch,
+        decided_at_us: 0,
+        unerased_refusal: None,
+        messages: Vec::new(),
+    };
+    app.store.apply(&[newer]).await.unwrap();
+
+    // A commits: fenced, so nothing of the dialog is written — and nothing trimmed.
+    let applied = slow.store_batch(&batch).await.unwrap();
+    assert_eq!((applied.fenced, applied.inserted), (1, 0));
+    slow.finish_batch(&batch, &applied).await.unwrap();
+
+    let mut conn = app.redis.clone();
+    let staged: usize = redis::cmd("LLEN")
+        .arg(app.keys.msgs(10))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(staged, 3, "the acknowledged messages are still staged");
+    drain(&mut slow).await;
+    assert_eq!(app.stored_seqs(10).await, [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn hole_2_a_refusal_outlives_a_postgresql_outage_longer_than_the_ttl() {
+    let mut settings = test_settings();
+    settings.staging_ttl = Duration::from_secs(2);
+    let app = spawn_app_with(
+        settings,
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 20, "refused text", "EN").await;
+    app.consent(20, true).await;
+    drain(&mut flusher).await;
+    assert_eq!(app.stored_seqs(20).await, [1]);
+
+    let broken = without_postgres(&app).await;
+    let refusal = post_to(&app, &broken, "/consents/20", json!(false)).await;
+    assert_problem(refusal, StatusCode::SERVICE_UNAVAILABLE, "erasure_pending").await;
+
+    // The outage outlasts the TTL: the refusal's state must not expire meanwhile.
+    assert_eq!(pttl(&app, &app.keys.meta(20)).await, -1, "no expiry while unerased");
+    tokio::time::sleep(Duration::from_millis(2500)).await; // Redis's clock, not ours
+    assert!(meta_field(&app, 20, "x").await.is_some(), "still remembered");
+
+    // PostgreSQL is back (the flusher reaches it): the erasure completes, and only
+    // then does the refusal's TTL start.
+    drain(&mut flusher).await;
+    assert_eq!(app.stored_seqs(20).await, Vec::<i64>::new());
+    assert!(meta_field(&app, 20, "x").await.is_none());
+    assert!(pttl(&app, &app.keys.meta(20)).await > 0);
+
+    // Once forgotten, the dialog starts again at seq 1 and holds only its new text.
+    forget(&app, 20).await;
+    assert_eq!(app.stage(1, 20, "new text", "EN").await, 1);
+    app.consent(20, true).await;
+    drain(&mut flusher).await;
+    assert_eq!(stored_texts(&app, 20).await, ["new text"]);
+}
+
+#[tokio::test]
+async fn hole_3_a_stale_refusal_never_deletes_a_later_incarnations_rows() {
+    let app = api_only().await;
+    let mut stale = flusher(&app);
+    app.stage(1, 30, "first life", "EN").await;
+    app.consent(30, true).await;
+    drain(&mut stale).await;
+
+    // Refused while PostgreSQL is away; a flusher reads the refusal and stalls.
+    let broken = without_postgres(&app).await;
+    let refusal = post_to(&app, &broken, "/consents/30", json!(false)).await;
+    assert_eq!(refusal.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let batch = stale.next_batch().await.unwrap().expect("the refusal queued an entry");
+
+    // The client repeats the refusal (which completes), Redis forgets the dialog, and it
+    // lives again: new message, grant, flushed by another flusher.
+    assert_eq!(app.consent(30, false).await.status(), StatusCode::OK);
+    forget(&app, 30).await;
+    assert_eq!(app.stage(1, 30, "second life", "EN").await, 1);
+    app.consent(30, true).await;
+    drain(&mut flusher(&app)).await;
+    assert_eq!(stored_texts(&app, 30).await, ["second life"]);
+
+    // The stale flusher wakes up.
+    let applied = stale.store_batch(&batch).await.unwrap();
+    stale.finish_batch(&batch, &applied).await.unwrap();
+
+    assert_eq!(applied.erased, 0);
+    assert_eq!(stored_texts(&app, 30).await, ["second life"]);
+}
+
+#[tokio::test]
+async fn hole_4_a_refusal_erases_the_whole_dialog_not_a_seq_range() {
+    let app = api_only().await;
+    let mut flusher = flusher(&app);
+    for text in ["a", "b", "c"] {
+        app.stage(1, 40, text, "EN").await;
+    }
+    app.consent(40, true).await;
+    drain(&mut flusher).await;
+    // Redis forgets it while PostgreSQL is away: the next message starts over at seq 1.
+    forget(&app, 40).await;
+    let broken = without_postgres(&app).await;
+    let staged = post_to(&app, &broken, "/data/1/40", json!({"text": "d", "language": "EN"})).await;
+    assert_eq!(staged.status(), StatusCode::ACCEPTED);
+
+    assert_eq!(app.consent(40, false).await.status(), StatusCode::OK);
+
+    assert_eq!(app.stored_seqs(40).await, Vec::<i64>::new());
+    assert_eq!(app.get_json("/data/").await["count"], 0);
+}
+
+#[tokio::test]
+async fn hole_5_a_granted_dialog_redis_forgot_continues_its_seq_without_a_new_consent() {
+    let app = api_only().await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 50, "one", "EN").await;
+    app.stage(1, 50, "two", "EN").await;
+    app.consent(50, true).await;
+    drain(&mut flusher).await;
+    forget(&app, 50).await;
+
+    let response = app
+        .post_json("/data/1/50", &json!({"text": "three", "language": "EN"}))
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        (body["seq"].as_i64(), body["consent"].as_str()),
+        (Some(3), Some("granted"))
+    );
+    // Another customer cannot take the dialog over through the revival.
+    let other = app
+        .post_json("/data/2/50", &json!({"text": "x", "language": "EN"}))
+        .await;
+    assert_problem(other, StatusCode::CONFLICT, "customer_mismatch").await;
+
+    drain(&mut flusher).await;
+    assert_eq!(stored_texts(&app, 50).await, ["one", "two", "three"]);
+}
+
+#[tokio::test]
+async fn hole_5_while_postgresql_is_away_ingest_still_answers_and_the_flusher_settles_later() {
+    let app = api_only().await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 51, "one", "EN").await;
+    app.consent(51, true).await;
+    drain(&mut flusher).await;
+    forget(&app, 51).await;
+
+    // Ingest never waits on PostgreSQL: the message is staged as unverified.
+    let broken = without_postgres(&app).await;
+    for text in ["two", "three"] {
+        let staged = post_to(&app, &broken, "/data/1/51", json!({"text": text, "language": "EN"})).await;
+        assert_eq!(staged.status(), StatusCode::ACCEPTED);
+    }
+    assert_eq!(meta_field(&app, 51, "u").await.as_deref(), Some("1"));
+
+    // PostgreSQL answers again: the flusher settles the dialog (granted, seqs after the
+    // stored ones) and flushes it, without a new consent.
+    drain(&mut flusher).await;
+    assert_eq!(app.stored_seqs(51).await, [1, 2, 3]);
+    assert_eq!(stored_texts(&app, 51).await, ["one", "two", "three"]);
+    assert_eq!(app.stage(1, 51, "four", "EN").await, 4);
+}
+
+#[tokio::test]
+async fn hole_6_every_key_dapi_writes_expires_except_the_flush_stream() {
+    let app = api_only().await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 60, "pending", "EN").await;
+    app.stage(1, 61, "granted", "EN").await;
+    app.consent(61, true).await;
+    app.stage(1, 62, "refused", "EN").await;
+    app.consent(62, false).await;
+    app.stage(1, 63, "refused then granted", "EN").await;
+    app.consent(63, false).await;
+    app.consent(63, true).await;
+    app.stage(1, 63, "after the grant", "EN").await;
+    drain(&mut flusher).await;
+    app.stage(1, 61, "granted, later", "EN").await;
+
+    let mut conn = app.redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(app.keys.pattern())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.len() > 5, "{keys:?}");
+    for key in keys {
+        if key == app.keys.flush_stream() {
+            continue;
+        }
+        assert!(pttl(&app, &key).await > 0, "{key} never expires");
+    }
+}
+
+#[tokio::test]
+async fn hole_7_an_unreadable_dialog_is_set_aside_and_the_rest_of_its_batch_flushed() {
+    let app = api_only().await;
+    for dialog in [70, 71, 72] {
+        app.stage(1, dialog, "hello", "EN").await;
+        app.consent(dialog, true).await;
+    }
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys.meta(71))
+        .arg("d")
+        .arg("?")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg(app.keys.msgs(72))
+        .arg(b"not:a:message".as_slice())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    drain(&mut flusher(&app)).await;
+
+    assert_eq!(app.stored_seqs(70).await, [1]);
+    let index: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(app.keys.quarantine_index())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(index.len(), 2, "{index:?}");
+    assert!(index["71"].contains("decision"), "{index:?}");
+    assert!(index["72"].contains("message"), "{index:?}");
+    let kept: i64 = redis::cmd("EXISTS")
+        .arg(app.keys.quarantined_meta(71))
+        .arg(app.keys.quarantined_msgs(72))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, 2, "set aside as they were, for an operator");
+    app.wait_for_empty_queue().await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("dapi_flush_quarantined_total"), "counted in /metrics");
+}
+
+#[tokio::test]
+async fn a_refusal_whose_erasure_fails_for_any_reason_answers_503_never_500() {
+    let app = api_only().await;
+    app.stage(1, 80, "x", "EN").await;
+    // Not an outage: PostgreSQL answers, with an error dapi does not class as one.
+    sqlx::query("ALTER TABLE dialogs ADD CONSTRAINT no_refusals CHECK (decision <> 'refused') NOT VALID")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+
+    let refusal = app.consent(80, false).await;
+
+    assert_problem(refusal, StatusCode::SERVICE_UNAVAILABLE, "erasure_pending").await;
+    let later = app
+        .post_json("/data/1/80", &json!({"text": "y", "language": "EN"}))
+        .await;
+    assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
+}
+
+#[tokio::test]
+async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_runs() {
+    let mut settings = test_settings();
+    settings.flush_claim_idle = Duration::from_millis(300);
+    let app = spawn_app_with(
+        settings,
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+    let queue = |name: &str| {
+        let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
+        let queue = FlushQueue::new(
+            client,
+            app.keys.clone(),
+            name.to_owned(),
+            app.settings.flush_claim_idle,
+            Duration::from_millis(50),
+            app.settings.staging_ttl,
+        )
+        .unwrap();
+        Flusher::new(queue, app.store.clone(), 64)
+    };
+    let (mut slow, mut other) = (queue("slow"), queue("other"));
+    app.stage(1, 90, "a", "EN").await;
+    app.consent(90, true).await;
+    drain(&mut slow).await;
+    app.stage(1, 90, "b", "EN").await;
+    let batch = slow.next_batch().await.unwrap().unwrap();
+
+    // PostgreSQL is slow: the dialog's row is locked for four claim idle times.
+    let mut lock = app.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM dialogs WHERE dialog_id = 90 FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let write = tokio::spawn(async move {
+        let applied = slow.store_batch(&batch).await.unwrap();
+        (slow, batch, applied)
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await; // Redis measures the idle time
+    assert_eq!(
+        other.flush_once().await.unwrap(),
+        Outcome::Idle,
+        "the batch was claimed"
+    );
+    lock.rollback().await.unwrap();
+
+    let (mut slow, batch, applied) = write.await.unwrap();
+    slow.finish_batch(&batch, &applied).await.unwrap();
+    assert_eq!(app.stored_seqs(90).await, [1, 2]);
+}
