@@ -52,6 +52,14 @@ use time::OffsetDateTime;
 
 use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState, Refusal};
 
+pub mod sql;
+
+use sql::{
+    AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DELETE_DIALOGS_MESSAGES,
+    GRANTED_DIALOG, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE, PING,
+    UPSERT_DIALOGS,
+};
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +131,7 @@ pub struct GrantedDialog {
 }
 
 /// A consented message as readers see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StoredMessage {
     pub customer_id: i64,
     pub dialog_id: i64,
@@ -153,8 +161,24 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn form(&self) -> usize {
-        usize::from(self.language.is_some()) | (usize::from(self.customer.is_some()) << 1)
+    /// The page statement for this filter's form.
+    fn page_statement(&self) -> &'static str {
+        match (&self.language, self.customer) {
+            (None, None) => PAGE_ALL,
+            (Some(_), None) => PAGE_BY_LANGUAGE,
+            (None, Some(_)) => PAGE_BY_CUSTOMER,
+            (Some(_), Some(_)) => PAGE_BY_CUSTOMER_LANGUAGE,
+        }
+    }
+
+    /// The cursor statement for this filter's form.
+    fn after_statement(&self) -> &'static str {
+        match (&self.language, self.customer) {
+            (None, None) => AFTER_ALL,
+            (Some(_), None) => AFTER_BY_LANGUAGE,
+            (None, Some(_)) => AFTER_BY_CUSTOMER,
+            (Some(_), Some(_)) => AFTER_BY_CUSTOMER_LANGUAGE,
+        }
     }
 }
 
@@ -219,7 +243,7 @@ impl Store {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query(PING).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -377,24 +401,25 @@ impl Store {
         offset: i64,
         limit: i64,
     ) -> Result<(i64, Vec<StoredMessage>), StoreError> {
-        let rows: Vec<PageRow> = sqlx::query_as(PAGE[filter.form()])
+        let rows: Vec<PageRow> = sqlx::query_as(filter.page_statement())
             .bind(limit)
             .bind(offset)
             .bind(filter.language.as_deref())
             .bind(filter.customer.map(CustomerId::get))
             .fetch_all(&self.pool)
             .await?;
-        let count = rows.first().map_or(0, |r| r.0);
+        let count = rows.first().map_or(0, |r| r.count);
+        // Past the last page the count's row comes alone, its message columns NULL.
         let messages = rows
             .into_iter()
-            .filter_map(|(_, customer_id, dialog_id, seq, text, language, received_at)| {
+            .filter_map(|r| {
                 Some(StoredMessage {
-                    customer_id: customer_id?,
-                    dialog_id: dialog_id?,
-                    seq: seq?,
-                    text: text?,
-                    language: language?,
-                    received_at: received_at?,
+                    customer_id: r.customer_id?,
+                    dialog_id: r.dialog_id?,
+                    seq: r.seq?,
+                    text: r.text?,
+                    language: r.language?,
+                    received_at: r.received_at?,
                 })
             })
             .collect();
@@ -413,7 +438,7 @@ impl Store {
             Some(c) => (time_of(c.received_at_us), c.dialog_id, c.seq),
             None => (time::macros::datetime!(9999-12-31 23:59:59 UTC), i64::MAX, i64::MAX),
         };
-        let mut query = sqlx::query_as(AFTER[filter.form()])
+        let mut query = sqlx::query_as(filter.after_statement())
             .bind(limit)
             .bind(at)
             .bind(dialog)
@@ -424,32 +449,27 @@ impl Store {
         if let Some(customer) = filter.customer {
             query = query.bind(customer.get());
         }
-        let rows: Vec<(i64, i64, i64, String, String, OffsetDateTime)> = query.fetch_all(&self.pool).await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(customer_id, dialog_id, seq, text, language, received_at)| StoredMessage {
-                    customer_id,
-                    dialog_id,
-                    seq,
-                    text,
-                    language,
-                    received_at,
-                },
-            )
-            .collect())
+        Ok(query.fetch_all(&self.pool).await?)
     }
 }
 
-type PageRow = (
-    i64,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-    Option<OffsetDateTime>,
-);
+/// A row of a page statement: the count, and a message unless the page is empty.
+#[derive(sqlx::FromRow)]
+struct PageRow {
+    count: i64,
+    customer_id: Option<i64>,
+    dialog_id: Option<i64>,
+    seq: Option<i64>,
+    text: Option<String>,
+    language: Option<String>,
+    received_at: Option<OffsetDateTime>,
+}
+
+#[derive(sqlx::FromRow)]
+struct GrantedRow {
+    customer_id: i64,
+    last_seq: i64,
+}
 
 struct MessageColumns<'a> {
     dialog_id: Vec<i64>,
@@ -496,118 +516,6 @@ pub fn micros_of(at: OffsetDateTime) -> i64 {
     i64::try_from(at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
 }
 
-/// Upsert under the epoch fence; returns the dialogs whose row was written.
-const UPSERT_DIALOGS: &str = "\
-INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
-SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[])
-ON CONFLICT (dialog_id) DO UPDATE
-SET customer_id = EXCLUDED.customer_id, decision = EXCLUDED.decision,
-    epoch = EXCLUDED.epoch, decided_at = EXCLUDED.decided_at
-WHERE dialogs.epoch <= EXCLUDED.epoch
-RETURNING dialog_id";
-
-/// Bulk insert of one batch's messages; returns how many were new. The same statement
-/// adds the inserted rows to every counter they belong to (per customer and language,
-/// per customer, per language, in total; `-1` / `''` mean "any"), in the shard `$7`, in
-/// key order (one lock order for all writers).
-const INSERT_MESSAGES: &str = "\
-WITH changed AS (
-    INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
-    SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[])
-    ON CONFLICT (dialog_id, seq) DO NOTHING
-    RETURNING customer_id, lower(language) AS language
-), delta AS (
-    SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
-    HAVING count(*) > 0
-), bumped AS (
-    INSERT INTO message_counts (customer_id, language, shard, n)
-    SELECT customer_id, language, $7::int2, n FROM delta ORDER BY customer_id, language
-    ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
-)
-SELECT n FROM delta WHERE customer_id = -1 AND language = ''
-UNION ALL SELECT 0 LIMIT 1";
-
-/// Erasure of refused dialogs: every message of the dialogs `$1`, whatever its seq,
-/// subtracted from the counters in shard `$2`; returns how many were deleted.
-/// `dialog_id = ANY($1)` is a primary-key index scan in the generic plan too (a join
-/// against `UNNEST` was planned as a sequential scan of `messages`).
-const DELETE_DIALOGS_MESSAGES: &str = "\
-WITH changed AS (
-    DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
-    RETURNING customer_id, lower(language) AS language
-), delta AS (
-    SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
-    HAVING count(*) > 0
-), bumped AS (
-    INSERT INTO message_counts (customer_id, language, shard, n)
-    SELECT customer_id, language, $2::int2, -n FROM delta ORDER BY customer_id, language
-    ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
-)
-SELECT n FROM delta WHERE customer_id = -1 AND language = ''
-UNION ALL SELECT 0 LIMIT 1";
-
-/// A granted dialog's customer and last stored seq (a backward primary-key scan).
-const GRANTED_DIALOG: &str = "\
-SELECT customer_id, coalesce((SELECT max(seq) FROM messages WHERE dialog_id = $1), 0) AS last_seq
-FROM dialogs WHERE dialog_id = $1 AND decision = 'granted'";
-
-#[derive(sqlx::FromRow)]
-struct GrantedRow {
-    customer_id: i64,
-    last_seq: i64,
-}
-
-/// Four variants per statement, one per filter form (see [`Filter::form`]), so each is
-/// planned for its own index.
-macro_rules! per_filter_form {
-    ($head:literal, [$none:literal, $lang:literal, $cust:literal, $both:literal], $tail:literal) => {
-        [
-            concat!($head, $none, $tail),
-            concat!($head, $lang, $tail),
-            concat!($head, $cust, $tail),
-            concat!($head, $both, $tail),
-        ]
-    };
-}
-
-/// `$1` limit, `$2` offset, `$3` language, `$4` customer.
-const PAGE: [&str; 4] = per_filter_form!(
-    "WITH total AS (
-    SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
-                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
-)
-SELECT total.n, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
-FROM total LEFT JOIN LATERAL (
-    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
-    WHERE $2 < total.n AND ",
-    [
-        "true",
-        "lower(language) = lower($3)",
-        "customer_id = $4",
-        "lower(language) = lower($3) AND customer_id = $4"
-    ],
-    "
-    ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
-) m ON true
-ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC"
-);
-
-/// `$1` limit, `$2`–`$4` the position to continue after, then language and/or customer.
-const AFTER: [&str; 4] = per_filter_form!(
-    "SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
-WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND ",
-    [
-        "true",
-        "lower(language) = lower($5)",
-        "customer_id = $5",
-        "lower(language) = lower($5) AND customer_id = $6"
-    ],
-    "
-ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1"
-);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,27 +524,25 @@ mod tests {
     fn filter_forms_pick_distinct_statements() {
         let lang = Some("en".to_owned());
         let cust = Some(CustomerId::from_stored(1));
-        let forms = [
-            Filter::default().form(),
+        let filters = [
+            Filter::default(),
             Filter {
                 language: lang.clone(),
                 customer: None,
-            }
-            .form(),
+            },
             Filter {
                 language: None,
                 customer: cust,
-            }
-            .form(),
+            },
             Filter {
                 language: lang,
                 customer: cust,
-            }
-            .form(),
+            },
         ];
-        assert_eq!(forms, [0, 1, 2, 3]);
-        assert!(PAGE[2].contains("customer_id = $4") && !PAGE[2].contains("lower($3) AND"));
-        assert!(AFTER[3].contains("customer_id = $6"));
+        let pages: std::collections::HashSet<_> = filters.iter().map(Filter::page_statement).collect();
+        let afters: std::collections::HashSet<_> = filters.iter().map(Filter::after_statement).collect();
+        assert_eq!((pages.len(), afters.len()), (4, 4));
+        assert!(filters[3].after_statement().contains("customer_id = $6"));
     }
 
     #[test]

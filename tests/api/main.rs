@@ -16,5 +16,6 @@ mod limits;
 mod observe;
 mod ops;
 mod outage;
+mod plans;
 mod read;
 mod store;

@@ -1,0 +1,168 @@
+//! Every SQL statement dapi runs, written out in full, one constant each.
+//!
+//! Each is planned for an index whatever the planner's mode: `tests/api/plans.rs`
+//! prepares every statement in [`ALL`] on a table with realistic statistics, forces the
+//! generic plan and fails on any sequential scan of `messages` or `dialogs`. A new
+//! statement goes into [`ALL`] too.
+//!
+//! The read statements come in four forms, one per filter (see `Filter::form`): none,
+//! language, customer, both, so that each is planned for its own index.
+
+/// Upsert under the epoch fence; returns the dialogs whose row was written.
+pub const UPSERT_DIALOGS: &str = "\
+INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
+SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[])
+ON CONFLICT (dialog_id) DO UPDATE
+SET customer_id = EXCLUDED.customer_id, decision = EXCLUDED.decision,
+    epoch = EXCLUDED.epoch, decided_at = EXCLUDED.decided_at
+WHERE dialogs.epoch <= EXCLUDED.epoch
+RETURNING dialog_id";
+
+/// Bulk insert of one batch's messages; returns how many were new. The same statement
+/// adds the inserted rows to every counter they belong to (per customer and language,
+/// per customer, per language, in total; `-1` / `''` mean "any"), in the shard `$7`, in
+/// key order (one lock order for all writers).
+pub const INSERT_MESSAGES: &str = "\
+WITH changed AS (
+    INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
+    SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[])
+    ON CONFLICT (dialog_id, seq) DO NOTHING
+    RETURNING customer_id, lower(language) AS language
+), delta AS (
+    SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped AS (
+    INSERT INTO message_counts (customer_id, language, shard, n)
+    SELECT customer_id, language, $7::int2, n FROM delta ORDER BY customer_id, language
+    ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+)
+SELECT n FROM delta WHERE customer_id = -1 AND language = ''
+UNION ALL SELECT 0 LIMIT 1";
+
+/// Erasure of refused dialogs: every message of the dialogs `$1`, whatever its seq,
+/// subtracted from the counters in shard `$2`; returns how many were deleted.
+/// `dialog_id = ANY($1)` is a primary-key index scan in the generic plan too (a join
+/// against `UNNEST` was planned as a sequential scan of `messages`).
+pub const DELETE_DIALOGS_MESSAGES: &str = "\
+WITH changed AS (
+    DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
+    RETURNING customer_id, lower(language) AS language
+), delta AS (
+    SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped AS (
+    INSERT INTO message_counts (customer_id, language, shard, n)
+    SELECT customer_id, language, $2::int2, -n FROM delta ORDER BY customer_id, language
+    ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+)
+SELECT n FROM delta WHERE customer_id = -1 AND language = ''
+UNION ALL SELECT 0 LIMIT 1";
+
+/// A granted dialog's customer and last stored seq (a backward primary-key scan).
+pub const GRANTED_DIALOG: &str = "\
+SELECT customer_id, coalesce((SELECT max(seq) FROM messages WHERE dialog_id = $1), 0) AS last_seq
+FROM dialogs WHERE dialog_id = $1 AND decision = 'granted'";
+
+/// Page mode, no filter: `$1` limit, `$2` offset, `$3` language, `$4` customer (both
+/// NULL here; they pick the count row). Count and rows in one statement, one snapshot.
+pub const PAGE_ALL: &str = "\
+WITH total AS (
+    SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
+                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
+)
+SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
+FROM total LEFT JOIN LATERAL (
+    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+    WHERE $2 < total.n AND true
+    ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
+) m ON true
+ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC";
+
+/// Page mode by language: `$1` limit, `$2` offset, `$3` language, `$4` customer (NULL).
+pub const PAGE_BY_LANGUAGE: &str = "\
+WITH total AS (
+    SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
+                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
+)
+SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
+FROM total LEFT JOIN LATERAL (
+    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+    WHERE $2 < total.n AND lower(language) = lower($3)
+    ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
+) m ON true
+ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC";
+
+/// Page mode by customer: `$1` limit, `$2` offset, `$3` language (NULL), `$4` customer.
+pub const PAGE_BY_CUSTOMER: &str = "\
+WITH total AS (
+    SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
+                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
+)
+SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
+FROM total LEFT JOIN LATERAL (
+    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+    WHERE $2 < total.n AND customer_id = $4
+    ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
+) m ON true
+ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC";
+
+/// Page mode by customer and language: `$1` limit, `$2` offset, `$3` language, `$4` customer.
+pub const PAGE_BY_CUSTOMER_LANGUAGE: &str = "\
+WITH total AS (
+    SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
+                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
+)
+SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
+FROM total LEFT JOIN LATERAL (
+    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+    WHERE $2 < total.n AND lower(language) = lower($3) AND customer_id = $4
+    ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
+) m ON true
+ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC";
+
+/// Cursor mode, no filter: `$1` limit, `$2`–`$4` the position to continue after.
+pub const AFTER_ALL: &str = "\
+SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND true
+ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
+
+/// Cursor mode by language: `$1` limit, `$2`–`$4` the position, `$5` language.
+pub const AFTER_BY_LANGUAGE: &str = "\
+SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND lower(language) = lower($5)
+ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
+
+/// Cursor mode by customer: `$1` limit, `$2`–`$4` the position, `$5` customer.
+pub const AFTER_BY_CUSTOMER: &str = "\
+SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND customer_id = $5
+ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
+
+/// Cursor mode by customer and language: `$1` limit, `$2`–`$4` the position, `$5`
+/// language, `$6` customer.
+pub const AFTER_BY_CUSTOMER_LANGUAGE: &str = "\
+SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND lower(language) = lower($5) AND customer_id = $6
+ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
+
+/// Whether PostgreSQL answers (`/readyz`).
+pub const PING: &str = "SELECT 1";
+
+/// Every statement above, by name: what the generic-plan test checks.
+pub const ALL: &[(&str, &str)] = &[
+    ("UPSERT_DIALOGS", UPSERT_DIALOGS),
+    ("INSERT_MESSAGES", INSERT_MESSAGES),
+    ("DELETE_DIALOGS_MESSAGES", DELETE_DIALOGS_MESSAGES),
+    ("GRANTED_DIALOG", GRANTED_DIALOG),
+    ("PAGE_ALL", PAGE_ALL),
+    ("PAGE_BY_LANGUAGE", PAGE_BY_LANGUAGE),
+    ("PAGE_BY_CUSTOMER", PAGE_BY_CUSTOMER),
+    ("PAGE_BY_CUSTOMER_LANGUAGE", PAGE_BY_CUSTOMER_LANGUAGE),
+    ("AFTER_ALL", AFTER_ALL),
+    ("AFTER_BY_LANGUAGE", AFTER_BY_LANGUAGE),
+    ("AFTER_BY_CUSTOMER", AFTER_BY_CUSTOMER),
+    ("AFTER_BY_CUSTOMER_LANGUAGE", AFTER_BY_CUSTOMER_LANGUAGE),
+    ("PING", PING),
+];

@@ -1,0 +1,91 @@
+//! Every SQL statement dapi runs is planned for an index, in the generic plan too.
+//!
+//! A prepared statement runs on PostgreSQL's generic plan after a few executions; a
+//! plan that is an index scan for one call's values can be a sequential scan of the
+//! whole table then (the refusal's erasure once was: mixed traffic fell to a sixth of
+//! its speed at 500k rows). This test prepares each statement of `store::sql::ALL` on
+//! tables with realistic statistics, forces the generic plan and fails on any
+//! sequential scan of `messages` or `dialogs`.
+
+use dapi::app::Roles;
+use dapi::store::sql::ALL;
+
+use crate::helpers::{spawn_app_with, test_settings};
+
+#[tokio::test]
+async fn no_statement_scans_messages_or_dialogs_in_its_generic_plan() {
+    let app = spawn_app_with(
+        test_settings(),
+        Roles {
+            http: true,
+            flusher: false,
+        },
+    )
+    .await;
+    let mut conn = app.store.pool().acquire().await.unwrap();
+    // 200k messages over 40k granted dialogs, 500 customers, a few languages, a year.
+    sqlx::raw_sql(
+        "INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
+         SELECT d, d % 500, 'granted', 1, now() FROM generate_series(1, 40000) d;
+         INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
+         SELECT d, s, d % 500, (ARRAY['EN', 'de', 'fr', 'pt-BR'])[1 + d % 4], 'text ' || d || ' ' || s,
+                now() - (d * 5 + s) * interval '1 minute'
+         FROM generate_series(1, 40000) d, generate_series(1, 5) s;
+         ANALYZE dialogs; ANALYZE messages;
+         SET plan_cache_mode = force_generic_plan;",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+
+    // The check itself must be able to fail: a statement no index serves is caught.
+    let canary = generic_plan(&mut conn, "SELECT seq FROM messages WHERE text = $1").await;
+    assert!(
+        scans_a_whole_table(&canary),
+        "the check missed a sequential scan:\n{canary}"
+    );
+
+    let mut failures = Vec::new();
+    for (name, statement) in ALL {
+        let plan = generic_plan(&mut conn, statement).await;
+        if scans_a_whole_table(&plan) {
+            failures.push(format!("{name}:\n{plan}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "generic plans with a sequential scan:\n\n{}",
+        failures.join("\n\n")
+    );
+}
+
+fn scans_a_whole_table(plan: &str) -> bool {
+    plan.contains("Seq Scan on messages") || plan.contains("Seq Scan on dialogs")
+}
+
+/// `EXPLAIN EXECUTE` of `statement` prepared on `conn` (whose `plan_cache_mode` forces
+/// the generic plan). The generic plan does not depend on the values: NULLs of the
+/// parameters' types.
+async fn generic_plan(conn: &mut sqlx::PgConnection, statement: &str) -> String {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE checked AS {statement}")))
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("does not prepare: {e}\n{statement}"));
+    let types: Vec<String> =
+        sqlx::query_scalar("SELECT unnest(parameter_types)::text FROM pg_prepared_statements WHERE name = 'checked'")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    let args: Vec<String> = types.iter().map(|t| format!("NULL::{t}")).collect();
+    let execute = if args.is_empty() {
+        "EXPLAIN EXECUTE checked".to_owned()
+    } else {
+        format!("EXPLAIN EXECUTE checked({})", args.join(", "))
+    };
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(execute))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::raw_sql("DEALLOCATE checked").execute(&mut *conn).await.unwrap();
+    plan.join("\n")
+}
