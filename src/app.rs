@@ -109,7 +109,8 @@ impl Running {
     }
 
     /// Waits until shutdown is requested, then for every task to finish (bounded by
-    /// `DAPI_SHUTDOWN_TIMEOUT`). Returns false when the bound was hit.
+    /// `DAPI_SHUTDOWN_TIMEOUT`). Returns false when the bound was hit, after logging
+    /// how many tasks it abandons.
     pub async fn wait(self) -> bool {
         self.shutdown.cancelled().await;
         self.tasks.close();
@@ -117,7 +118,13 @@ impl Running {
             .await
             .is_ok();
         if !finished {
-            tracing::warn!("shutdown timed out; exiting with work still in flight");
+            // The tasks are the HTTP server (waiting for the requests it still answers),
+            // the metrics upkeep and the flushers.
+            tracing::error!(
+                still_running = self.tasks.len(),
+                timeout = ?self.shutdown_timeout,
+                "shutdown timed out (DAPI_SHUTDOWN_TIMEOUT): abandoning the tasks still running; requests in flight get no answer, and an unacknowledged flush batch runs again later, as after a crash"
+            );
         }
         finished
     }

@@ -89,9 +89,14 @@ async fn main() -> ExitCode {
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    running.wait().await;
-    tracing::info!("stopped");
-    ExitCode::SUCCESS
+    if running.wait().await {
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    } else {
+        // `wait` logged what it abandoned; a supervisor should see that this stop was
+        // not clean.
+        ExitCode::FAILURE
+    }
 }
 
 fn fail(error: &dyn std::error::Error) -> ExitCode {

@@ -190,3 +190,39 @@ async fn a_flusher_process_answers_healthz_readyz_and_metrics_of_its_own_work() 
         flusher.logs()
     );
 }
+
+#[tokio::test]
+async fn a_shutdown_that_times_out_exits_non_zero_and_says_how_much_it_abandoned() {
+    // Arrange: a "Redis" that accepts connections and never answers, so that /readyz is
+    // in flight for about a second, far past a 200 ms shutdown bound.
+    let mut settings = test_settings();
+    let _cleanup = Cleanup::new(&settings);
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    settings.redis_url = format!("redis://{}", silent.local_addr().unwrap());
+    settings.shutdown_timeout = Duration::from_millis(200);
+    let (reached, mut redis_reached) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+            let _ = reached.try_send(());
+        }
+    });
+    let mut dapi = Dapi::start(&settings, &["serve", "--no-flusher"], &[]).await;
+    let base = dapi.base.clone().unwrap();
+    tokio::spawn(async move { reqwest::get(format!("{base}/readyz")).await });
+    tokio::time::timeout(Duration::from_secs(10), redis_reached.recv())
+        .await
+        .expect("/readyz reaches for Redis");
+
+    // Act
+    dapi.sigterm();
+    let status = dapi.exit_within(Duration::from_secs(10)).await;
+
+    // Assert
+    let logs = dapi.logs();
+    let status = status.unwrap_or_else(|| panic!("dapi did not exit:\n{logs}"));
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(logs.contains("shutdown timed out"), "{logs}");
+    assert!(logs.contains("still_running=1"), "{logs}");
+}
