@@ -31,7 +31,8 @@ enum Command {
         #[arg(long)]
         no_flusher: bool,
     },
-    /// Run the flusher only: move consented dialogs from Redis to PostgreSQL.
+    /// Run the flusher only: move consented dialogs from Redis to PostgreSQL; serves
+    /// /healthz, /readyz and /metrics on DAPI_BIND.
     Flusher,
     /// Apply database migrations and exit.
     Migrate,
