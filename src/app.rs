@@ -14,7 +14,7 @@ use crate::config::Settings;
 use crate::flusher::Flusher;
 use axum::Router;
 
-use crate::http::{AppState, router};
+use crate::http::{AppState, ops_router, router};
 use crate::staging::{FlushQueue, Keyspace, Staging, StagingError, unique_consumer_name};
 use crate::store::{Store, StoreError};
 use crate::telemetry::chain;
@@ -93,10 +93,10 @@ where
     }
 }
 
-/// A started dapi: its address (when serving HTTP) and the handles to stop it.
+/// A started dapi: the address it listens on and the handles to stop it.
 #[derive(Debug)]
 pub struct Running {
-    pub local_addr: Option<SocketAddr>,
+    pub local_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     shutdown_timeout: Duration,
@@ -109,7 +109,8 @@ impl Running {
     }
 
     /// Waits until shutdown is requested, then for every task to finish (bounded by
-    /// `DAPI_SHUTDOWN_TIMEOUT`). Returns false when the bound was hit.
+    /// `DAPI_SHUTDOWN_TIMEOUT`). Returns false when the bound was hit, after logging
+    /// how many tasks it abandons.
     pub async fn wait(self) -> bool {
         self.shutdown.cancelled().await;
         self.tasks.close();
@@ -117,7 +118,13 @@ impl Running {
             .await
             .is_ok();
         if !finished {
-            tracing::warn!("shutdown timed out; exiting with work still in flight");
+            // The tasks are the HTTP server (waiting for the requests it still answers),
+            // the metrics upkeep and the flushers.
+            tracing::error!(
+                still_running = self.tasks.len(),
+                timeout = ?self.shutdown_timeout,
+                "shutdown timed out (DAPI_SHUTDOWN_TIMEOUT): abandoning the tasks still running; requests in flight get no answer, and an unacknowledged flush batch runs again later, as after a crash"
+            );
         }
         finished
     }
@@ -129,10 +136,27 @@ impl Running {
     }
 }
 
-/// Starts the roles asked for and returns at once.
+/// Starts the roles asked for and returns at once. Every role listens on `DAPI_BIND`:
+/// the HTTP role serves the whole API, a flusher-only process the operations endpoints
+/// (`/healthz`, `/readyz`, `/metrics`), so that health checks and scrapes reach it too.
 pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartError> {
     let settings = Arc::new(settings);
     let (staging, store, client) = connect(&settings).await?;
+    let listener = TcpListener::bind(&settings.bind)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: settings.bind.clone(),
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: settings.bind.clone(),
+        source,
+    })?;
+    if roles.http {
+        check_access(&settings, local_addr)?;
+    }
+    // Installed before any task runs, so that /metrics counts from the first batch.
+    let metrics = crate::telemetry::metrics();
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
 
@@ -151,38 +175,25 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
         }
     }
 
-    let mut local_addr = None;
-    if roles.http {
-        let listener = TcpListener::bind(&settings.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: settings.bind.clone(),
-                source,
-            })?;
-        local_addr = listener.local_addr().ok();
-        if let Some(addr) = local_addr {
-            check_access(&settings, addr)?;
-        }
-        tracing::info!(addr = ?local_addr, "listening");
-        let app = router(AppState {
-            staging,
-            store,
-            settings: settings.clone(),
-        });
-        tasks.spawn(serve(listener, app, shutdown.clone(), settings.header_timeout));
-        let handle = crate::telemetry::metrics();
-        let stop = shutdown.clone();
-        // Histograms grow until upkeep drains them (metrics #467).
-        tasks.spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    _ = every.tick() => handle.run_upkeep(),
-                    () = stop.cancelled() => break,
-                }
+    let state = AppState {
+        staging,
+        store,
+        settings: settings.clone(),
+    };
+    let app = if roles.http { router(state) } else { ops_router(state) };
+    tracing::info!(addr = %local_addr, api = roles.http, flusher = roles.flusher, "listening");
+    tasks.spawn(serve(listener, app, shutdown.clone(), settings.header_timeout));
+    let stop = shutdown.clone();
+    // Histograms grow until upkeep drains them (metrics #467).
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = every.tick() => metrics.run_upkeep(),
+                () = stop.cancelled() => break,
             }
-        });
-    }
+        }
+    });
 
     Ok(Running {
         local_addr,

@@ -31,7 +31,8 @@ enum Command {
         #[arg(long)]
         no_flusher: bool,
     },
-    /// Run the flusher only: move consented dialogs from Redis to PostgreSQL.
+    /// Run the flusher only: move consented dialogs from Redis to PostgreSQL; serves
+    /// /healthz, /readyz and /metrics on DAPI_BIND.
     Flusher,
     /// Apply database migrations and exit.
     Migrate,
@@ -89,9 +90,14 @@ async fn main() -> ExitCode {
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    running.wait().await;
-    tracing::info!("stopped");
-    ExitCode::SUCCESS
+    if running.wait().await {
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    } else {
+        // `wait` logged what it abandoned; a supervisor should see that this stop was
+        // not clean.
+        ExitCode::FAILURE
+    }
 }
 
 fn fail(error: &dyn std::error::Error) -> ExitCode {

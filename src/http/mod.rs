@@ -54,14 +54,19 @@ fn routes(access: Access, limits: Limits, ingest: UtoipaMethodRouter<AppState>) 
         .routes(routes!(data::list))
         .route_layer(from_fn_with_state(guard(Role::Read), limits::guard));
     let api = ingest.merge(read);
-    let operations = OpenApiRouter::new()
-        .routes(routes!(ops::healthz))
-        .routes(routes!(ops::readyz))
-        .routes(routes!(ops::metrics))
-        .routes(routes!(ops::openapi));
+    let operations = operations().routes(routes!(ops::openapi));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(api)
         .merge(operations)
+}
+
+/// The operations endpoints every dapi process serves, whatever its role: liveness,
+/// readiness, metrics. No token, no limits.
+fn operations() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
 }
 
 /// The OpenAPI document of this API.
@@ -85,6 +90,18 @@ pub fn router(state: AppState) -> Router {
 /// touching Redis: the ceiling the ingest benchmark measures dapi against.
 pub fn ceiling_router(state: AppState) -> Router {
     build(state, routes!(data::ingest_ceiling))
+}
+
+/// The operations endpoints alone (`/healthz`, `/readyz`, `/metrics`), for a process
+/// that runs no API (`dapi flusher`), so that orchestrators and scrapers reach every
+/// role the same way. Anything else answers 404 `not_found`.
+pub fn ops_router(state: AppState) -> Router {
+    let (operations, _) = operations().split_for_parts();
+    operations
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(from_fn(observe))
+        .with_state(state)
 }
 
 fn build(state: AppState, ingest: UtoipaMethodRouter<AppState>) -> Router {

@@ -78,7 +78,7 @@ pub async fn spawn_app_with(settings: Settings, roles: Roles) -> TestApp {
         .try_init();
     let cleanup = Cleanup::new(&settings);
     let running = app::start(settings.clone(), roles).await.expect("the app starts");
-    let addr = running.local_addr.expect("serving HTTP");
+    let addr = running.local_addr;
     let store = Store::connect(&settings.database_url).await.expect("store");
     let redis = redis::Client::open(redis_url())
         .expect("redis url")
