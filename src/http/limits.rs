@@ -4,17 +4,16 @@
 //! is the connection's, in `app::serve`.)
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
 use super::ApiError;
 use super::access::{Access, Role};
-use crate::telemetry::{HTTP_DURATION, HTTP_REQUESTS};
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -53,14 +52,4 @@ pub async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> 
         Ok(response) => response,
         Err(_) => ApiError::Timeout.into_response(),
     }
-}
-
-/// Records one answer: counted by route template, method and status, and timed.
-pub fn measure(route: Option<&MatchedPath>, method: &Method, status: StatusCode, started: Instant) {
-    let route = route.map_or("unmatched", MatchedPath::as_str).to_owned();
-    let method = method.as_str().to_owned();
-    metrics::histogram!(HTTP_DURATION, "route" => route.clone(), "method" => method.clone())
-        .record(started.elapsed().as_secs_f64());
-    metrics::counter!(HTTP_REQUESTS, "route" => route, "method" => method, "status" => status.as_str().to_owned())
-        .increment(1);
 }
