@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use dapi::domain::{CustomerId, DialogId, Language, MessageText};
+use dapi::domain::{CustomerId, DialogId, IncomingMessage, Language, MessageText};
 use dapi::flusher::{Flusher, Outcome};
-use dapi::staging::{Create, FlushQueue};
+use dapi::staging::{Create, FlushQueue, NewMessage};
 
 const DIALOGS: u64 = 2000;
 const MESSAGES: u64 = 5;
@@ -25,27 +25,29 @@ const FLUSHERS: usize = 2;
 
 /// Stages and grants `DIALOGS` dialogs starting at `first`, concurrently.
 async fn stage_and_grant(sandbox: &common::Sandbox, first: u64) {
-    let text = MessageText::parse("Hello, World — a typical chatbot input of some length".into(), 1024).unwrap();
-    let language = Language::parse("EN".into()).unwrap();
+    let message = IncomingMessage {
+        text: MessageText::parse("Hello, World — a typical chatbot input of some length".into(), 1024).unwrap(),
+        language: Language::parse("EN".into()).unwrap(),
+        message_id: None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for lane in 0..32 {
-        let (staging, text, language) = (sandbox.staging.clone(), text.clone(), language.clone());
+        let (staging, message) = (sandbox.staging.clone(), message.clone());
         tasks.spawn(async move {
             let mut d = first + lane;
             while d < first + DIALOGS {
                 let dialog = DialogId::from_stored(d as i64);
-                for _ in 0..MESSAGES {
-                    staging
-                        .ingest(
-                            CustomerId::from_stored((d % 100) as i64),
-                            dialog,
-                            &language,
-                            &text,
-                            Create::New,
-                        )
-                        .await
-                        .unwrap();
-                }
+                // One script call for the dialog's messages, as a batch POST stages them.
+                let batch = vec![
+                    NewMessage {
+                        customer: CustomerId::from_stored((d % 100) as i64),
+                        dialog,
+                        message: &message,
+                        create: Create::New,
+                    };
+                    MESSAGES as usize
+                ];
+                staging.stage(&batch).await.unwrap();
                 staging.decide(dialog, true, None).await.unwrap();
                 d += 32;
             }

@@ -38,6 +38,12 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Time a client has to send its request headers (`DAPI_HEADER_TIMEOUT`).
     pub header_timeout: Duration,
+    /// How long a `messageId` is remembered per dialog (`DAPI_IDEMPOTENCY_WINDOW`).
+    pub idempotency_window: Duration,
+    /// Most items in one `POST /data` (`DAPI_MAX_BATCH_MESSAGES`).
+    pub max_batch_messages: usize,
+    /// Largest decoded `POST /data` body (`DAPI_MAX_BATCH_BYTES`).
+    pub max_batch_bytes: usize,
 }
 
 /// Bearer tokens by role. `Debug` shows how many, never a token.
@@ -155,6 +161,9 @@ impl Settings {
             request_timeout: duration("DAPI_REQUEST_TIMEOUT", Duration::from_secs(10))?,
             max_in_flight: number("DAPI_MAX_IN_FLIGHT", 1024)?,
             header_timeout: duration("DAPI_HEADER_TIMEOUT", Duration::from_secs(10))?,
+            idempotency_window: duration("DAPI_IDEMPOTENCY_WINDOW", Duration::from_secs(24 * 3600))?,
+            max_batch_messages: number("DAPI_MAX_BATCH_MESSAGES", 1000)?,
+            max_batch_bytes: number("DAPI_MAX_BATCH_BYTES", 4 * 1024 * 1024)?,
         };
         settings.validate()
     }
@@ -185,6 +194,18 @@ impl Settings {
             return Err(invalid(
                 "DAPI_REQUEST_TIMEOUT / DAPI_HEADER_TIMEOUT",
                 "must be more than 0",
+            ));
+        }
+        if self.idempotency_window < Duration::from_millis(1) {
+            return Err(invalid("DAPI_IDEMPOTENCY_WINDOW", "must be at least 1ms"));
+        }
+        if self.max_batch_messages == 0 {
+            return Err(invalid("DAPI_MAX_BATCH_MESSAGES", "must be at least 1"));
+        }
+        if self.max_batch_bytes < self.max_body_bytes {
+            return Err(invalid(
+                "DAPI_MAX_BATCH_BYTES",
+                "must be at least DAPI_MAX_BODY_BYTES, or a message a single POST takes could not be batched",
             ));
         }
         if self.redis_prefix.contains(['{', '}', ' ']) {

@@ -32,6 +32,8 @@ pub enum Invalid {
     ConsentShape,
     #[error("the cursor was not issued by this service; start again with `cursor=`")]
     Cursor,
+    #[error("`messageId` must be 1 to 64 characters of `A-Z a-z 0-9 . _ : -`")]
+    MessageId,
 }
 
 macro_rules! id_type {
@@ -143,6 +145,33 @@ fn is_language_tag(raw: &str) -> bool {
         && parts.all(|sub| (1..=8).contains(&sub.len()) && sub.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
+/// The client's own id for a message, which makes its retries safe: 1 … 64 characters
+/// of `A-Z a-z 0-9 . _ : -`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageId(String);
+
+impl MessageId {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(raw: String) -> Result<Self, Invalid> {
+        let valid = (1..=Self::MAX_LEN).contains(&raw.len())
+            && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(&b));
+        if valid { Ok(Self(raw)) } else { Err(Invalid::MessageId) }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// One message as a client sends it, validated.
+#[derive(Debug, Clone)]
+pub struct IncomingMessage {
+    pub text: MessageText,
+    pub language: Language,
+    pub message_id: Option<MessageId>,
+}
+
 /// The customer's latest decision about one dialog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -214,6 +243,8 @@ pub struct StagedMessage {
     pub received_at_us: i64,
     pub language: String,
     pub text: String,
+    /// The client's id for it, if it gave one.
+    pub message_id: Option<String>,
 }
 
 /// Customer text is never printed, not even by `{:?}`.
@@ -224,29 +255,43 @@ impl fmt::Debug for StagedMessage {
             .field("received_at_us", &self.received_at_us)
             .field("language", &self.language)
             .field("text_bytes", &self.text.len())
+            .field("message_id", &self.message_id)
             .finish()
     }
 }
 
 /// Reads a message body, `{"text": …, "language": …}`; other fields are ignored.
-pub fn parse_message(body: serde_json::Value, max_text_bytes: usize) -> Result<(MessageText, Language), Invalid> {
-    let serde_json::Value::Object(mut fields) = body else {
+pub fn parse_message(body: serde_json::Value, max_text_bytes: usize) -> Result<IncomingMessage, Invalid> {
+    let serde_json::Value::Object(fields) = body else {
         return Err(Invalid::WrongType {
             field: "body",
             expected: "a JSON object with `text` and `language`",
         });
     };
+    parse_message_fields(fields, max_text_bytes)
+}
+
+/// The fields of one message (a single POST's body, or one item of a batch).
+pub fn parse_message_fields(
+    mut fields: serde_json::Map<String, serde_json::Value>,
+    max_text_bytes: usize,
+) -> Result<IncomingMessage, Invalid> {
     let mut string = |field: &'static str| match fields.remove(field) {
-        None | Some(serde_json::Value::Null) => Err(Invalid::Missing(field)),
-        Some(serde_json::Value::String(s)) => Ok(s),
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(Invalid::WrongType {
             field,
             expected: "a string",
         }),
     };
-    let text = MessageText::parse(string("text")?, max_text_bytes)?;
-    let language = Language::parse(string("language")?)?;
-    Ok((text, language))
+    let text = MessageText::parse(string("text")?.ok_or(Invalid::Missing("text"))?, max_text_bytes)?;
+    let language = Language::parse(string("language")?.ok_or(Invalid::Missing("language"))?)?;
+    let message_id = string("messageId")?.map(MessageId::parse).transpose()?;
+    Ok(IncomingMessage {
+        text,
+        language,
+        message_id,
+    })
 }
 
 /// Reads a consent body in any of the shapes existing clients send:

@@ -1,126 +1,19 @@
-//! `/data`: staging one message (`POST /data/{customerId}/{dialogId}`) and reading
-//! consented messages page by page (`GET /data/`).
+//! `GET /data/`: consented messages page by page, or by cursor. (Staging them is
+//! `http::ingest`.)
 
 use axum::Json;
 use axum::extract::{OriginalUri, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use serde::Serialize;
 use time::format_description::FormatItem;
 use time::macros::format_description;
 
-use super::extract::{DataPath, JsonBody};
 use super::{ApiError, AppState};
-use crate::domain::{Cursor, CustomerId, Language, parse_message};
-use crate::staging::{Create, IngestOutcome};
+use crate::domain::{Cursor, CustomerId, Language};
 use crate::store::{Filter, StoredMessage};
 
 const DEFAULT_PAGE_SIZE: i64 = 100;
 const MAX_PAGE_SIZE: i64 = 1000;
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-#[schema(example = json!({"customerId": 1, "dialogId": 2, "seq": 1, "consent": "pending"}))]
-pub struct IngestAnswer {
-    customer_id: i64,
-    dialog_id: i64,
-    /// 1, 2, 3 … in arrival order within the dialog.
-    seq: i64,
-    /// `pending` or `granted`.
-    consent: &'static str,
-}
-
-/// Stage one message of a dialog.
-///
-/// 202 means the message is in Redis; it reaches PostgreSQL once the dialog's consent is
-/// granted (at once, if it already is).
-#[utoipa::path(
-    post,
-    path = "/data/{customerId}/{dialogId}",
-    tag = "ingest",
-    params(
-        ("customerId" = i64, Path, minimum = 0, description = "0 … 9223372036854775807"),
-        ("dialogId" = i64, Path, minimum = 0, description = "0 … 9223372036854775807")
-    ),
-    request_body(content = super::openapi::MessageBody, content_type = "application/json"),
-    responses(
-        (status = 202, description = "Staged", body = IngestAnswer),
-        (status = 400, description = "Malformed JSON, or a path ID that is not such an integer (`malformed_json`, `invalid_id`)", content_type = "application/problem+json", body = super::error::Problem),
-        (status = 401, description = "No or unknown token (`unauthorized`)", content_type = "application/problem+json", body = super::error::Problem),
-        (status = 403, description = "Not an ingest token (`forbidden`)", content_type = "application/problem+json", body = super::error::Problem),
-        (status = 409, description = "The dialog belongs to another customer, or its consent was refused (`customer_mismatch`, `consent_refused`); nothing stored", content_type = "application/problem+json", body = super::error::Problem),
-        (status = 413, description = "Body over `DAPI_MAX_BODY_BYTES` (`payload_too_large`)", content_type = "application/problem+json", body = super::error::Problem),
-        (status = 415, description = "Not JSON (`unsupported_media_type`)", content_type = "application/problem+json", body = super::error::Problem),
-        (status = 422, description = "Missing or wrong-typed field, empty or oversized text, U+0000, bad language tag (`invalid_body`)", content_type = "application/problem+json", body = super::error::Problem),
-        (status = 503, description = "Redis cannot be reached, or dapi is at its limit (`redis_unavailable`, `overloaded`, `request_timeout`); nothing acknowledged", content_type = "application/problem+json", body = super::error::Problem)
-    ),
-    security(("bearer" = []))
-)]
-pub async fn ingest(
-    State(state): State<AppState>,
-    DataPath { customer, dialog }: DataPath,
-    JsonBody(body): JsonBody,
-) -> Result<(StatusCode, Json<IngestAnswer>), ApiError> {
-    let (text, language) = parse_message(body, state.settings.max_text_bytes).map_err(ApiError::InvalidBody)?;
-    let mut outcome = state
-        .staging
-        .ingest(customer, dialog, &language, &text, Create::Not)
-        .await?;
-    if outcome == IngestOutcome::Unknown {
-        // Redis does not know the dialog: new, or forgotten while PostgreSQL holds it as
-        // granted. Ask PostgreSQL, briefly; if it cannot say, the flusher settles it.
-        let create = match state.store.granted_dialog_quickly(dialog).await {
-            Ok(Some(granted)) if granted.customer != customer => return Err(ApiError::CustomerMismatch),
-            Ok(Some(granted)) => Create::Revive {
-                last_seq: granted.last_seq,
-            },
-            Ok(None) => Create::New,
-            Err(_) => Create::Unverified,
-        };
-        outcome = state.staging.ingest(customer, dialog, &language, &text, create).await?;
-    }
-    match outcome {
-        IngestOutcome::Accepted { seq, decision } => Ok((
-            {
-                metrics::counter!(crate::telemetry::STAGED_MESSAGES).increment(1);
-                if seq == 1 {
-                    metrics::counter!(crate::telemetry::STAGED_DIALOGS).increment(1);
-                }
-                StatusCode::ACCEPTED
-            },
-            Json(IngestAnswer {
-                customer_id: customer.get(),
-                dialog_id: dialog.get(),
-                seq,
-                consent: decision.as_str(),
-            }),
-        )),
-        IngestOutcome::CustomerMismatch => Err(ApiError::CustomerMismatch),
-        IngestOutcome::ConsentRefused => Err(ApiError::ConsentRefused),
-        IngestOutcome::Unknown => Err(ApiError::Staging(crate::staging::StagingError::Corrupt(
-            "the ingest script did not create the dialog it was told to",
-        ))),
-    }
-}
-
-/// The ingest benchmark's ceiling: the same extractors and validation as [`ingest`],
-/// answering 202 without touching Redis (see `http::ceiling_router`).
-#[utoipa::path(post, path = "/data/{customerId}/{dialogId}", tag = "ingest")]
-pub async fn ingest_ceiling(
-    State(state): State<AppState>,
-    DataPath { customer, dialog }: DataPath,
-    JsonBody(body): JsonBody,
-) -> Result<(StatusCode, Json<IngestAnswer>), ApiError> {
-    parse_message(body, state.settings.max_text_bytes).map_err(ApiError::InvalidBody)?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(IngestAnswer {
-            customer_id: customer.get(),
-            dialog_id: dialog.get(),
-            seq: 1,
-            consent: "pending",
-        }),
-    ))
-}
 
 /// One consented message on the wire.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -134,6 +27,8 @@ pub struct MessageOut {
     /// When dapi accepted the message: UTC, RFC 3339 with microseconds.
     #[schema(example = "2026-11-27T18:04:05.123456Z")]
     received_at: String,
+    /// The client's `messageId` for it, or null.
+    message_id: Option<String>,
 }
 
 const RFC3339_MICROS: &[FormatItem<'static>] =
@@ -153,6 +48,7 @@ impl From<StoredMessage> for MessageOut {
             text: m.text,
             language: m.language,
             received_at,
+            message_id: m.message_id,
         }
     }
 }

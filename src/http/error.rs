@@ -29,6 +29,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     InvalidBody(Invalid),
+    #[error("the body must be an object with a `messages` array of 1 to {max} messages")]
+    InvalidBatch { max: usize },
     #[error("{0}")]
     InvalidQuery(String),
     #[error("{0}")]
@@ -78,7 +80,7 @@ impl From<StoreError> for ApiError {
 }
 
 impl ApiError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    pub(super) fn status_and_code(&self) -> (StatusCode, &'static str) {
         use ApiError as E;
         match self {
             E::InvalidId(_) => (StatusCode::BAD_REQUEST, "invalid_id"),
@@ -86,7 +88,7 @@ impl ApiError {
             E::UnreadableBody => (StatusCode::BAD_REQUEST, "unreadable_body"),
             E::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             E::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            E::InvalidBody(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+            E::InvalidBody(_) | E::InvalidBatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
             E::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
             E::InvalidCursor(_) => (StatusCode::BAD_REQUEST, "invalid_cursor"),
             E::InvalidPage(_) => (StatusCode::NOT_FOUND, "invalid_page"),
@@ -120,22 +122,30 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        let detail = if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(error = %chain(&self), "request failed");
-            "an internal error occurred; it has been logged".to_owned()
-        } else {
-            match &self {
-                ApiError::ErasurePending(e) if !e.is_unavailable() => {
-                    tracing::error!(error = %chain(&self), "refusal recorded; its erasure failed and is left to the flusher");
-                }
-                ApiError::Staging(_) | ApiError::Store(_) | ApiError::ErasurePending(_) => {
-                    tracing::warn!(error = %chain(&self), "dependency unavailable");
-                }
-                _ => {}
-            }
-            self.to_string()
-        };
+        let detail = self.public_detail();
         problem(status, code, &detail)
+    }
+}
+
+impl ApiError {
+    /// The `detail` a client may see, logging what it must not: the cause of an internal
+    /// error (answered without detail) or of a dependency's failure.
+    pub(super) fn public_detail(&self) -> String {
+        let (status, _) = self.status_and_code();
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %chain(self), "request failed");
+            return "an internal error occurred; it has been logged".to_owned();
+        }
+        match self {
+            ApiError::ErasurePending(e) if !e.is_unavailable() => {
+                tracing::error!(error = %chain(self), "refusal recorded; its erasure failed and is left to the flusher");
+            }
+            ApiError::Staging(_) | ApiError::Store(_) | ApiError::ErasurePending(_) => {
+                tracing::warn!(error = %chain(self), "dependency unavailable");
+            }
+            _ => {}
+        }
+        self.to_string()
     }
 }
 

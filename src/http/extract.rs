@@ -59,22 +59,38 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        if !is_json(req.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge {
-                    limit: state.settings.max_body_bytes,
-                }
-            } else {
-                ApiError::UnreadableBody
-            }
-        })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(ApiError::MalformedJson)
+        read_json(req, state, state.settings.max_body_bytes).await.map(JsonBody)
     }
+}
+
+/// The JSON body of `POST /data` (a batch), up to `DAPI_MAX_BATCH_BYTES` (the route sets
+/// that limit; see `http::routes`).
+#[derive(Debug)]
+pub struct BatchBody(pub serde_json::Value);
+
+impl FromRequest<AppState> for BatchBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        read_json(req, state, state.settings.max_batch_bytes)
+            .await
+            .map(BatchBody)
+    }
+}
+
+/// Reads a JSON body within the route's body limit (`limit` only names it in the error).
+async fn read_json(req: Request, state: &AppState, limit: usize) -> Result<serde_json::Value, ApiError> {
+    if !is_json(req.headers()) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::UnreadableBody
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(ApiError::MalformedJson)
 }
 
 /// `application/json`, or any `application/…+json`, parameters (charset) allowed.

@@ -8,6 +8,7 @@ mod consents;
 mod data;
 mod error;
 mod extract;
+mod ingest;
 mod limits;
 mod observe;
 mod openapi;
@@ -42,15 +43,26 @@ pub struct AppState {
 
 /// Every documented route, grouped by what guards it. The OpenAPI document is gathered
 /// from this same list, so a route cannot be served without being described.
-fn routes(access: Access, limits: Limits, ingest: UtoipaMethodRouter<AppState>) -> OpenApiRouter<AppState> {
+fn routes(
+    access: Access,
+    limits: Limits,
+    batch_bytes: usize,
+    ingest: UtoipaMethodRouter<AppState>,
+) -> OpenApiRouter<AppState> {
     let guard = |role| Guard {
         limits: limits.clone(),
         access: access.clone(),
         role,
     };
+    // A batch may be larger than any other body; its route sets its own limit (inner
+    // layers run after the router-wide `DefaultBodyLimit` and override it).
+    let batch = OpenApiRouter::new()
+        .routes(routes!(ingest::ingest_batch))
+        .layer(DefaultBodyLimit::max(batch_bytes));
     let ingest = OpenApiRouter::new()
         .routes(ingest)
         .routes(routes!(consents::decide))
+        .merge(batch)
         .route_layer(from_fn_with_state(guard(Role::Ingest), limits::guard));
     let read = OpenApiRouter::new()
         .routes(routes!(data::list))
@@ -73,13 +85,13 @@ fn operations() -> OpenApiRouter<AppState> {
 
 /// The whole API, with the browsable document at `/docs`.
 pub fn router(state: AppState) -> Router {
-    build(state, routes!(data::ingest))
+    build(state, routes!(ingest::ingest))
 }
 
 /// The same router with an ingest handler that validates and answers 202 without
 /// touching Redis: the ceiling the ingest benchmark measures dapi against.
 pub fn ceiling_router(state: AppState) -> Router {
-    build(state, routes!(data::ingest_ceiling))
+    build(state, routes!(ingest::ingest_ceiling))
 }
 
 /// The operations endpoints alone (`/healthz`, `/readyz`, `/metrics`), for a process
@@ -100,7 +112,7 @@ fn build(state: AppState, ingest: UtoipaMethodRouter<AppState>) -> Router {
     let settings = &state.settings;
     let access = Access::new(&settings.tokens);
     let limits = Limits::new(settings.max_in_flight, settings.request_timeout);
-    let (api, document) = routes(access, limits, ingest).split_for_parts();
+    let (api, document) = routes(access, limits, settings.max_batch_bytes, ingest).split_for_parts();
     let document = Arc::new(serde_json::to_value(&document).unwrap_or_default());
     let inner = api
         .merge(SwaggerUi::new("/docs").config(Config::new(["/openapi.json"])))

@@ -15,7 +15,7 @@ use super::error::Problem;
         description = "Stages chatbot dialogs in Redis, stores consented ones in PostgreSQL, serves them page by page. Errors are application/problem+json (RFC 9457) with a stable `code`.",
         license(name = "MIT")
     ),
-    components(schemas(Problem, MessageBody, ConsentBody)),
+    components(schemas(Problem, MessageBody, BatchItem, BatchBody, ConsentBody)),
     modifiers(&BearerAuth),
     tags(
         (name = "ingest", description = "Chatbots: stage messages, record consent (ingest token)"),
@@ -50,6 +50,41 @@ pub struct MessageBody {
     /// A language tag, stored as sent.
     #[schema(pattern = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$", max_length = 35)]
     language: String,
+    /// The client's own id for this message: a repeat within `DAPI_IDEMPOTENCY_WINDOW`
+    /// stores nothing and answers the first answer with `"duplicate": true`.
+    #[schema(
+        rename = "messageId",
+        pattern = r"^[A-Za-z0-9._:-]{1,64}$",
+        min_length = 1,
+        max_length = 64
+    )]
+    message_id: Option<String>,
+}
+
+/// One item of `POST /data`: a message with its dialog.
+#[derive(Debug, ToSchema)]
+#[schema(example = json!({"customerId": 1, "dialogId": 2, "text": "Hello", "language": "EN", "messageId": "m-1"}))]
+#[allow(dead_code, non_snake_case)] // describes the body; the handler reads it field by field
+pub struct BatchItem {
+    #[schema(minimum = 0)]
+    customerId: i64,
+    #[schema(minimum = 0)]
+    dialogId: i64,
+    #[schema(min_length = 1, max_length = 8192, pattern = "^[^\\u0000]+$")]
+    text: String,
+    #[schema(pattern = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$", max_length = 35)]
+    language: String,
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,64}$", min_length = 1, max_length = 64)]
+    messageId: Option<String>,
+}
+
+/// `POST /data` body: 1 … `DAPI_MAX_BATCH_MESSAGES` (default 1000) messages, the whole
+/// body at most `DAPI_MAX_BATCH_BYTES` (default 4 MiB) once decoded.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // describes the body; the handler reads it field by field
+pub struct BatchBody {
+    #[schema(min_items = 1, max_items = 1000)]
+    messages: Vec<BatchItem>,
 }
 
 /// `POST /consents/{dialogId}` body: `{"approved": true}`, `{"approved": "true"}` (any

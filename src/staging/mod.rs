@@ -10,7 +10,8 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `<prefix>:{d<id>}:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `x`/`xt` epoch and time of a refusal whose PostgreSQL erasure is not confirmed yet, `u` 1 while the dialog is unverified (staged when PostgreSQL could not be asked about it) |
-//! | `<prefix>:{d<id>}:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text` |
+//! | `<prefix>:{d<id>}:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text`, or `seq:receivedAt_µs:language\|messageId\|:text` when the client gave a `messageId` |
+//! | `<prefix>:{d<id>}:ids` | hash | `messageId` → `seq:decision` of the first message with that id; expires `DAPI_IDEMPOTENCY_WINDOW` after the last id was added |
 //! | `<prefix>:flush` | stream | flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
 //! | `<prefix>:{d<id>}:quarantined:meta`, `…:quarantined:msgs` | hash, list | a dialog the flusher could not read, set aside as it was |
 //! | `<prefix>:quarantine` | hash | dialog id → `<unix seconds> <reason>` of every dialog set aside |
@@ -37,9 +38,10 @@
 
 //! # Atomicity
 //!
-//! Each request is one call of one Lua script ([`Staging::ingest`], [`Staging::decide`]):
-//! Redis runs it alone, so the check of owner and decision, the seq, the append and the
-//! queueing happen as one step. `receivedAt` and the epoch come from Redis's own clock
+//! Each request is one call of one Lua script ([`Staging::stage`], [`Staging::decide`]):
+//! Redis runs it alone, so the check of owner and decision, the check of a repeated
+//! `messageId`, the seq, the append and the queueing happen as one step — a retry racing
+//! its original stores once. `receivedAt` and the epoch come from Redis's own clock
 //! (`TIME`), one clock for any number of dapi processes.
 //!
 //! # The epoch
@@ -61,7 +63,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
-use crate::domain::{CustomerId, Decision, DialogId, Language, MessageText};
+use crate::domain::{CustomerId, Decision, DialogId, IncomingMessage};
+
+/// How long a `messageId` is remembered per dialog unless configured otherwise.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The consumer group every flusher reads the flush stream through.
 pub const GROUP: &str = "flushers";
@@ -83,6 +88,10 @@ impl Keyspace {
 
     pub fn msgs(&self, dialog: i64) -> String {
         format!("{}:{{d{dialog}}}:msgs", self.prefix)
+    }
+
+    pub fn ids(&self, dialog: i64) -> String {
+        format!("{}:{{d{dialog}}}:ids", self.prefix)
     }
 
     pub fn flush_stream(&self) -> String {
@@ -116,13 +125,15 @@ pub enum StagingError {
     Redis(#[from] redis::RedisError),
     #[error("Redis holds a value dapi did not write: {0}")]
     Corrupt(&'static str),
+    #[error("Redis failed part-way through the request; this part was not staged")]
+    Interrupted,
 }
 
 impl StagingError {
     /// Whether the error means "Redis is unreachable now" rather than a bug.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StagingError::Timeout => true,
+            StagingError::Timeout | StagingError::Interrupted => true,
             StagingError::Redis(e) => {
                 e.is_timeout()
                     || e.is_io_error()
@@ -144,9 +155,12 @@ impl StagingError {
 /// What became of a message offered to [`Staging::ingest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IngestOutcome {
+    /// Staged, or (`duplicate`) a repeat of a `messageId` already staged: then `seq` and
+    /// `decision` are the first answer's, and nothing was stored.
     Accepted {
         seq: i64,
         decision: Decision,
+        duplicate: bool,
     },
     CustomerMismatch,
     ConsentRefused,
@@ -154,7 +168,16 @@ pub enum IngestOutcome {
     Unknown,
 }
 
-/// How [`Staging::ingest`] creates a dialog Redis does not know.
+/// One message for [`Staging::stage`].
+#[derive(Debug, Clone, Copy)]
+pub struct NewMessage<'a> {
+    pub customer: CustomerId,
+    pub dialog: DialogId,
+    pub message: &'a IncomingMessage,
+    pub create: Create,
+}
+
+/// How [`Staging::stage`] creates a dialog Redis does not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Create {
     /// Don't: answer [`IngestOutcome::Unknown`] so the caller can ask PostgreSQL first.
@@ -201,6 +224,7 @@ pub struct Staging {
     conn: ConnectionManager,
     keys: Keyspace,
     ttl_ms: u64,
+    idempotency_window_ms: u64,
     scripts: Arc<Scripts>,
     /// Upper bound on one call, so that a Redis outage answers 503 promptly.
     call_timeout: Duration,
@@ -240,6 +264,7 @@ impl Staging {
             conn,
             keys: Keyspace::new(prefix),
             ttl_ms: ttl_millis(ttl),
+            idempotency_window_ms: ttl_millis(DEFAULT_IDEMPOTENCY_WINDOW),
             scripts: Arc::new(Scripts {
                 ingest: Script::new(include_str!("lua/ingest.lua")),
                 consent: Script::new(include_str!("lua/consent.lua")),
@@ -249,46 +274,71 @@ impl Staging {
         })
     }
 
-    /// Stages one message: one script call, one round trip. `create` says what to do
-    /// when Redis does not know the dialog (see the module's "Redis forgetting a dialog").
-    pub async fn ingest(
-        &self,
-        customer: CustomerId,
-        dialog: DialogId,
-        language: &Language,
-        text: &MessageText,
-        create: Create,
-    ) -> Result<IngestOutcome, StagingError> {
-        let d = dialog.get();
-        let (mode, last_seq) = match create {
-            Create::Not => ("", 0),
-            Create::New => ("new", 0),
-            Create::Revive { last_seq } => ("revive", last_seq),
-            Create::Unverified => ("unverified", 0),
-        };
+    /// Stages messages in one script call, one round trip: an outcome per message, in
+    /// order. `create` says, per message, what to do when Redis does not know its dialog
+    /// (see the module's "Redis forgetting a dialog").
+    pub async fn stage(&self, messages: &[NewMessage<'_>]) -> Result<Vec<IngestOutcome>, StagingError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut invocation = self.scripts.ingest.prepare_invoke();
         invocation
-            .key(self.keys.meta(d))
-            .key(self.keys.msgs(d))
             .key(self.keys.flush_stream())
-            .arg(customer.get())
-            .arg(d)
-            .arg(language.as_str())
-            .arg(text.as_str())
             .arg(self.ttl_ms)
-            .arg(mode)
-            .arg(last_seq);
-        let mut conn = self.conn.clone();
-        let (status, seq): (String, i64) = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        if let Some(decision) = Decision::from_letter(status.as_bytes()) {
-            return Ok(IngestOutcome::Accepted { seq, decision });
+            .arg(self.idempotency_window_ms);
+        for m in messages {
+            let d = m.dialog.get();
+            let (mode, last_seq) = match m.create {
+                Create::Not => ("", 0),
+                Create::New => ("new", 0),
+                Create::Revive { last_seq } => ("revive", last_seq),
+                Create::Unverified => ("unverified", 0),
+            };
+            invocation
+                .key(self.keys.meta(d))
+                .key(self.keys.msgs(d))
+                .key(self.keys.ids(d))
+                .arg(m.customer.get())
+                .arg(d)
+                .arg(m.message.language.as_str())
+                .arg(m.message.text.as_str())
+                .arg(m.message.message_id.as_ref().map_or("", |id| id.as_str()))
+                .arg(mode)
+                .arg(last_seq);
         }
-        Ok(match status.as_str() {
-            "mismatch" => IngestOutcome::CustomerMismatch,
-            "refused" => IngestOutcome::ConsentRefused,
-            "unknown" => IngestOutcome::Unknown,
-            _ => return Err(StagingError::Corrupt("unknown ingest status")),
-        })
+        let mut conn = self.conn.clone();
+        let replies: Vec<(String, i64, String)> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if replies.len() != messages.len() {
+            return Err(StagingError::Corrupt("ingest reply has the wrong length"));
+        }
+        replies
+            .into_iter()
+            .map(|(status, seq, decision)| {
+                let decision = || Decision::from_letter(decision.as_bytes()).ok_or(StagingError::Corrupt("decision"));
+                Ok(match status.as_str() {
+                    "ok" => IngestOutcome::Accepted {
+                        seq,
+                        decision: decision()?,
+                        duplicate: false,
+                    },
+                    "dup" => IngestOutcome::Accepted {
+                        seq,
+                        decision: decision()?,
+                        duplicate: true,
+                    },
+                    "mismatch" => IngestOutcome::CustomerMismatch,
+                    "refused" => IngestOutcome::ConsentRefused,
+                    "unknown" => IngestOutcome::Unknown,
+                    _ => return Err(StagingError::Corrupt("unknown ingest status")),
+                })
+            })
+            .collect()
+    }
+
+    /// How long a `messageId` is remembered per dialog (`DAPI_IDEMPOTENCY_WINDOW`).
+    pub fn with_idempotency_window(mut self, window: Duration) -> Self {
+        self.idempotency_window_ms = ttl_millis(window).max(1);
+        self
     }
 
     /// Records a decision. Returns `None` when Redis knows nothing of the dialog and no
@@ -305,6 +355,7 @@ impl Staging {
             .key(self.keys.meta(d))
             .key(self.keys.msgs(d))
             .key(self.keys.flush_stream())
+            .key(self.keys.ids(d))
             .arg(d)
             .arg(if approved { Decision::Granted } else { Decision::Refused }.letter())
             .arg(self.ttl_ms);

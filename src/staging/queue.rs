@@ -359,7 +359,10 @@ impl FlushQueue {
     /// customer and last stored seq when PostgreSQL holds it as granted.
     pub async fn settle(&mut self, dialog: i64, granted: Option<(CustomerId, i64)>) -> Result<Settled, StagingError> {
         let mut invocation = self.settle.prepare_invoke();
-        invocation.key(self.keys.meta(dialog)).key(self.keys.msgs(dialog));
+        invocation
+            .key(self.keys.meta(dialog))
+            .key(self.keys.msgs(dialog))
+            .key(self.keys.ids(dialog));
         match granted {
             Some((customer, last_seq)) => invocation.arg("1").arg(customer.get()).arg(last_seq),
             None => invocation.arg("0").arg(0).arg(0),
@@ -495,19 +498,31 @@ fn number(value: &Value) -> Option<i64> {
     }
 }
 
-/// Decodes `seq:receivedAt_µs:language:text` as the ingest script writes it.
+/// Decodes `seq:receivedAt_µs:language:text` or `seq:receivedAt_µs:language|messageId|:text`
+/// as the ingest script writes it.
 fn decode_message(raw: &[u8]) -> Option<StagedMessage> {
-    let mut parts = raw.splitn(4, |b| *b == b':');
+    let mut parts = raw.splitn(3, |b| *b == b':');
     let mut number = || std::str::from_utf8(parts.next()?).ok()?.parse::<i64>().ok();
     let seq = number()?;
     let received_at_us = number()?;
-    let language = String::from_utf8(parts.next()?.to_vec()).ok()?;
-    let text = String::from_utf8(parts.next()?.to_vec()).ok()?;
+    let rest = parts.next()?;
+    let end = rest.iter().position(|b| *b == b':' || *b == b'|')?;
+    let language = String::from_utf8(rest[..end].to_vec()).ok()?;
+    let (message_id, text) = match rest[end] {
+        b'|' => {
+            let tail = &rest[end + 1..];
+            let close = tail.iter().position(|b| *b == b'|')?;
+            let text = tail[close + 1..].strip_prefix(b":")?;
+            (Some(String::from_utf8(tail[..close].to_vec()).ok()?), text)
+        }
+        _ => (None, &rest[end + 1..]),
+    };
     Some(StagedMessage {
         seq,
         received_at_us,
         language,
-        text,
+        text: String::from_utf8(text.to_vec()).ok()?,
+        message_id,
     })
 }
 
@@ -545,6 +560,9 @@ mod tests {
         assert_eq!((m.language.as_str(), m.text.as_str()), ("pt-BR", "a:b:c"));
         assert!(decode_message(b"x:1:EN:t").is_none());
         assert!(decode_message(b"1:2:EN").is_none());
+        let m = decode_message(b"4:5:EN|ab:c.1|:x|y:z").expect("decodes"); // allow: test
+        assert_eq!((m.message_id.as_deref(), m.text.as_str()), (Some("ab:c.1"), "x|y:z"));
+        assert!(decode_message(b"4:5:EN|open:x").is_none());
     }
 
     #[test]

@@ -40,7 +40,7 @@
 //! Readers see newest first: `received_at DESC, dialog_id DESC, seq DESC`, served by
 //! scanning the `(…, received_at, dialog_id, seq)` indexes backwards.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -56,7 +56,7 @@ pub mod sql;
 
 use sql::{
     AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DELETE_DIALOGS_MESSAGES,
-    GRANTED_DIALOG, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE, PING,
+    GRANTED_DIALOGS, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE, PING,
     UPSERT_DIALOGS,
 };
 
@@ -139,6 +139,8 @@ pub struct StoredMessage {
     pub text: String,
     pub language: String,
     pub received_at: OffsetDateTime,
+    /// The client's id for it (`None` when it gave none).
+    pub message_id: Option<String>,
 }
 
 impl StoredMessage {
@@ -339,6 +341,7 @@ impl Store {
                         cols.language.push(&m.language);
                         cols.text.push(&m.text);
                         cols.received_at.push(time_of(m.received_at_us));
+                        cols.message_id.push(m.message_id.as_deref());
                     }
                 }
                 let inserted: i64 = sqlx::query_scalar(INSERT_MESSAGES)
@@ -348,6 +351,7 @@ impl Store {
                     .bind(cols.language)
                     .bind(cols.text)
                     .bind(cols.received_at)
+                    .bind(cols.message_id)
                     .bind(shard)
                     .fetch_one(&mut *tx)
                     .await?;
@@ -358,29 +362,42 @@ impl Store {
         Ok(applied)
     }
 
-    /// The dialog if PostgreSQL holds it as granted: its customer and last stored seq.
-    /// Used when Redis has forgotten a dialog that a request names.
-    pub async fn granted_dialog(&self, dialog: DialogId) -> Result<Option<GrantedDialog>, StoreError> {
-        let row: Option<GrantedRow> = sqlx::query_as(GRANTED_DIALOG)
-            .bind(dialog.get())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| GrantedDialog {
-            customer: CustomerId::from_stored(r.customer_id),
-            last_seq: r.last_seq,
-        }))
+    /// Of `dialogs`, those PostgreSQL holds as granted, with their customer and last
+    /// stored seq. Used when Redis has forgotten dialogs that a request names.
+    pub async fn granted_dialogs(&self, dialogs: &[DialogId]) -> Result<HashMap<DialogId, GrantedDialog>, StoreError> {
+        let ids: Vec<i64> = dialogs.iter().map(|d| d.get()).collect();
+        let rows: Vec<GrantedRow> = sqlx::query_as(GRANTED_DIALOGS).bind(ids).fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let granted = GrantedDialog {
+                    customer: CustomerId::from_stored(r.customer_id),
+                    last_seq: r.last_seq,
+                };
+                (DialogId::from_stored(r.dialog_id), granted)
+            })
+            .collect())
     }
 
-    /// [`Store::granted_dialog`] for the ingest path, which must never wait on
+    /// [`Store::granted_dialogs`] for one dialog.
+    pub async fn granted_dialog(&self, dialog: DialogId) -> Result<Option<GrantedDialog>, StoreError> {
+        Ok(self.granted_dialogs(&[dialog]).await?.remove(&dialog))
+    }
+
+    /// [`Store::granted_dialogs`] for the ingest path, which must never wait on
     /// PostgreSQL: at most [`PROBE_TIMEOUT`], and after a failure not asked at all for
     /// [`PROBE_BACKOFF`]. `Err` means "could not find out".
-    pub async fn granted_dialog_quickly(&self, dialog: DialogId) -> Result<Option<GrantedDialog>, StoreError> {
+    pub async fn granted_dialogs_quickly(
+        &self,
+        dialogs: &[DialogId],
+    ) -> Result<HashMap<DialogId, GrantedDialog>, StoreError> {
         if now_ms() < self.probe_closed_until_ms.load(Ordering::Relaxed) {
             return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
         }
         // On a task of its own: a query is never dropped half-way on its connection.
         let store = self.clone();
-        let lookup = tokio::spawn(async move { store.granted_dialog(dialog).await });
+        let dialogs = dialogs.to_vec();
+        let lookup = tokio::spawn(async move { store.granted_dialogs(&dialogs).await });
         let result = match tokio::time::timeout(PROBE_TIMEOUT, lookup).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(StoreError::Task(join)),
@@ -420,6 +437,7 @@ impl Store {
                     text: r.text?,
                     language: r.language?,
                     received_at: r.received_at?,
+                    message_id: r.message_id,
                 })
             })
             .collect();
@@ -463,10 +481,12 @@ struct PageRow {
     text: Option<String>,
     language: Option<String>,
     received_at: Option<OffsetDateTime>,
+    message_id: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
 struct GrantedRow {
+    dialog_id: i64,
     customer_id: i64,
     last_seq: i64,
 }
@@ -478,6 +498,7 @@ struct MessageColumns<'a> {
     language: Vec<&'a str>,
     text: Vec<&'a str>,
     received_at: Vec<OffsetDateTime>,
+    message_id: Vec<Option<&'a str>>,
 }
 
 impl MessageColumns<'_> {
@@ -489,6 +510,7 @@ impl MessageColumns<'_> {
             language: Vec::with_capacity(n),
             text: Vec::with_capacity(n),
             received_at: Vec::with_capacity(n),
+            message_id: Vec::with_capacity(n),
         }
     }
 }

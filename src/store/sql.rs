@@ -20,12 +20,12 @@ RETURNING dialog_id";
 
 /// Bulk insert of one batch's messages; returns how many were new. The same statement
 /// adds the inserted rows to every counter they belong to (per customer and language,
-/// per customer, per language, in total; `-1` / `''` mean "any"), in the shard `$7`, in
+/// per customer, per language, in total; `-1` / `''` mean "any"), in the shard `$8`, in
 /// key order (one lock order for all writers).
 pub const INSERT_MESSAGES: &str = "\
 WITH changed AS (
-    INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
-    SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[])
+    INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at, message_id)
+    SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[], $7::text[])
     ON CONFLICT (dialog_id, seq) DO NOTHING
     RETURNING customer_id, lower(language) AS language
 ), delta AS (
@@ -34,7 +34,7 @@ WITH changed AS (
     HAVING count(*) > 0
 ), bumped AS (
     INSERT INTO message_counts (customer_id, language, shard, n)
-    SELECT customer_id, language, $7::int2, n FROM delta ORDER BY customer_id, language
+    SELECT customer_id, language, $8::int2, n FROM delta ORDER BY customer_id, language
     ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
 )
 SELECT n FROM delta WHERE customer_id = -1 AND language = ''
@@ -60,10 +60,12 @@ WITH changed AS (
 SELECT n FROM delta WHERE customer_id = -1 AND language = ''
 UNION ALL SELECT 0 LIMIT 1";
 
-/// A granted dialog's customer and last stored seq (a backward primary-key scan).
-pub const GRANTED_DIALOG: &str = "\
-SELECT customer_id, coalesce((SELECT max(seq) FROM messages WHERE dialog_id = $1), 0) AS last_seq
-FROM dialogs WHERE dialog_id = $1 AND decision = 'granted'";
+/// Of the dialogs `$1`, those PostgreSQL holds as granted: customer and last stored seq
+/// (a backward primary-key scan each).
+pub const GRANTED_DIALOGS: &str = "\
+SELECT d.dialog_id, d.customer_id,
+       coalesce((SELECT max(m.seq) FROM messages m WHERE m.dialog_id = d.dialog_id), 0) AS last_seq
+FROM dialogs d WHERE d.dialog_id = ANY($1::int8[]) AND d.decision = 'granted'";
 
 /// Page mode, no filter: `$1` limit, `$2` offset, `$3` language, `$4` customer (both
 /// NULL here; they pick the count row). Count and rows in one statement, one snapshot.
@@ -72,9 +74,9 @@ WITH total AS (
     SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
                      WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
 )
-SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
+SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at, m.message_id
 FROM total LEFT JOIN LATERAL (
-    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+    SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
     WHERE $2 < total.n AND true
     ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
 ) m ON true
@@ -86,9 +88,9 @@ WITH total AS (
     SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
                      WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
 )
-SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
+SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at, m.message_id
 FROM total LEFT JOIN LATERAL (
-    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+    SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
     WHERE $2 < total.n AND lower(language) = lower($3)
     ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
 ) m ON true
@@ -100,9 +102,9 @@ WITH total AS (
     SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
                      WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
 )
-SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
+SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at, m.message_id
 FROM total LEFT JOIN LATERAL (
-    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+    SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
     WHERE $2 < total.n AND customer_id = $4
     ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
 ) m ON true
@@ -114,9 +116,9 @@ WITH total AS (
     SELECT coalesce((SELECT sum(n)::int8 FROM message_counts
                      WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')), 0) AS n
 )
-SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at
+SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at, m.message_id
 FROM total LEFT JOIN LATERAL (
-    SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+    SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
     WHERE $2 < total.n AND lower(language) = lower($3) AND customer_id = $4
     ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
 ) m ON true
@@ -124,26 +126,26 @@ ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC";
 
 /// Cursor mode, no filter: `$1` limit, `$2`–`$4` the position to continue after.
 pub const AFTER_ALL: &str = "\
-SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
 WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND true
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
 /// Cursor mode by language: `$1` limit, `$2`–`$4` the position, `$5` language.
 pub const AFTER_BY_LANGUAGE: &str = "\
-SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
 WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND lower(language) = lower($5)
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
 /// Cursor mode by customer: `$1` limit, `$2`–`$4` the position, `$5` customer.
 pub const AFTER_BY_CUSTOMER: &str = "\
-SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
 WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND customer_id = $5
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
 /// Cursor mode by customer and language: `$1` limit, `$2`–`$4` the position, `$5`
 /// language, `$6` customer.
 pub const AFTER_BY_CUSTOMER_LANGUAGE: &str = "\
-SELECT customer_id, dialog_id, seq, text, language, received_at FROM messages
+SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
 WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND lower(language) = lower($5) AND customer_id = $6
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
@@ -155,7 +157,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("UPSERT_DIALOGS", UPSERT_DIALOGS),
     ("INSERT_MESSAGES", INSERT_MESSAGES),
     ("DELETE_DIALOGS_MESSAGES", DELETE_DIALOGS_MESSAGES),
-    ("GRANTED_DIALOG", GRANTED_DIALOG),
+    ("GRANTED_DIALOGS", GRANTED_DIALOGS),
     ("PAGE_ALL", PAGE_ALL),
     ("PAGE_BY_LANGUAGE", PAGE_BY_LANGUAGE),
     ("PAGE_BY_CUSTOMER", PAGE_BY_CUSTOMER),

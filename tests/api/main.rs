@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod access;
+mod batch;
 mod binary;
 mod consent;
 mod edges;

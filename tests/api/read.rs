@@ -16,6 +16,7 @@ async fn store_granted(app: &TestApp, rows: &[(i64, i64, i64, &str, i64)]) {
             received_at_us: at,
             language: language.to_owned(),
             text: format!("c{customer} d{dialog} s{seq}"),
+            message_id: None,
         };
         match states.iter_mut().find(|s| s.dialog.get() == dialog) {
             Some(state) => state.messages.push(message),

@@ -24,6 +24,7 @@ fn state(decision: Decision, epoch: i64, refused: Option<i64>, seqs: &[i64]) -> 
                 received_at_us: 1_795_000_000_000_000 + seq,
                 language: "EN".into(),
                 text: format!("message {seq}"),
+                message_id: None,
             })
             .collect(),
     }

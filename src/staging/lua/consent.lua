@@ -1,10 +1,11 @@
 -- Record a decision. Atomic: bump the epoch, set the decision.
--- A grant queues a flush. A refusal deletes the staged messages, remembers itself as
+-- A grant queues a flush. A refusal deletes the staged messages (and their messageIds:
+-- a repeat of one is refused like any message of the dialog), remembers itself as
 -- unerased (`x` = its epoch, `xt` = when) until PostgreSQL confirms the erasure (the
 -- caller's own erasure or the flusher's, through finish.lua), and queues a flush entry,
 -- which finishes the erasure should the caller's not get there. While `x` is set the
 -- dialog's keys do not expire, however long PostgreSQL is away.
--- KEYS: 1 meta, 2 msgs, 3 flush stream
+-- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 ids (the dialog's messageIds)
 -- ARGV: 1 dialog id, 2 decision 'g' | 'r', 3 ttl (ms),
 --       4 customer id to revive a dialog Redis forgot ('' = do not), 5 its last seq
 -- Returns {'ok', epoch, customer id, decided-at (µs)} or {'unknown', 0, 0, 0}.
@@ -30,7 +31,7 @@ if ARGV[2] == 'g' then
   end
 else
   redis.call('HSET', KEYS[1], 'x', epoch, 'xt', now_us)
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[4])
   redis.call('PERSIST', KEYS[1])
   redis.call('XADD', KEYS[3], '*', 'd', ARGV[1])
 end

@@ -1,48 +1,80 @@
--- Stage one message. Atomic: check owner and decision, take the next seq, append,
--- refresh the TTL, queue a flush when the dialog is granted (or must be settled).
--- KEYS: 1 meta, 2 msgs, 3 flush stream
--- ARGV: 1 customer id, 2 dialog id, 3 language, 4 text, 5 ttl (ms),
---       6 what to do when Redis does not know the dialog:
+-- Stage messages: one item for POST /data/{c}/{d}, up to a batch for POST /data. Each
+-- item is one atomic step of the same kind (the script runs alone): check owner and
+-- decision, answer a repeated messageId with the first answer, take the next seq,
+-- append, refresh the TTL, queue a flush when the dialog is granted (or must be
+-- settled). Items of one dialog get consecutive seqs in the order given.
+-- KEYS: 1 flush stream, then per item: meta, msgs, ids (messageId → "seq:decision")
+-- ARGV: 1 ttl (ms), 2 idempotency window (ms), then per item 7 values:
+--       customer id, dialog id, language, text, messageId ('' = none),
+--       what to do when Redis does not know the dialog:
 --          ''        stage nothing, answer 'unknown' (the caller asks PostgreSQL first)
 --          'new'     PostgreSQL holds no grant for it: a new pending dialog
---          'revive'  PostgreSQL holds it as granted with last seq ARGV[7]: granted again,
---                    its seq continuing
+--          'revive'  PostgreSQL holds it as granted with the last seq given next: granted
+--                    again, its seq continuing
 --          'unverified'  PostgreSQL could not be asked: pending, marked `u`, and queued
 --                    so that the flusher settles it against PostgreSQL later
---       7 last seq stored in PostgreSQL (for 'revive')
--- Returns {decision, seq}; decision is 'p' or 'g', or 'mismatch' / 'refused' / 'unknown'
--- with seq 0.
-local meta = redis.call('HMGET', KEYS[1], 'c', 'd', 'q', 'x', 'u')
+--       and the last seq stored in PostgreSQL (for 'revive')
+-- Returns per item {status, seq, decision}: status 'ok' (staged), 'dup' (a repeat: the
+-- first answer's seq and decision), 'mismatch', 'refused' or 'unknown' (seq 0, '').
+-- A staged message is `seq:receivedAt_µs:language:text`, or with a messageId
+-- `seq:receivedAt_µs:language|messageId|:text` (neither a language nor a messageId can
+-- hold `|`).
+local ttl, window = ARGV[1], ARGV[2]
 local now = redis.call('TIME')
 local now_us = string.format('%d', now[1] * 1000000 + now[2])
-local decision, queued, unerased, unverified = meta[2], meta[3], meta[4], meta[5]
-if meta[1] then
-  if meta[1] ~= ARGV[1] then return {'mismatch', 0} end
-  if decision == 'r' then return {'refused', 0} end
-elseif ARGV[6] == '' then
-  return {'unknown', 0}
-else
-  -- The epoch starts at the clock, so that a dialog started again after Redis forgot it
-  -- carries a newer epoch than anything PostgreSQL holds of it.
-  decision = ARGV[6] == 'revive' and 'g' or 'p'
-  local last = ARGV[6] == 'revive' and ARGV[7] or '0'
-  redis.call('HSET', KEYS[1], 'c', ARGV[1], 'd', decision, 'e', now_us, 'n', last, 'q', 0, 't', now_us)
-  queued = '0'
-  if ARGV[6] == 'unverified' then
-    redis.call('HSET', KEYS[1], 'u', 1)
-    unverified = '1'
+
+local function stage(meta, msgs, ids, customer, dialog, language, text, mid, mode, last)
+  local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u')
+  local decision, queued, unerased, unverified = m[2], m[3], m[4], m[5]
+  if m[1] then
+    if m[1] ~= customer then return {'mismatch', 0, ''} end
+    if decision == 'r' then return {'refused', 0, ''} end
+  elseif mode == '' then
+    return {'unknown', 0, ''}
+  else
+    -- The epoch starts at the clock, so that a dialog started again after Redis forgot
+    -- it carries a newer epoch than anything PostgreSQL holds of it.
+    decision = mode == 'revive' and 'g' or 'p'
+    redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us,
+      'n', mode == 'revive' and last or '0', 'q', 0, 't', now_us)
+    queued = '0'
+    if mode == 'unverified' then
+      redis.call('HSET', meta, 'u', 1)
+      unverified = '1'
+    end
   end
+  if mid ~= '' then
+    local first = redis.call('HGET', ids, mid)
+    if first then
+      local seq, was = string.match(first, '^(%d+):(%a)$')
+      return {'dup', tonumber(seq), was}
+    end
+  end
+  local seq = redis.call('HINCRBY', meta, 'n', 1)
+  local head = string.format('%d:%s:%s', seq, now_us, language)
+  if mid ~= '' then
+    head = head .. '|' .. mid .. '|'
+    redis.call('HSET', ids, mid, string.format('%d:%s', seq, decision))
+    redis.call('PEXPIRE', ids, window)
+  end
+  redis.call('RPUSH', msgs, head .. ':' .. text)
+  if (decision == 'g' or unverified == '1') and queued ~= '1' then
+    redis.call('HSET', meta, 'q', 1)
+    redis.call('XADD', KEYS[1], '*', 'd', dialog)
+  end
+  -- Every dialog's keys expire DAPI_STAGING_TTL after its last write, except while a
+  -- refusal's erasure is unconfirmed: that must outlive any PostgreSQL outage.
+  if not unerased then
+    redis.call('PEXPIRE', meta, ttl)
+    redis.call('PEXPIRE', msgs, ttl)
+  end
+  return {'ok', seq, decision}
 end
-local seq = redis.call('HINCRBY', KEYS[1], 'n', 1)
-redis.call('RPUSH', KEYS[2], string.format('%d:%s:%s:', seq, now_us, ARGV[3]) .. ARGV[4])
-if (decision == 'g' or unverified == '1') and queued ~= '1' then
-  redis.call('HSET', KEYS[1], 'q', 1)
-  redis.call('XADD', KEYS[3], '*', 'd', ARGV[2])
+
+local out = {}
+for i = 1, (#KEYS - 1) / 3 do
+  local k, a = 3 * i - 1, 2 + 7 * (i - 1)
+  out[i] = stage(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+    ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
 end
--- Every dialog's keys expire DAPI_STAGING_TTL after its last write, except while a
--- refusal's erasure is unconfirmed: that must outlive any PostgreSQL outage.
-if not unerased then
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-end
-return {decision, seq}
+return out

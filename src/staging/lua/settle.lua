@@ -4,7 +4,7 @@
 -- every staged message is renumbered, `n` moves on, and a dialog still pending is
 -- granted again (that grant still stands). Otherwise the dialog simply is what Redis
 -- says. Either way `u` goes.
--- KEYS: 1 meta, 2 msgs
+-- KEYS: 1 meta, 2 msgs, 3 ids (messageId → "seq:decision", renumbered too)
 -- ARGV: 1 '1' when PostgreSQL holds a grant, 2 its customer id, 3 its last seq
 -- Returns 1 settled, 0 nothing to settle (settled already, or forgotten), -1 PostgreSQL
 -- holds the dialog under another customer (left unsettled for the caller to set aside).
@@ -25,6 +25,11 @@ if ARGV[1] == '1' then
       if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
     end
     redis.call('HINCRBY', KEYS[1], 'n', last)
+    local ids = redis.call('HGETALL', KEYS[3])
+    for i = 1, #ids, 2 do
+      local seq, was = string.match(ids[i + 1], '^(%d+):(%a)$')
+      redis.call('HSET', KEYS[3], ids[i], string.format('%d:%s', tonumber(seq) + last, was))
+    end
   end
   if meta[3] == 'p' then redis.call('HSET', KEYS[1], 'd', 'g') end
 end

@@ -1,0 +1,345 @@
+//! Staging messages: `POST /data/{customerId}/{dialogId}` (one) and `POST /data` (a
+//! batch). Both go through [`stage`]: one script call for everything Redis knows, then —
+//! only if some dialog is new to Redis — one PostgreSQL lookup for those dialogs (bounded;
+//! never waited on during an outage) and one more script call that creates them.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::extract::{BatchBody, DataPath, JsonBody};
+use super::{ApiError, AppState};
+use crate::domain::{CustomerId, DialogId, IncomingMessage, Invalid, parse_message, parse_message_fields};
+use crate::staging::{Create, IngestOutcome, NewMessage, StagingError};
+use crate::telemetry::{STAGED_DIALOGS, STAGED_MESSAGES};
+
+/// One message offered for staging.
+#[derive(Debug)]
+struct Offer {
+    customer: CustomerId,
+    dialog: DialogId,
+    message: IncomingMessage,
+}
+
+/// Stages `offers`, in order: items of one dialog get consecutive seqs in that order.
+/// `Err` when Redis failed before anything was staged; otherwise one outcome per offer,
+/// an `Err` for the offers a later failure left unstaged.
+async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOutcome, StagingError>>, StagingError> {
+    let first: Vec<NewMessage<'_>> = offers
+        .iter()
+        .map(|o| NewMessage {
+            customer: o.customer,
+            dialog: o.dialog,
+            message: &o.message,
+            create: Create::Not,
+        })
+        .collect();
+    let mut outcomes: Vec<Result<IngestOutcome, StagingError>> =
+        state.staging.stage(&first).await?.into_iter().map(Ok).collect();
+    let unknown: Vec<usize> = (0..offers.len())
+        .filter(|&i| matches!(outcomes[i], Ok(IngestOutcome::Unknown)))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(outcomes);
+    }
+
+    // Dialogs Redis does not know: new, or forgotten while PostgreSQL holds them as
+    // granted. Ask PostgreSQL, briefly; if it cannot say, the flusher settles them.
+    let mut dialogs: Vec<DialogId> = unknown.iter().map(|&i| offers[i].dialog).collect();
+    dialogs.sort_unstable();
+    dialogs.dedup();
+    let granted = state.store.granted_dialogs_quickly(&dialogs).await;
+    let mut second = Vec::with_capacity(unknown.len());
+    let mut second_at = Vec::with_capacity(unknown.len());
+    for &i in &unknown {
+        let offer = &offers[i];
+        let create = match &granted {
+            Ok(granted) => match granted.get(&offer.dialog) {
+                Some(g) if g.customer != offer.customer => {
+                    outcomes[i] = Ok(IngestOutcome::CustomerMismatch);
+                    continue;
+                }
+                Some(g) => Create::Revive { last_seq: g.last_seq },
+                None => Create::New,
+            },
+            Err(_) => Create::Unverified,
+        };
+        second.push(NewMessage {
+            customer: offer.customer,
+            dialog: offer.dialog,
+            message: &offer.message,
+            create,
+        });
+        second_at.push(i);
+    }
+    match state.staging.stage(&second).await {
+        Ok(created) => {
+            for (i, outcome) in second_at.into_iter().zip(created) {
+                outcomes[i] = match outcome {
+                    IngestOutcome::Unknown => Err(StagingError::Corrupt(
+                        "the ingest script did not create the dialog it was told to",
+                    )),
+                    outcome => Ok(outcome),
+                };
+            }
+        }
+        Err(e) => {
+            // Part-way: what the first call staged stands; these were not staged.
+            tracing::warn!(error = %crate::telemetry::chain(&e), "Redis failed part-way through a batch");
+            for i in second_at {
+                outcomes[i] = Err(StagingError::Interrupted);
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(example = json!({"customerId": 1, "dialogId": 2, "seq": 1, "consent": "pending"}))]
+pub struct IngestAnswer {
+    customer_id: i64,
+    dialog_id: i64,
+    /// 1, 2, 3 … in arrival order within the dialog.
+    seq: i64,
+    /// `pending` or `granted`.
+    consent: &'static str,
+    /// Present (true) when this repeats a `messageId` already accepted for the dialog:
+    /// nothing was stored, and `seq` and `consent` are the first answer's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
+impl IngestAnswer {
+    fn of(offer: &Offer, outcome: IngestOutcome) -> Result<Self, ApiError> {
+        match outcome {
+            IngestOutcome::Accepted {
+                seq,
+                decision,
+                duplicate,
+            } => {
+                if !duplicate {
+                    metrics::counter!(STAGED_MESSAGES).increment(1);
+                    if seq == 1 {
+                        metrics::counter!(STAGED_DIALOGS).increment(1);
+                    }
+                }
+                Ok(Self {
+                    customer_id: offer.customer.get(),
+                    dialog_id: offer.dialog.get(),
+                    seq,
+                    consent: decision.as_str(),
+                    duplicate,
+                })
+            }
+            IngestOutcome::CustomerMismatch => Err(ApiError::CustomerMismatch),
+            IngestOutcome::ConsentRefused => Err(ApiError::ConsentRefused),
+            IngestOutcome::Unknown => Err(ApiError::Staging(StagingError::Corrupt(
+                "the ingest script did not create the dialog it was told to",
+            ))),
+        }
+    }
+}
+
+/// Stage one message of a dialog.
+///
+/// 202 means the message is in Redis; it reaches PostgreSQL once the dialog's consent is
+/// granted (at once, if it already is). A repeat of a `messageId` accepted for the dialog
+/// within `DAPI_IDEMPOTENCY_WINDOW` stores nothing and answers the first answer with
+/// `"duplicate": true`.
+#[utoipa::path(
+    post,
+    path = "/data/{customerId}/{dialogId}",
+    tag = "ingest",
+    params(
+        ("customerId" = i64, Path, minimum = 0, description = "0 … 9223372036854775807"),
+        ("dialogId" = i64, Path, minimum = 0, description = "0 … 9223372036854775807")
+    ),
+    request_body(content = super::openapi::MessageBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Staged (or a repeat of a `messageId`: `duplicate`)", body = IngestAnswer),
+        (status = 400, description = "Malformed JSON, or a path ID that is not such an integer (`malformed_json`, `invalid_id`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 401, description = "No or unknown token (`unauthorized`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 403, description = "Not an ingest token (`forbidden`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 409, description = "The dialog belongs to another customer, or its consent was refused (`customer_mismatch`, `consent_refused`); nothing stored", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 413, description = "Body over `DAPI_MAX_BODY_BYTES` (`payload_too_large`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 422, description = "Missing or wrong-typed field, empty or oversized text, U+0000, bad language tag, bad `messageId` (`invalid_body`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 503, description = "Redis cannot be reached, or dapi is at its limit (`redis_unavailable`, `overloaded`, `request_timeout`); nothing acknowledged", content_type = "application/problem+json", body = super::error::Problem)
+    ),
+    security(("bearer" = []))
+)]
+pub async fn ingest(
+    State(state): State<AppState>,
+    DataPath { customer, dialog }: DataPath,
+    JsonBody(body): JsonBody,
+) -> Result<(StatusCode, Json<IngestAnswer>), ApiError> {
+    let message = parse_message(body, state.settings.max_text_bytes).map_err(ApiError::InvalidBody)?;
+    let offer = Offer {
+        customer,
+        dialog,
+        message,
+    };
+    let outcome = stage(&state, std::slice::from_ref(&offer))
+        .await?
+        .pop()
+        .ok_or(ApiError::Staging(StagingError::Corrupt("no outcome")))??;
+    Ok((StatusCode::ACCEPTED, Json(IngestAnswer::of(&offer, outcome)?)))
+}
+
+/// The ingest benchmark's ceiling: the same extractors and validation as [`ingest`],
+/// answering 202 without touching Redis (see `http::ceiling_router`).
+#[utoipa::path(post, path = "/data/{customerId}/{dialogId}", tag = "ingest")]
+pub async fn ingest_ceiling(
+    State(state): State<AppState>,
+    DataPath { customer, dialog }: DataPath,
+    JsonBody(body): JsonBody,
+) -> Result<(StatusCode, Json<IngestAnswer>), ApiError> {
+    parse_message(body, state.settings.max_text_bytes).map_err(ApiError::InvalidBody)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(IngestAnswer {
+            customer_id: customer.get(),
+            dialog_id: dialog.get(),
+            seq: 1,
+            consent: "pending",
+            duplicate: false,
+        }),
+    ))
+}
+
+/// One item's result in a batch answer: a 202 answer, or a problem.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum ItemResult {
+    Staged {
+        /// 202
+        status: u16,
+        #[serde(flatten)]
+        answer: IngestAnswer,
+    },
+    Failed {
+        /// 409, 422 or 503
+        status: u16,
+        /// As in problem+json: `customer_mismatch`, `consent_refused`, `invalid_body`,
+        /// `redis_unavailable`.
+        code: &'static str,
+        detail: String,
+    },
+}
+
+impl ItemResult {
+    fn failed(error: &ApiError) -> Self {
+        let (status, code) = error.status_and_code();
+        ItemResult::Failed {
+            status: status.as_u16(),
+            code,
+            detail: error.public_detail(),
+        }
+    }
+}
+
+/// `POST /data`'s answer: one result per item, in order.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BatchAnswer {
+    results: Vec<ItemResult>,
+}
+
+/// Stage many messages in one request.
+///
+/// Each item is validated and staged as a single POST would be, on its own: one bad item
+/// never spoils the others, and items of one dialog get their `seq` in batch order. When
+/// Redis fails part-way, the items staged answer 202 and the others 503
+/// `redis_unavailable`; retrying the whole batch with the same `messageId`s stores
+/// nothing twice.
+#[utoipa::path(
+    post,
+    path = "/data",
+    tag = "ingest",
+    request_body(content = super::openapi::BatchBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "One result per item, in order", body = BatchAnswer),
+        (status = 400, description = "Malformed JSON (`malformed_json`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 401, description = "No or unknown token (`unauthorized`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 403, description = "Not an ingest token (`forbidden`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 413, description = "Body over `DAPI_MAX_BATCH_BYTES` (`payload_too_large`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 415, description = "Not JSON (`unsupported_media_type`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 422, description = "Not an object with a `messages` array of 1 … `DAPI_MAX_BATCH_MESSAGES` items (`invalid_body`); nothing staged", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 503, description = "Redis cannot be reached before any item is staged, or dapi is at its limit (`redis_unavailable`, `overloaded`, `request_timeout`)", content_type = "application/problem+json", body = super::error::Problem)
+    ),
+    security(("bearer" = []))
+)]
+pub async fn ingest_batch(
+    State(state): State<AppState>,
+    BatchBody(body): BatchBody,
+) -> Result<Json<BatchAnswer>, ApiError> {
+    let max = state.settings.max_batch_messages;
+    let items = match body {
+        Value::Object(mut fields) => match fields.remove("messages") {
+            Some(Value::Array(items)) if (1..=max).contains(&items.len()) => items,
+            _ => return Err(ApiError::InvalidBatch { max }),
+        },
+        _ => return Err(ApiError::InvalidBatch { max }),
+    };
+    // Parse every item; the valid ones are staged together, in order.
+    let mut slots: Vec<Result<(), ApiError>> = Vec::with_capacity(items.len());
+    let mut offers = Vec::with_capacity(items.len());
+    for item in items {
+        match parse_item(item, state.settings.max_text_bytes) {
+            Ok(offer) => {
+                offers.push(offer);
+                slots.push(Ok(()));
+            }
+            Err(invalid) => slots.push(Err(ApiError::InvalidBody(invalid))),
+        }
+    }
+    let mut staged = offers.iter().zip(stage(&state, &offers).await?);
+    let results = slots
+        .iter()
+        .map(|slot| match slot {
+            Err(invalid) => ItemResult::failed(invalid),
+            Ok(()) => {
+                let answer = match staged.next() {
+                    Some((offer, outcome)) => outcome
+                        .map_err(ApiError::Staging)
+                        .and_then(|outcome| IngestAnswer::of(offer, outcome)),
+                    None => Err(ApiError::Staging(StagingError::Corrupt("no outcome"))),
+                };
+                match answer {
+                    Ok(answer) => ItemResult::Staged {
+                        status: StatusCode::ACCEPTED.as_u16(),
+                        answer,
+                    },
+                    Err(e) => ItemResult::failed(&e),
+                }
+            }
+        })
+        .collect();
+    Ok(Json(BatchAnswer { results }))
+}
+
+/// One batch item: `customerId` and `dialogId` (JSON integers, 0 … 2^63−1) beside the
+/// fields of a single POST's body.
+fn parse_item(item: Value, max_text_bytes: usize) -> Result<Offer, Invalid> {
+    let Value::Object(mut fields) = item else {
+        return Err(Invalid::WrongType {
+            field: "messages[]",
+            expected: "an object with `customerId`, `dialogId`, `text` and `language`",
+        });
+    };
+    let mut id = |field: &'static str| match fields.remove(field) {
+        None | Some(Value::Null) => Err(Invalid::Missing(field)),
+        Some(Value::Number(n)) => n.as_i64().filter(|n| *n >= 0).ok_or(Invalid::Id(field)),
+        Some(_) => Err(Invalid::Id(field)),
+    };
+    let customer = CustomerId::from_stored(id("customerId")?);
+    let dialog = DialogId::from_stored(id("dialogId")?);
+    let message = parse_message_fields(fields, max_text_bytes)?;
+    Ok(Offer {
+        customer,
+        dialog,
+        message,
+    })
+}
