@@ -34,7 +34,7 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}")]
     Bind {
-        addr: String,
+        addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -63,7 +63,8 @@ pub async fn connect(settings: &Settings) -> Result<(Staging, Store, redis::Clie
     })
     .await?;
     let client = redis::Client::open(settings.redis_url.as_str()).map_err(StartError::RedisUrl)?;
-    let staging = Staging::new(client.clone(), &settings.redis_prefix, settings.staging_ttl)?;
+    let staging = Staging::new(client.clone(), &settings.redis_prefix, settings.staging_ttl)?
+        .with_idempotency_window(settings.idempotency_window);
     Ok((staging, store, client))
 }
 
@@ -142,14 +143,14 @@ impl Running {
 pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartError> {
     let settings = Arc::new(settings);
     let (staging, store, client) = connect(&settings).await?;
-    let listener = TcpListener::bind(&settings.bind)
+    let listener = TcpListener::bind(settings.bind)
         .await
         .map_err(|source| StartError::Bind {
-            addr: settings.bind.clone(),
+            addr: settings.bind,
             source,
         })?;
     let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: settings.bind.clone(),
+        addr: settings.bind,
         source,
     })?;
     if roles.http {
@@ -165,12 +166,12 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
             let queue = FlushQueue::new(
                 client.clone(),
                 Keyspace::new(&settings.redis_prefix),
-                unique_consumer_name(&host_name()),
+                unique_consumer_name(&settings.host_name),
                 settings.flush_claim_idle,
                 FLUSH_BLOCK,
                 settings.staging_ttl,
             )?;
-            let flusher = Flusher::new(queue, store.clone(), settings.flush_batch);
+            let flusher = Flusher::new(queue, store.clone(), settings.flush_batch).with_failpoint(settings.failpoint);
             tasks.spawn(flusher.run(shutdown.clone()));
         }
     }
@@ -256,26 +257,21 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
     graceful.shutdown().await;
 }
 
-/// This host's name, for flusher consumer names.
-fn host_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty() && !h.contains(['{', '}', ' ']))
-        .unwrap_or_else(|| "dapi".into())
-}
-
 /// Asks the dapi listening on `bind` for `GET /healthz` over plain HTTP/1.1 (for container
 /// health checks: the runtime image has no curl). A wildcard address is asked on loopback.
-pub async fn healthcheck(bind: &str) -> bool {
+pub async fn healthcheck(bind: SocketAddr) -> bool {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let target = bind
-        .replacen("0.0.0.0:", "127.0.0.1:", 1)
-        .replacen("[::]:", "[::1]:", 1);
+    let mut target = bind;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
     let check = async {
-        let mut stream = tokio::net::TcpStream::connect(&target).await?;
+        let mut stream = tokio::net::TcpStream::connect(target).await?;
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .await?;

@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::config::Failpoint;
 use crate::domain::{Decision, DialogState};
 use crate::staging::{Finished, FlushQueue, QueueEntry, Settled, Snapshot, StagingError};
 use crate::store::{Applied, Store, StoreError};
@@ -44,17 +45,6 @@ pub enum FlushError {
     Staging(#[from] StagingError),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// The fault tests' one hook: with `DAPI_FAILPOINT=crash-after-commit` the process
-/// aborts right after a batch's PostgreSQL commit and before its acknowledgement — the
-/// worst instant for a crash. Read once; costs one branch per batch otherwise.
-fn crash_here_if_asked() {
-    static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *ASKED.get_or_init(|| std::env::var("DAPI_FAILPOINT").is_ok_and(|v| v == "crash-after-commit")) {
-        tracing::error!("DAPI_FAILPOINT=crash-after-commit: aborting after the commit, before the ack");
-        std::process::abort();
-    }
 }
 
 /// A batch taken from the queue, with the state of its dialogs.
@@ -81,6 +71,7 @@ pub struct Flusher {
     queue: FlushQueue,
     store: Store,
     batch_size: usize,
+    failpoint: Option<Failpoint>,
 }
 
 impl Flusher {
@@ -89,6 +80,23 @@ impl Flusher {
             queue,
             store,
             batch_size,
+            failpoint: None,
+        }
+    }
+
+    /// The fault tests' one hook (`DAPI_FAILPOINT`): with
+    /// [`Failpoint::CrashAfterCommit`] the process aborts right after a batch's PostgreSQL
+    /// commit and before its acknowledgement — the worst instant for a crash. Costs one
+    /// branch per batch otherwise.
+    pub fn with_failpoint(mut self, failpoint: Option<Failpoint>) -> Self {
+        self.failpoint = failpoint;
+        self
+    }
+
+    fn crash_here_if_asked(&self) {
+        if self.failpoint == Some(Failpoint::CrashAfterCommit) {
+            tracing::error!("DAPI_FAILPOINT=crash-after-commit: aborting after the commit, before the ack");
+            std::process::abort();
         }
     }
 
@@ -222,7 +230,7 @@ impl Flusher {
         );
         let applied = async {
             let applied = self.store_batch(&batch).await?;
-            crash_here_if_asked();
+            self.crash_here_if_asked();
             self.finish_batch(&batch, &applied).await?;
             tracing::debug!(
                 inserted = applied.inserted,

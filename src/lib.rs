@@ -4,7 +4,8 @@
 //!
 //! The modules, in the order a message travels through them:
 //!
-//! - [`config`] — settings from the environment, loaded and validated once.
+//! - [`config`] — settings: every environment variable dapi reads, as an option that
+//!   `dapi --help` documents; parsed and validated once.
 //! - [`telemetry`] — the tracing subscriber; error chains for logs.
 //! - [`domain`] — IDs, text, language tags, decisions, cursors: parsing, no I/O.
 //! - [`http`] — router, extractors, handlers, the problem+json error type.

@@ -1,4 +1,5 @@
-//! The `dapi` binary: parses the command line and hands over to the library.
+//! The `dapi` binary: parses the command line and the environment (one set of options,
+//! `config::SettingsArgs`), sets up logging, and hands over to the library.
 
 #![forbid(unsafe_code)]
 
@@ -11,19 +12,22 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dapi::app::{self, Roles};
-use dapi::config::Settings;
+use dapi::config::{Settings, SettingsArgs, VALUE_FORMATS};
 use dapi::telemetry;
 
 /// Stages chatbot dialogs in Redis, stores consented ones in PostgreSQL, serves them
-/// page by page. Configured by environment variables (see README.md).
+/// page by page. Configured by the environment variables below.
 #[derive(Debug, Parser)]
-#[command(name = "dapi", version)]
+#[command(name = "dapi", version, next_line_help = true, after_help = VALUE_FORMATS)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    settings: SettingsArgs,
 }
 
 #[derive(Debug, Subcommand)]
+#[command(next_line_help = true, after_help = VALUE_FORMATS)]
 enum Command {
     /// Run the HTTP API and the flusher (the default).
     Serve {
@@ -43,19 +47,18 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::from_env() {
+    let settings = match Settings::try_from(cli.settings) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("dapi: configuration error: {e}"); // allow: logging is configured by these very settings
-
             return ExitCode::from(2);
         }
     };
-    telemetry::init(settings.log_format);
+    telemetry::init(settings.log_format, &settings.log_filter);
 
     let roles = match cli.command.unwrap_or(Command::Serve { no_flusher: false }) {
         Command::Healthcheck => {
-            return if app::healthcheck(&settings.bind).await {
+            return if app::healthcheck(settings.bind).await {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -1,7 +1,7 @@
 //! Logging: the tracing subscriber, configured once at start. Knows no domain type.
 //!
-//! The filter comes from `DAPI_LOG`, else `RUST_LOG`, else `info`; `DAPI_LOG_FORMAT=json`
-//! writes one JSON object per line. Customer text never reaches a log line: the types
+//! The filter and format come from the settings (`DAPI_LOG`, else `RUST_LOG`, else
+//! `info`; `DAPI_LOG_FORMAT=json` writes one JSON object per line). Customer text never reaches a log line: the types
 //! that hold it print only their length.
 
 use std::error::Error;
@@ -10,13 +10,10 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. Calling it twice keeps the first (tests do).
-pub fn init(format: LogFormat) {
-    let filter = std::env::var("DAPI_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+/// Installs the global subscriber with `filter`, which `config` has checked to parse.
+/// Calling it twice keeps the first (tests do).
+pub fn init(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -98,7 +98,7 @@ async fn operations_endpoints_need_no_token() {
 #[tokio::test]
 async fn an_open_service_refuses_a_non_loopback_address_unless_allowed() {
     let mut settings = test_settings();
-    settings.bind = "0.0.0.0:0".into();
+    settings.bind = "0.0.0.0:0".parse().unwrap();
     let _cleanup = Cleanup::new(&settings);
 
     let refused = app::start(

@@ -16,7 +16,7 @@ use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
 /// and cleanup, for tests whose dapi processes are separate.
 async fn stores(settings: &dapi::config::Settings) -> TestApp {
     let mut own = settings.clone();
-    own.bind = "127.0.0.1:0".into();
+    own.bind = "127.0.0.1:0".parse().unwrap();
     spawn_app_with(
         own,
         Roles {

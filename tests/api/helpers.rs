@@ -41,7 +41,7 @@ pub fn test_settings() -> Settings {
     settings.database_url = format!("{}/{}", postgres_base(), unique("dapi_test"));
     settings.redis_url = redis_url();
     settings.redis_prefix = unique("dapitest");
-    settings.bind = "127.0.0.1:0".into();
+    settings.bind = "127.0.0.1:0".parse().unwrap();
     settings.flush_claim_idle = Duration::from_millis(500);
     settings
 }

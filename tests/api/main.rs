@@ -5,6 +5,7 @@
 mod access;
 mod batch;
 mod binary;
+mod config;
 mod consent;
 mod edges;
 mod faults;
