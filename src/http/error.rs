@@ -25,6 +25,10 @@ pub enum ApiError {
     UnreadableBody,
     #[error("the body must be JSON: send it with `Content-Type: application/json`")]
     UnsupportedMediaType,
+    #[error("the body's Content-Encoding is not one dapi decodes: send it as is, or as gzip or zstd")]
+    UnsupportedEncoding,
+    #[error("the body does not decode as its Content-Encoding says")]
+    MalformedBody,
     #[error("the body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -87,6 +91,8 @@ impl ApiError {
             E::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             E::UnreadableBody => (StatusCode::BAD_REQUEST, "unreadable_body"),
             E::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            E::UnsupportedEncoding => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding"),
+            E::MalformedBody => (StatusCode::BAD_REQUEST, "malformed_body"),
             E::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             E::InvalidBody(_) | E::InvalidBatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
             E::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),

@@ -79,13 +79,19 @@ impl FromRequest<AppState> for BatchBody {
 }
 
 /// Reads a JSON body within the route's body limit (`limit` only names it in the error).
+/// The limit applies to the decoded body, counted as it is decoded (see `http::encoding`).
 async fn read_json(req: Request, state: &AppState, limit: usize) -> Result<serde_json::Value, ApiError> {
     if !is_json(req.headers()) {
         return Err(ApiError::UnsupportedMediaType);
     }
+    let encoded = req.extensions().get::<super::encoding::Encoded>().is_some();
     let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit }
+        } else if encoded {
+            // A compressed body that fails to read is, but for a broken connection, one
+            // that does not decode.
+            ApiError::MalformedBody
         } else {
             ApiError::UnreadableBody
         }

@@ -6,6 +6,7 @@
 mod access;
 mod consents;
 mod data;
+mod encoding;
 mod error;
 mod extract;
 mod ingest;
@@ -59,13 +60,18 @@ fn routes(
     let batch = OpenApiRouter::new()
         .routes(routes!(ingest::ingest_batch))
         .layer(DefaultBodyLimit::max(batch_bytes));
+    // Layers run outside in, the last added first: the guard (limits, token), then the
+    // check of the body's encoding, then its decoding.
     let ingest = OpenApiRouter::new()
         .routes(ingest)
         .routes(routes!(consents::decide))
         .merge(batch)
+        .route_layer(encoding::decoding())
+        .route_layer(from_fn(encoding::accept_encodings))
         .route_layer(from_fn_with_state(guard(Role::Ingest), limits::guard));
     let read = OpenApiRouter::new()
         .routes(routes!(data::list))
+        .route_layer(encoding::encoding())
         .route_layer(from_fn_with_state(guard(Role::Read), limits::guard));
     let api = ingest.merge(read);
     let operations = operations().routes(routes!(ops::openapi));

@@ -179,6 +179,11 @@ impl Dapi {
         dapi
     }
 
+    /// The process id, to read its `/proc` entry.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();

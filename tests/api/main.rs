@@ -8,6 +8,7 @@ mod binary;
 mod config;
 mod consent;
 mod edges;
+mod encoding;
 mod faults;
 mod flusher;
 mod fuzz;
