@@ -232,8 +232,9 @@ impl std::fmt::Debug for SettingsArgs {
     }
 }
 
-/// Everything the process is told from outside, parsed and checked.
-#[derive(Debug, Clone)]
+/// Everything the process is told from outside, parsed and checked. `Debug` leaves out
+/// the URLs (they may hold passwords); tokens show only how many.
+#[derive(Clone)]
 pub struct Settings {
     /// A PostgreSQL URL that parses as `PgConnectOptions` (`DATABASE_URL`).
     pub database_url: String,
@@ -280,6 +281,19 @@ pub struct Settings {
     pub host_name: String,
     /// A fault to inject, for the fault tests (`DAPI_FAILPOINT`).
     pub failpoint: Option<Failpoint>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("bind", &self.bind)
+            .field("public_url", &self.public_url.is_some())
+            .field("staging_ttl", &self.staging_ttl)
+            .field("redis_prefix", &self.redis_prefix)
+            .field("flushers", &self.flushers)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Bearer tokens by role. `Debug` shows how many, never a token.
