@@ -77,6 +77,12 @@ id_type!(
     "dialogId"
 );
 
+impl CustomerId {
+    /// Stands for a customer nobody could tell yet: a refusal recorded while PostgreSQL,
+    /// which knew the dialog's customer, was away. Never a parsed id (those are ≥ 0).
+    pub const UNKNOWN: CustomerId = CustomerId(-1);
+}
+
 fn parse_id(raw: &str) -> Option<i64> {
     // `i64::from_str` also takes a leading `+` or `-`; the contract allows digits only.
     if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {

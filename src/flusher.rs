@@ -119,7 +119,7 @@ impl Flusher {
             match snapshot {
                 Snapshot::Ready(state) => states.push(state),
                 Snapshot::Unverified(dialog) => unverified.push(dialog),
-                Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason).await?,
+                Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason, u.messages_only).await?,
             }
         }
         if !unverified.is_empty() {
@@ -132,9 +132,15 @@ impl Flusher {
                     .queue
                     .settle(dialog, granted.map(|g| (g.customer, g.last_seq)))
                     .await?;
-                if settled == Settled::CustomerDiffers {
-                    self.set_aside(dialog, "PostgreSQL holds the dialog under another customer")
-                        .await?;
+                match settled {
+                    // PostgreSQL is the authority on the customer: the dialog goes aside
+                    // whole, and its next message meets PostgreSQL's customer (409).
+                    Settled::CustomerDiffers => {
+                        self.set_aside(dialog, "PostgreSQL holds the dialog under another customer", false)
+                            .await?;
+                    }
+                    Settled::Malformed => self.set_aside(dialog, "a staged message does not decode", true).await?,
+                    Settled::Done => {}
                 }
             }
             // Settled now: read them again, in this batch.
@@ -148,7 +154,7 @@ impl Flusher {
                     // Unsettled again: a concurrent writer; the finish re-queues nothing
                     // for it, but its own entry (queued by ingest) comes back later.
                     Snapshot::Unverified(_) => {}
-                    Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason).await?,
+                    Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason, u.messages_only).await?,
                 }
             }
         }
@@ -157,8 +163,8 @@ impl Flusher {
 
     /// Moves a dialog the flusher cannot read out of the way, so that the rest of its
     /// batch goes on (Guarantee 6).
-    async fn set_aside(&mut self, dialog: i64, reason: &'static str) -> Result<(), FlushError> {
-        self.queue.quarantine(dialog, reason).await?;
+    async fn set_aside(&mut self, dialog: i64, reason: &'static str, messages_only: bool) -> Result<(), FlushError> {
+        self.queue.quarantine(dialog, reason, messages_only).await?;
         metrics::counter!(telemetry::FLUSH_QUARANTINED).increment(1);
         tracing::error!(
             dialog,

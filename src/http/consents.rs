@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::extract::{ConsentPath, JsonBody};
 use super::{ApiError, AppState};
-use crate::domain::{Decision, DialogState, Refusal, parse_consent};
+use crate::domain::{CustomerId, Decision, DialogState, Refusal, parse_consent};
 use crate::staging::Revival;
 use crate::store::StoreError;
 use crate::telemetry;
@@ -63,14 +63,20 @@ pub async fn decide(
         None => {
             // Redis does not know the dialog; PostgreSQL may still hold it as granted
             // (Redis lost its data). Bring it back so its seqs keep counting.
-            let granted = state
-                .store
-                .granted_dialog(dialog)
-                .await?
-                .ok_or(ApiError::DialogNotFound)?;
-            let revival = Revival {
-                customer: granted.customer,
-                last_seq: granted.last_seq,
+            let revival = match state.store.granted_dialog(dialog).await {
+                Ok(Some(granted)) => Revival {
+                    customer: granted.customer,
+                    last_seq: granted.last_seq,
+                },
+                Ok(None) => return Err(ApiError::DialogNotFound),
+                // A refusal must hold even when PostgreSQL cannot say whose dialog it
+                // is: record it in Redis for an unknown customer, so that it is
+                // remembered and its erasure finished (503 `erasure_pending` below).
+                Err(e) if !approved && e.is_unavailable() => Revival {
+                    customer: CustomerId::UNKNOWN,
+                    last_seq: 0,
+                },
+                Err(e) => return Err(e.into()),
             };
             state
                 .staging

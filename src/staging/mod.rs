@@ -144,7 +144,17 @@ impl StagingError {
                     // writes now.
                     || matches!(
                         e.code(),
-                        Some("OOM" | "LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN")
+                        Some(
+                            "OOM"
+                                | "LOADING"
+                                | "BUSY"
+                                | "MASTERDOWN"
+                                | "READONLY"
+                                | "TRYAGAIN"
+                                | "CLUSTERDOWN"
+                                | "MISCONF"
+                                | "NOREPLICAS"
+                        )
                     )
             }
             StagingError::Corrupt(_) => false,
@@ -356,6 +366,7 @@ impl Staging {
             .key(self.keys.msgs(d))
             .key(self.keys.flush_stream())
             .key(self.keys.ids(d))
+            .key(self.keys.quarantined_msgs(d))
             .arg(d)
             .arg(if approved { Decision::Granted } else { Decision::Refused }.letter())
             .arg(self.ttl_ms);

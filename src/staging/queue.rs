@@ -99,6 +99,9 @@ pub struct Unreadable {
     pub dialog: i64,
     /// Why, for the quarantine index and the log (never customer text).
     pub reason: &'static str,
+    /// Only the staged messages are unreadable: the dialog's state (its decision) stays
+    /// where ingest and consent find it, and only the messages are set aside.
+    pub messages_only: bool,
 }
 
 /// A dialog's state as the snapshot read it.
@@ -118,6 +121,8 @@ pub enum Settled {
     Done,
     /// PostgreSQL holds the dialog under another customer.
     CustomerDiffers,
+    /// A staged message does not decode.
+    Malformed,
 }
 
 /// One flusher task's handle on the flush queue, with its own connection (a blocking
@@ -368,16 +373,17 @@ impl FlushQueue {
             None => invocation.arg("0").arg(0).arg(0),
         };
         let settled: i64 = invocation.invoke_async(&mut self.conn).await?;
-        Ok(if settled < 0 {
-            Settled::CustomerDiffers
-        } else {
-            Settled::Done
+        Ok(match settled {
+            -1 => Settled::CustomerDiffers,
+            -2 => Settled::Malformed,
+            _ => Settled::Done,
         })
     }
 
-    /// Sets a dialog aside: its keys move, unchanged, to the quarantine names and the
-    /// reason is recorded (see README, "Quarantine").
-    pub async fn quarantine(&mut self, dialog: i64, reason: &str) -> Result<(), StagingError> {
+    /// Sets a dialog aside: its messages (and, unless `messages_only`, its state) move,
+    /// unchanged, to the quarantine names and the reason is recorded (see README,
+    /// "Quarantine").
+    pub async fn quarantine(&mut self, dialog: i64, reason: &str, messages_only: bool) -> Result<(), StagingError> {
         let mut invocation = self.quarantine.prepare_invoke();
         invocation
             .key(self.keys.meta(dialog))
@@ -386,7 +392,8 @@ impl FlushQueue {
             .key(self.keys.quarantined_msgs(dialog))
             .key(self.keys.quarantine_index())
             .arg(dialog)
-            .arg(reason);
+            .arg(reason)
+            .arg(if messages_only { "msgs" } else { "all" });
         let _: i64 = invocation.invoke_async(&mut self.conn).await?;
         Ok(())
     }
@@ -426,7 +433,13 @@ impl FlushQueue {
 /// unerased refusal epoch, its decided-at, unverified, {messages}}`. `None` when Redis
 /// no longer knows the dialog.
 fn read_snapshot(dialog: i64, fields: &[Value]) -> Option<Snapshot> {
-    let unreadable = |reason| Some(Snapshot::Unreadable(Unreadable { dialog, reason }));
+    let unreadable = |reason| {
+        Some(Snapshot::Unreadable(Unreadable {
+            dialog,
+            reason,
+            messages_only: false,
+        }))
+    };
     let [
         customer,
         decision,
@@ -463,14 +476,22 @@ fn read_snapshot(dialog: i64, fields: &[Value]) -> Option<Snapshot> {
         },
     };
     let Value::Array(raw) = messages else {
-        return unreadable("messages are not a list");
+        return Some(Snapshot::Unreadable(Unreadable {
+            dialog,
+            reason: "the staged messages are not a list",
+            messages_only: true,
+        }));
     };
     let Some(messages) = raw
         .iter()
         .map(|m| bytes(m).and_then(decode_message))
         .collect::<Option<Vec<_>>>()
     else {
-        return unreadable("a staged message does not decode");
+        return Some(Snapshot::Unreadable(Unreadable {
+            dialog,
+            reason: "a staged message does not decode",
+            messages_only: true,
+        }));
     };
     Some(Snapshot::Ready(DialogState {
         dialog: DialogId::from_stored(dialog),

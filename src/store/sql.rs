@@ -8,12 +8,15 @@
 //! The read statements come in four forms, one per filter (see `Filter::form`): none,
 //! language, customer, both, so that each is planned for its own index.
 
-/// Upsert under the epoch fence; returns the dialogs whose row was written.
+/// Upsert under the epoch fence; returns the dialogs whose row was written. A customer
+/// of -1 (`CustomerId::UNKNOWN`: a refusal recorded while PostgreSQL was away) keeps the
+/// stored one.
 pub const UPSERT_DIALOGS: &str = "\
 INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
 SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[])
 ON CONFLICT (dialog_id) DO UPDATE
-SET customer_id = EXCLUDED.customer_id, decision = EXCLUDED.decision,
+SET customer_id = CASE WHEN EXCLUDED.customer_id < 0 THEN dialogs.customer_id ELSE EXCLUDED.customer_id END,
+    decision = EXCLUDED.decision,
     epoch = EXCLUDED.epoch, decided_at = EXCLUDED.decided_at
 WHERE dialogs.epoch <= EXCLUDED.epoch
 RETURNING dialog_id";

@@ -428,3 +428,91 @@ async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_ru
     slow.finish_batch(&batch, &applied).await.unwrap();
     assert_eq!(app.stored_seqs(90).await, [1, 2]);
 }
+
+#[tokio::test]
+async fn a_refusal_of_a_dialog_redis_forgot_holds_while_postgresql_is_away() {
+    let app = api_only().await;
+    let mut flusher = flusher(&app);
+    app.stage(7, 100, "granted long ago", "EN").await;
+    app.consent(100, true).await;
+    drain(&mut flusher).await;
+    forget(&app, 100).await; // its keys expired
+
+    let broken = without_postgres(&app).await;
+    let refusal = post_to(&app, &broken, "/consents/100", json!(false)).await;
+
+    assert_problem(refusal, StatusCode::SERVICE_UNAVAILABLE, "erasure_pending").await;
+    assert!(meta_field(&app, 100, "x").await.is_some(), "the refusal is recorded");
+    let later = app
+        .post_json("/data/7/100", &json!({"text": "x", "language": "EN"}))
+        .await;
+    assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
+    drain(&mut flusher).await;
+    assert_eq!(
+        app.stored_seqs(100).await,
+        Vec::<i64>::new(),
+        "erased once PostgreSQL is back"
+    );
+    let customer: i64 = sqlx::query_scalar("SELECT customer_id FROM dialogs WHERE dialog_id = 100")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(customer, 7, "the stored customer is kept");
+}
+
+#[tokio::test]
+async fn a_retry_for_a_dialog_redis_forgot_creates_nothing_that_never_expires() {
+    let app = api_only().await;
+    let body = json!({"text": "once", "language": "EN", "messageId": "r-1"});
+    assert_eq!(app.post_json("/data/1/101", &body).await.status(), StatusCode::ACCEPTED);
+    forget(&app, 101).await; // the dialog's keys, not its messageIds (a shorter TTL)
+
+    let retry = app.post_json("/data/1/101", &body).await;
+
+    assert_eq!(retry.status(), StatusCode::ACCEPTED);
+    let retry: serde_json::Value = retry.json().await.unwrap();
+    assert_eq!(retry["duplicate"], true);
+    let mut conn = app.redis.clone();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(app.keys.meta(101))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "no dialog created for a repeat");
+}
+
+#[tokio::test]
+async fn a_key_of_the_wrong_type_spoils_only_its_own_dialog() {
+    let app = api_only().await;
+    for dialog in [102, 103] {
+        app.stage(1, dialog, "hello", "EN").await;
+        app.consent(dialog, true).await;
+    }
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.msgs(103))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(app.keys.msgs(103))
+        .arg("a string, not a list")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    drain(&mut flusher(&app)).await;
+
+    assert_eq!(app.stored_seqs(102).await, [1]);
+    let index: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(app.keys.quarantine_index())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(index.contains_key("103"), "{index:?}");
+    assert_eq!(
+        meta_field(&app, 103, "d").await.as_deref(),
+        Some("g"),
+        "its decision still holds"
+    );
+}

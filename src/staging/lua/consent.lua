@@ -5,9 +5,12 @@
 -- caller's own erasure or the flusher's, through finish.lua), and queues a flush entry,
 -- which finishes the erasure should the caller's not get there. While `x` is set the
 -- dialog's keys do not expire, however long PostgreSQL is away.
--- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 ids (the dialog's messageIds)
+-- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 ids (the dialog's messageIds), 5 the dialog's
+--       quarantined messages (a refusal erases those too)
 -- ARGV: 1 dialog id, 2 decision 'g' | 'r', 3 ttl (ms),
---       4 customer id to revive a dialog Redis forgot ('' = do not), 5 its last seq
+--       4 customer id to revive a dialog Redis forgot ('' = do not; '-1' = a refusal of a
+--       dialog whose customer PostgreSQL could not tell: ingest adopts the next
+--       poster's), 5 its last seq
 -- Returns {'ok', epoch, customer id, decided-at (µs)} or {'unknown', 0, 0, 0}.
 local now = redis.call('TIME')
 local now_us = string.format('%d', now[1] * 1000000 + now[2])
@@ -30,8 +33,8 @@ if ARGV[2] == 'g' then
     redis.call('PEXPIRE', KEYS[2], ARGV[3])
   end
 else
-  redis.call('HSET', KEYS[1], 'x', epoch, 'xt', now_us)
-  redis.call('DEL', KEYS[2], KEYS[4])
+  redis.call('HSET', KEYS[1], 'x', string.format('%d', epoch), 'xt', now_us)
+  redis.call('DEL', KEYS[2], KEYS[4], KEYS[5])
   redis.call('PERSIST', KEYS[1])
   redis.call('XADD', KEYS[3], '*', 'd', ARGV[1])
 end

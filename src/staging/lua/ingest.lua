@@ -27,10 +27,17 @@ local function stage(meta, msgs, ids, customer, dialog, language, text, mid, mod
   local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u')
   local decision, queued, unerased, unverified = m[2], m[3], m[4], m[5]
   if m[1] then
-    if m[1] ~= customer then return {'mismatch', 0, ''} end
+    -- '-1': refused while PostgreSQL could not name the customer; the refusal holds
+    -- for anyone, and a later grant's messages belong to whoever posts first.
+    if m[1] ~= customer and m[1] ~= '-1' then return {'mismatch', 0, ''} end
     if decision == 'r' then return {'refused', 0, ''} end
+    if m[1] == '-1' then redis.call('HSET', meta, 'c', customer) end
   elseif mode == '' then
     return {'unknown', 0, ''}
+  elseif mid ~= '' and redis.call('HEXISTS', ids, mid) == 1 then
+    -- A repeat of a message of a life of the dialog Redis forgot: answered below,
+    -- without creating a dialog that nothing would expire.
+    decision = nil
   else
     -- The epoch starts at the clock, so that a dialog started again after Redis forgot
     -- it carries a newer epoch than anything PostgreSQL holds of it.
@@ -45,6 +52,7 @@ local function stage(meta, msgs, ids, customer, dialog, language, text, mid, mod
   end
   if mid ~= '' then
     local first = redis.call('HGET', ids, mid)
+    if not first and not decision then return {'unknown', 0, ''} end
     if first then
       local seq, was = string.match(first, '^(%d+):(%a)$')
       return {'dup', tonumber(seq), was}

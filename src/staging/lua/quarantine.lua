@@ -1,16 +1,35 @@
--- Set a dialog aside that the flusher cannot read (Guarantee 6): its keys move, unchanged
--- and without expiry, to the quarantine names beside them, and the reason is recorded in
--- the quarantine index. An operator inspects and replays them (README, "Quarantine").
+-- Set a dialog aside that the flusher cannot read (Guarantee 6): its messages — and, when
+-- its state itself is unreadable, its meta — move, unchanged and without expiry, to the
+-- quarantine names beside them, and the reason is recorded in the quarantine index. A
+-- readable meta stays where it is, so the dialog's decision still holds for ingest and
+-- consent (a refusal also erases the quarantined messages). Messages set aside earlier
+-- are kept: new ones are appended. An operator inspects and replays them (README,
+-- "Quarantine").
 -- KEYS: 1 meta, 2 msgs, 3 quarantined meta, 4 quarantined msgs, 5 quarantine index (hash)
--- ARGV: 1 dialog id, 2 reason
+-- ARGV: 1 dialog id, 2 reason, 3 'msgs' (messages only) or 'all'
 -- Returns 1 when it moved something.
 local moved = 0
-for i = 1, 2 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('RENAME', KEYS[i], KEYS[i + 2])
-    redis.call('PERSIST', KEYS[i + 2])
-    moved = 1
+local items = redis.pcall('LRANGE', KEYS[2], 0, -1)
+if items.err then
+  -- Not a list at all (a hand edit): move it as it is.
+  redis.call('RENAME', KEYS[2], KEYS[4])
+  redis.call('PERSIST', KEYS[4])
+  moved = 1
+elseif #items > 0 then
+  for i = 1, #items, 1000 do
+    redis.call('RPUSH', KEYS[4], unpack(items, i, math.min(i + 999, #items)))
   end
+  redis.call('DEL', KEYS[2])
+  redis.call('PERSIST', KEYS[4])
+  moved = 1
+end
+if ARGV[3] == 'all' and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('RENAME', KEYS[1], KEYS[3])
+  redis.call('PERSIST', KEYS[3])
+  moved = 1
+elseif redis.call('EXISTS', KEYS[1]) == 1 then
+  -- Nothing left to flush: let the dialog's queued flag go.
+  redis.call('HSET', KEYS[1], 'q', 0)
 end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[5], ARGV[1], string.format('%d ', now[1]) .. ARGV[2])

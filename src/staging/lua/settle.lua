@@ -4,10 +4,12 @@
 -- every staged message is renumbered, `n` moves on, and a dialog still pending is
 -- granted again (that grant still stands). Otherwise the dialog simply is what Redis
 -- says. Either way `u` goes.
--- KEYS: 1 meta, 2 msgs, 3 ids (messageId → "seq:decision", renumbered too)
+-- KEYS: 1 meta, 2 msgs. (The messageIds keep the seq first answered: a repeat answers what
+-- the first answer said, which for an unverified dialog was provisional.)
 -- ARGV: 1 '1' when PostgreSQL holds a grant, 2 its customer id, 3 its last seq
 -- Returns 1 settled, 0 nothing to settle (settled already, or forgotten), -1 PostgreSQL
--- holds the dialog under another customer (left unsettled for the caller to set aside).
+-- holds the dialog under another customer, -2 a staged message is malformed (both left
+-- unsettled, for the caller to set aside).
 local meta = redis.call('HMGET', KEYS[1], 'u', 'c', 'd')
 if meta[1] ~= '1' then return 0 end
 if ARGV[1] == '1' then
@@ -15,6 +17,10 @@ if ARGV[1] == '1' then
   local last = tonumber(ARGV[3])
   if last > 0 then
     local items = redis.call('LRANGE', KEYS[2], 0, -1)
+    -- Check every item before rewriting any: a malformed one is set aside whole.
+    for _, item in ipairs(items) do
+      if not string.match(item, '^%d+:') then return -2 end
+    end
     if #items > 0 then
       local ttl = redis.call('PTTL', KEYS[2])
       redis.call('DEL', KEYS[2])
@@ -25,11 +31,7 @@ if ARGV[1] == '1' then
       if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
     end
     redis.call('HINCRBY', KEYS[1], 'n', last)
-    local ids = redis.call('HGETALL', KEYS[3])
-    for i = 1, #ids, 2 do
-      local seq, was = string.match(ids[i + 1], '^(%d+):(%a)$')
-      redis.call('HSET', KEYS[3], ids[i], string.format('%d:%s', tonumber(seq) + last, was))
-    end
+
   end
   if meta[3] == 'p' then redis.call('HSET', KEYS[1], 'd', 'g') end
 end

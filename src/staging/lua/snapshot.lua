@@ -11,7 +11,10 @@ local max, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
 local used = 0
 local out = {}
 for i = 1, #KEYS / 2 do
-  local meta = redis.call('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'x', 'xt', 'u', 'z')
+  -- pcall: a key of the wrong type (a hand edit) must spoil only its own dialog, which
+  -- the caller then sets aside (an answer of the wrong shape), not the whole batch.
+  local meta = redis.pcall('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'x', 'xt', 'u', 'z')
+  if meta.err then meta = {} end
   -- A refusal staged by a dapi before `x` existed kept `z` instead; erase it as unconfirmed.
   if meta[2] == 'r' and not meta[5] and meta[8] then
     meta[5], meta[6] = meta[3], meta[4]
@@ -20,7 +23,8 @@ for i = 1, #KEYS / 2 do
   if meta[2] == 'g' and meta[7] ~= '1' then
     local start = 0
     while #msgs < max and used < budget do
-      local chunk = redis.call('LRANGE', KEYS[2 * i], start, start + 63)
+      local chunk = redis.pcall('LRANGE', KEYS[2 * i], start, start + 63)
+      if chunk.err then msgs = false break end
       for _, item in ipairs(chunk) do
         if #msgs >= max or used >= budget then break end
         msgs[#msgs + 1] = item
@@ -30,6 +34,12 @@ for i = 1, #KEYS / 2 do
       start = start + 64
     end
   end
-  out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], msgs}
+  if meta[1] == nil and meta[2] == nil and next(meta) == nil then
+    out[i] = {'unreadable'}
+  elseif msgs == false then
+    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], 'unreadable'}
+  else
+    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], msgs}
+  end
 end
 return out
