@@ -9,7 +9,8 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::harness::Dapi;
-use crate::helpers::{Cleanup, assert_problem, spawn_app_with, test_settings};
+use crate::cleanup::Cleanup;
+use crate::helpers::{assert_problem, spawn_app_with, test_settings};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

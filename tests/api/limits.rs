@@ -2,12 +2,11 @@
 
 use std::time::Duration;
 
-use dapi::app::Roles;
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
+use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
 
 /// Opens a connection and sends a POST whose body never finishes: the request is in
 /// flight (admitted, reading its body) until the connection closes.
@@ -28,14 +27,7 @@ async fn stalled_post(app: &TestApp) -> TcpStream {
 async fn past_the_in_flight_bound_requests_are_503_at_once() {
     let mut settings = test_settings();
     settings.max_in_flight = 1;
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
     let _stalled = stalled_post(&app).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -54,14 +46,7 @@ async fn past_the_in_flight_bound_requests_are_503_at_once() {
 async fn a_request_past_its_time_is_503_request_timeout() {
     let mut settings = test_settings();
     settings.request_timeout = Duration::from_millis(300);
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
     let mut stalled = stalled_post(&app).await;
 
     let mut answer = vec![0u8; 4096];
@@ -77,14 +62,7 @@ async fn a_request_past_its_time_is_503_request_timeout() {
 async fn a_client_that_does_not_finish_its_headers_is_disconnected() {
     let mut settings = test_settings();
     settings.header_timeout = Duration::from_millis(300);
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
     let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .unwrap();

@@ -4,6 +4,7 @@
 
 mod access;
 mod binary;
+mod cleanup;
 mod consent;
 mod edges;
 mod faults;
