@@ -28,7 +28,7 @@ async fn stores(settings: &dapi::config::Settings) -> TestApp {
 }
 
 fn shared(bases: &[&Dapi]) -> Arc<Mutex<Vec<String>>> {
-    Arc::new(Mutex::new(bases.iter().filter_map(|d| d.base.clone()).collect()))
+    Arc::new(Mutex::new(bases.iter().map(|d| d.base.clone()).collect()))
 }
 
 /// Runs load through one `dapi serve`, stops it with `stop` part-way, starts another,
@@ -53,7 +53,7 @@ async fn stop_and_restart_under_load(
     tokio::time::sleep(Duration::from_millis(350)).await;
     stop(&mut first).await;
     let second = Dapi::start(&settings, &["serve"], &[]).await;
-    *bases.lock().unwrap() = vec![second.base.clone().unwrap()];
+    *bases.lock().unwrap() = vec![second.base.clone()];
     load.await.unwrap();
 
     app.wait_for_empty_queue().await;
@@ -74,7 +74,7 @@ async fn a_flusher_killed_between_commit_and_ack_is_finished_by_its_restart_afte
     settings.flush_claim_idle = Duration::from_secs(2);
     let app = stores(&settings).await;
     let mut crashing = Dapi::start(&settings, &["serve"], &[("DAPI_FAILPOINT", "crash-after-commit")]).await;
-    let base = crashing.base.clone().unwrap();
+    let base = crashing.base.clone();
     let http = reqwest::Client::new();
     for text in ["a", "b", "c"] {
         let r = http
@@ -123,7 +123,7 @@ async fn a_dead_consumers_entries_are_claimed_by_another_process_after_the_idle_
         &[("DAPI_FAILPOINT", "crash-after-commit"), ("HOSTNAME", "elsewhere")],
     )
     .await;
-    let base = crashing.base.clone().unwrap();
+    let base = crashing.base.clone();
     let http = reqwest::Client::new();
     http.post(format!("{base}/data/1/43"))
         .json(&json!({"text": "x", "language": "EN"}))
@@ -153,7 +153,7 @@ async fn through_a_postgresql_outage_ingest_and_grants_go_on_and_refusals_comple
     let proxy = Proxy::start(upstream_of(&settings.database_url)).await;
     settings.database_url = through(&settings.database_url, proxy.addr);
     let dapi = Dapi::start(&settings, &["serve"], &[]).await;
-    let base = dapi.base.clone().unwrap();
+    let base = dapi.base.clone();
     let http = reqwest::Client::new();
     let post = |dialog: i64, text: &'static str| {
         http.post(format!("{base}/data/1/{dialog}"))
@@ -218,7 +218,7 @@ async fn through_a_redis_outage_posts_are_503_promptly_reads_go_on_and_it_recove
     let proxy = Proxy::start(upstream_of(&settings.redis_url)).await;
     settings.redis_url = through(&settings.redis_url, proxy.addr);
     let dapi = Dapi::start(&settings, &["serve"], &[]).await;
-    let base = dapi.base.clone().unwrap();
+    let base = dapi.base.clone();
     let http = reqwest::Client::new();
     let post = || {
         http.post(format!("{base}/data/1/1"))

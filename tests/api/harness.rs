@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::unique;
+use crate::helpers::{unique, wait_until};
 
 // ---------------------------------------------------------------------------- proxy
 
@@ -114,22 +114,20 @@ pub fn upstream_of(url: &str) -> SocketAddr {
 
 // ---------------------------------------------------------------------------- processes
 
-/// One `dapi` process.
+/// One `dapi` process, killed (SIGKILL) when dropped. Its log (stderr) goes to a file,
+/// printed when the test fails.
 pub struct Dapi {
     child: Child,
-    pub base: Option<String>,
+    /// Where it listens: the API, or a flusher's operations endpoints.
+    pub base: String,
     log: PathBuf,
 }
 
 impl Dapi {
-    /// Starts `dapi <args>` with `settings` (its `bind` is replaced by a free port) plus
-    /// `extra` variables, and waits until it answers /healthz (when it serves HTTP).
+    /// Starts `dapi <args>` with `settings` plus `extra` variables, on a port of its own
+    /// choosing (`DAPI_BIND=127.0.0.1:0`, read back from its `listening` log line), and
+    /// waits until it answers /healthz.
     pub async fn start(settings: &Settings, args: &[&str], extra: &[(&str, &str)]) -> Dapi {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let log = std::env::temp_dir().join(format!("{}.log", unique("dapi_fault")));
         let mut command = Command::new(env!("CARGO_BIN_EXE_dapi"));
         command
@@ -137,7 +135,7 @@ impl Dapi {
             .env("DATABASE_URL", &settings.database_url)
             .env("REDIS_URL", &settings.redis_url)
             .env("DAPI_REDIS_PREFIX", &settings.redis_prefix)
-            .env("DAPI_BIND", format!("127.0.0.1:{port}"))
+            .env("DAPI_BIND", "127.0.0.1:0")
             .env(
                 "DAPI_FLUSH_CLAIM_IDLE",
                 format!("{}ms", settings.flush_claim_idle.as_millis()),
@@ -154,28 +152,30 @@ impl Dapi {
         for (name, value) in extra {
             command.env(name, value);
         }
-        let child = command.spawn().unwrap();
-        let serves = !args.contains(&"flusher");
         let mut dapi = Dapi {
-            child,
-            base: serves.then(|| format!("http://127.0.0.1:{port}")),
+            child: command.spawn().unwrap(),
+            base: String::new(),
             log,
         };
-        if let Some(base) = dapi.base.clone() {
-            let http = reqwest::Client::new();
-            let started = Instant::now();
-            while http.get(format!("{base}/healthz")).send().await.is_err() {
-                if let Ok(Some(status)) = dapi.child.try_wait() {
-                    panic!("dapi exited at start ({status}):\n{}", dapi.logs());
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(40),
-                    "dapi did not start:\n{}",
-                    dapi.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(25)).await;
+        let addr = wait_until(Duration::from_secs(40), async || {
+            if let Ok(Some(status)) = dapi.child.try_wait() {
+                panic!("dapi exited at start ({status}):\n{}", dapi.logs());
             }
-        }
+            dapi.logs()
+                .lines()
+                .find_map(listening_addr)
+                .ok_or_else(|| format!("dapi logged no `listening` line:\n{}", dapi.logs()))
+        })
+        .await;
+        dapi.base = format!("http://{addr}");
+        let http = reqwest::Client::new();
+        wait_until(Duration::from_secs(10), async || {
+            match http.get(format!("{}/healthz", dapi.base)).send().await {
+                Ok(answer) if answer.status() == StatusCode::OK => Ok(()),
+                other => Err(format!("/healthz answered {other:?}:\n{}", dapi.logs())),
+            }
+        })
+        .await;
         dapi
     }
 
@@ -208,14 +208,35 @@ impl Dapi {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Its /metrics, as text.
+    pub async fn metrics(&self) -> String {
+        let answer = reqwest::get(format!("{}/metrics", self.base)).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        answer.text().await.unwrap()
+    }
 }
 
 impl Drop for Dapi {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- log of dapi at {} ---\n{}", self.base, self.logs());
+        }
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// The address in dapi's `listening` log line, in either log format:
+/// `… listening addr=127.0.0.1:41234 api=true …` or JSON with `"addr":"127.0.0.1:41234"`.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let (_, rest) = line.split_once("addr=").or_else(|| line.split_once("\"addr\":\""))?;
+    let end = rest.find([' ', '"', ',', '}']).unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 // ---------------------------------------------------------------------------- load
