@@ -254,8 +254,17 @@ impl Ledger {
         self.acked.lock().unwrap().values().map(BTreeSet::len).sum()
     }
 
-    pub fn decided(&self) -> usize {
-        self.granted.lock().unwrap().len() + self.refused.lock().unwrap().len()
+    /// Waits (bounded) until the load has been answered 202 for at least `messages`
+    /// messages: a fault injected then lands in the middle of the load, however fast or
+    /// slow the machine.
+    pub async fn wait_for_acked(&self, messages: usize) {
+        wait_until(Duration::from_secs(30), async || {
+            let acked = self.acked_messages();
+            (acked >= messages)
+                .then_some(())
+                .ok_or_else(|| format!("the load has {acked} messages answered 202, waiting for {messages}"))
+        })
+        .await;
     }
 
     /// Checks the stores against the ledger: every acknowledged message of a granted

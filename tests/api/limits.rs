@@ -9,17 +9,29 @@ use tokio::net::TcpStream;
 use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
 
 /// Opens a connection and sends a POST whose body never finishes: the request is in
-/// flight (admitted, reading its body) until the connection closes.
+/// flight (admitted, reading its body) until the connection closes. Returns once dapi
+/// has started reading the body — it answers `Expect: 100-continue` then, and only
+/// then — so the request holds its in-flight slot from that moment on.
 async fn stalled_post(app: &TestApp) -> TcpStream {
     let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .unwrap();
     stream
         .write_all(
-            b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"te",
+            b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
         )
         .await
         .unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut byte)).await;
+        read.expect("dapi answered the request's headers").unwrap();
+        answer.push(byte[0]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 100 "), "{answer}");
+    stream.write_all(b"{\"te").await.unwrap();
     stream
 }
 
@@ -29,7 +41,6 @@ async fn past_the_in_flight_bound_requests_are_503_at_once() {
     settings.max_in_flight = 1;
     let app = spawn_api_only(settings).await;
     let _stalled = stalled_post(&app).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let response = app.get("/data/").await;
 
