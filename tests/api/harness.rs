@@ -4,7 +4,7 @@
 //! load driver that records every message it got a 202 for and every decision it got an
 //! answer to, and then checks the stores against that ledger.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -244,14 +244,15 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
 /// What the load driver was told: the messages answered 202 and the decisions answered.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    acked: Mutex<HashMap<i64, BTreeSet<i64>>>,
+    /// Per dialog: each seq answered 202, with the text sent under it.
+    acked: Mutex<HashMap<i64, BTreeMap<i64, String>>>,
     granted: Mutex<BTreeSet<i64>>,
     refused: Mutex<BTreeSet<i64>>,
 }
 
 impl Ledger {
     pub fn acked_messages(&self) -> usize {
-        self.acked.lock().unwrap().values().map(BTreeSet::len).sum()
+        self.acked.lock().unwrap().values().map(BTreeMap::len).sum()
     }
 
     /// Waits (bounded) until the load has been answered 202 for at least `messages`
@@ -268,30 +269,37 @@ impl Ledger {
     }
 
     /// Checks the stores against the ledger: every acknowledged message of a granted
-    /// dialog is in PostgreSQL exactly once, nothing of a refused dialog is, and the
-    /// exact count agrees with the rows.
+    /// dialog is in PostgreSQL under the seq it was acknowledged with, nothing of a
+    /// refused dialog is, and the exact count agrees with the rows (a batch applied
+    /// twice would count twice; a row twice is the primary key's to prevent).
     pub async fn verify(&self, store: &Store) {
         let granted = self.granted.lock().unwrap().clone();
         let refused = self.refused.lock().unwrap().clone();
         let acked = self.acked.lock().unwrap().clone();
         assert!(!granted.is_empty() && !refused.is_empty(), "the load made no decisions");
-        let rows: Vec<(i64, i64, i64)> =
-            sqlx::query_as("SELECT dialog_id, seq, count(*) OVER (PARTITION BY dialog_id, seq) FROM messages")
-                .fetch_all(store.pool())
-                .await
-                .unwrap();
-        let mut stored: HashMap<i64, BTreeSet<i64>> = HashMap::new();
-        for (dialog, seq, copies) in rows {
-            assert_eq!(copies, 1, "dialog {dialog} seq {seq} is stored {copies} times");
-            stored.entry(dialog).or_default().insert(seq);
+        let rows: Vec<(i64, i64, String)> = sqlx::query_as("SELECT dialog_id, seq, text FROM messages")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        let mut stored: HashMap<i64, BTreeMap<i64, String>> = HashMap::new();
+        for (dialog, seq, text) in rows {
+            stored.entry(dialog).or_default().insert(seq, text);
         }
         for dialog in &granted {
             let want = acked.get(dialog).cloned().unwrap_or_default();
             let have = stored.get(dialog).cloned().unwrap_or_default();
-            let lost: Vec<&i64> = want.difference(&have).collect();
+            let lost: Vec<&i64> = want.keys().filter(|seq| !have.contains_key(seq)).collect();
             assert!(
                 lost.is_empty(),
                 "dialog {dialog} (granted) lost acknowledged seqs {lost:?}"
+            );
+            let swapped: Vec<(&i64, &String, &String)> = want
+                .iter()
+                .filter_map(|(seq, text)| Some((seq, text, have.get(seq)?)).filter(|(_, sent, kept)| sent != kept))
+                .collect();
+            assert!(
+                swapped.is_empty(),
+                "dialog {dialog}: (seq, text acknowledged, text stored) {swapped:?}"
             );
         }
         for dialog in &refused {
@@ -334,11 +342,18 @@ pub async fn drive(
                 if stop.is_cancelled() {
                     return;
                 }
-                let body = json!({"text": format!("message {i} of {dialog}"), "language": "EN"});
+                let text = format!("message {i} of {dialog}");
+                let body = json!({"text": text, "language": "EN"});
                 let answer = send(&http, &bases, &format!("/data/{customer}/{dialog}"), &body, 200).await;
                 if let Some((StatusCode::ACCEPTED, reply)) = answer {
                     let seq = reply["seq"].as_i64().unwrap();
-                    ledger.acked.lock().unwrap().entry(dialog).or_default().insert(seq);
+                    ledger
+                        .acked
+                        .lock()
+                        .unwrap()
+                        .entry(dialog)
+                        .or_default()
+                        .insert(seq, text);
                 }
             }
             let approved = dialog % 2 == 1;
