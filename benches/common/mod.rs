@@ -13,6 +13,12 @@ use dapi::store::Store;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
+// The tests' cleanup, shared as a file: tests and benches are separate crates, and a
+// crate of its own for one struct would be more machinery than this.
+#[path = "../../tests/api/cleanup.rs"]
+mod cleanup;
+use cleanup::Cleanup;
+
 pub fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -26,6 +32,8 @@ pub struct Sandbox {
     pub settings: Settings,
     pub store: Store,
     pub staging: Staging,
+    // Last field: dropped after the store's pool.
+    _cleanup: Cleanup,
 }
 
 impl Sandbox {
@@ -38,6 +46,7 @@ impl Sandbox {
         settings.redis_prefix = format!("dapibench_{tag}_{}", std::process::id());
         // A bench measures throughput, not the in-flight bound.
         settings.max_in_flight = 1 << 20;
+        let cleanup = Cleanup::new(&settings);
         let store = Store::connect(&settings.database_url).await.unwrap();
         store.migrate().await.unwrap();
         let client = redis::Client::open(settings.redis_url.as_str()).unwrap();
@@ -46,6 +55,7 @@ impl Sandbox {
             settings,
             store,
             staging,
+            _cleanup: cleanup,
         }
     }
 
@@ -84,39 +94,6 @@ impl Sandbox {
 
     pub fn keys(&self) -> Keyspace {
         Keyspace::new(&self.settings.redis_prefix)
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let url = self.settings.database_url.clone();
-        let redis_url = self.settings.redis_url.clone();
-        let pattern = self.keys().pattern();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                use sqlx::migrate::MigrateDatabase;
-                let _ = sqlx::Postgres::force_drop_database(&url).await;
-                if let Ok(mut conn) = redis::Client::open(redis_url)
-                    .unwrap()
-                    .get_multiplexed_async_connection()
-                    .await
-                {
-                    let keys: Vec<String> = redis::cmd("KEYS")
-                        .arg(&pattern)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap_or_default();
-                    for chunk in keys.chunks(10_000) {
-                        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
-                    }
-                }
-            });
-        })
-        .join();
     }
 }
 

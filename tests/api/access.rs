@@ -5,7 +5,8 @@ use dapi::config::Tokens;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{Cleanup, TestApp, assert_problem, spawn_app_with, test_settings};
+use crate::cleanup::Cleanup;
+use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
 
 async fn guarded() -> TestApp {
     let mut settings = test_settings();

@@ -1,49 +1,32 @@
 //! The built `dapi` binary, as an operator runs it: configured by environment, logging
 //! to stderr, stopped by SIGTERM, answering the operations endpoints in every role.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dapi::app::Roles;
 use reqwest::StatusCode;
 use serde_json::json;
 
+use crate::cleanup::Cleanup;
 use crate::harness::Dapi;
-use crate::helpers::{Cleanup, assert_problem, spawn_app_with, test_settings};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::helpers::{assert_problem, metric, spawn_api_only, test_settings, wait_until};
 
 #[tokio::test]
 async fn the_binary_logs_no_token_and_no_customer_text_and_exits_0_on_sigterm() {
     let settings = test_settings();
     let _cleanup = Cleanup::new(&settings);
-    let port = free_port();
-    let dapi = Command::new(env!("CARGO_BIN_EXE_dapi"))
-        .env("DATABASE_URL", &settings.database_url)
-        .env("REDIS_URL", &settings.redis_url)
-        .env("DAPI_REDIS_PREFIX", &settings.redis_prefix)
-        .env("DAPI_BIND", format!("127.0.0.1:{port}"))
-        .env("DAPI_INGEST_TOKENS", "secret-ingest-7f3a")
-        .env("DAPI_READ_TOKENS", "secret-read-9c1e")
-        .env("DAPI_LOG", "debug")
-        .env("DAPI_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
+    let mut dapi = Dapi::start(
+        &settings,
+        &["serve"],
+        &[
+            ("DAPI_INGEST_TOKENS", "secret-ingest-7f3a"),
+            ("DAPI_READ_TOKENS", "secret-read-9c1e"),
+            ("DAPI_LOG", "debug"),
+            ("DAPI_LOG_FORMAT", "json"),
+        ],
+    )
+    .await;
+    let base = dapi.base.clone();
     let http = reqwest::Client::new();
-    let started = Instant::now();
-    while http.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "dapi did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     let post = |token: &'static str, text: &'static str| {
         http.post(format!("{base}/data/1/1"))
@@ -97,19 +80,11 @@ async fn the_binary_logs_no_token_and_no_customer_text_and_exits_0_on_sigterm() 
         .unwrap();
     assert!(!metrics.contains("secret-"), "a token in /metrics");
 
-    let killed = Command::new("kill")
-        .arg("-TERM")
-        .arg(dapi.id().to_string())
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let output = tokio::task::spawn_blocking(move || dapi.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    dapi.sigterm();
+    let status = dapi.exit_within(Duration::from_secs(10)).await;
 
-    assert!(output.status.success(), "exit status {:?}", output.status);
-    let logs = String::from_utf8_lossy(&output.stderr);
+    let logs = dapi.logs();
+    assert!(status.is_some_and(|s| s.success()), "exit status {status:?}\n{logs}");
     assert!(
         logs.contains("request_id"),
         "requests are logged with their id:\n{logs}"
@@ -118,61 +93,34 @@ async fn the_binary_logs_no_token_and_no_customer_text_and_exits_0_on_sigterm() 
     assert!(!logs.contains("customer-said"), "customer text in the logs:\n{logs}");
 }
 
-/// The value of an unlabelled series in a Prometheus text exposition.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn a_flusher_process_answers_healthz_readyz_and_metrics_of_its_own_work() {
     // Arrange: an API without flushers, and a `dapi flusher` process beside it.
     let settings = test_settings();
-    let api = spawn_app_with(
-        settings.clone(),
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
-    let bind = format!("127.0.0.1:{}", free_port());
-    let mut flusher = Dapi::start(&settings, &["flusher"], &[("DAPI_BIND", &bind)]).await;
-    let base = format!("http://{bind}");
+    let api = spawn_api_only(settings.clone()).await;
+    let mut flusher = Dapi::start(&settings, &["flusher"], &[]).await;
+    let base = flusher.base.clone();
     let http = reqwest::Client::new();
-    let started = Instant::now();
-    while http.get(format!("{base}/healthz")).send().await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(40),
-            "the flusher does not answer /healthz:\n{}",
-            flusher.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 
     // Act: a message is staged and granted through the API; only the flusher can store it.
     api.stage(1, 1, "hi", "EN").await;
     assert_eq!(api.consent(1, true).await.status(), StatusCode::ACCEPTED);
     api.wait_for_seqs(1, &[1]).await;
 
-    // Assert: the operations endpoints answer, and /metrics counts the flush.
-    let healthz = http.get(format!("{base}/healthz")).send().await.unwrap();
-    assert_eq!(healthz.status(), StatusCode::OK);
+    // Assert: the operations endpoints answer (/healthz: `Dapi::start` waited for its
+    // 200), and /metrics counts the flush.
     let readyz = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(readyz.status(), StatusCode::OK);
     assert_eq!(readyz.json::<serde_json::Value>().await.unwrap()["status"], "ready");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let response = http.get(format!("{base}/metrics")).send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let text = response.text().await.unwrap();
+    // The counter is bumped just after the commit that wait_for_seqs saw.
+    wait_until(Duration::from_secs(10), async || {
+        let text = flusher.metrics().await;
         assert!(metric(&text, "dapi_flush_queue_length").is_some(), "{text}");
-        if metric(&text, "dapi_flushed_messages_total") == Some(1.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the flush is not in /metrics:\n{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (metric(&text, "dapi_flushed_messages_total") == Some(1.0))
+            .then_some(())
+            .ok_or_else(|| format!("the flush is not in /metrics:\n{text}"))
+    })
+    .await;
     // The API itself is not served there.
     let post = http
         .post(format!("{base}/data/1/1"))
@@ -209,7 +157,7 @@ async fn a_shutdown_that_times_out_exits_non_zero_and_says_how_much_it_abandoned
         }
     });
     let mut dapi = Dapi::start(&settings, &["serve", "--no-flusher"], &[]).await;
-    let base = dapi.base.clone().unwrap();
+    let base = dapi.base.clone();
     tokio::spawn(async move { reqwest::get(format!("{base}/readyz")).await });
     tokio::time::timeout(Duration::from_secs(10), redis_reached.recv())
         .await

@@ -132,13 +132,7 @@ async fn a_refusal_of_a_pending_dialog_erases_its_staged_messages() {
 
     assert_eq!(app.consent(11, false).await.status(), StatusCode::OK);
 
-    let mut conn = app.redis.clone();
-    let staged: usize = redis::cmd("LLEN")
-        .arg(app.keys.msgs(11))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(staged, 0);
+    assert_eq!(app.staged_len(11).await, 0);
     // A later grant brings nothing back.
     assert_eq!(app.consent(11, true).await.status(), StatusCode::ACCEPTED);
     app.wait_for_empty_queue().await;

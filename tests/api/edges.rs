@@ -5,27 +5,14 @@
 
 use std::time::Duration;
 
-use dapi::app::Roles;
 use dapi::domain::{CustomerId, Decision, DialogId, DialogState};
 use dapi::flusher::{Flusher, Outcome};
 use dapi::staging::{FlushQueue, unique_consumer_name};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
+use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
 use crate::outage::without_postgres;
-
-/// The API without flushers: the test drives every flush itself.
-async fn api_only() -> TestApp {
-    spawn_app_with(
-        test_settings(),
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await
-}
 
 fn flusher(app: &TestApp) -> Flusher {
     let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
@@ -91,7 +78,7 @@ async fn post_to(app: &TestApp, base: &str, path: &str, body: serde_json::Value)
 
 #[tokio::test]
 async fn hole_1_a_fenced_flush_keeps_the_messages_it_did_not_write() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     for text in ["a", "b", "c"] {
         app.stage(1, 10, text, "EN").await;
     }
@@ -120,13 +107,11 @@ async fn hole_1_a_fenced_flush_keeps_the_messages_it_did_not_write() {
     assert_eq!((applied.fenced, applied.inserted), (1, 0));
     slow.finish_batch(&batch, &applied).await.unwrap();
 
-    let mut conn = app.redis.clone();
-    let staged: usize = redis::cmd("LLEN")
-        .arg(app.keys.msgs(10))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(staged, 3, "the acknowledged messages are still staged");
+    assert_eq!(
+        app.staged_len(10).await,
+        3,
+        "the acknowledged messages are still staged"
+    );
     drain(&mut slow).await;
     assert_eq!(app.stored_seqs(10).await, [1, 2, 3]);
 }
@@ -135,14 +120,7 @@ async fn hole_1_a_fenced_flush_keeps_the_messages_it_did_not_write() {
 async fn hole_2_a_refusal_outlives_a_postgresql_outage_longer_than_the_ttl() {
     let mut settings = test_settings();
     settings.staging_ttl = Duration::from_secs(2);
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
     let mut flusher = flusher(&app);
     app.stage(1, 20, "refused text", "EN").await;
     app.consent(20, true).await;
@@ -175,7 +153,7 @@ async fn hole_2_a_refusal_outlives_a_postgresql_outage_longer_than_the_ttl() {
 
 #[tokio::test]
 async fn hole_3_a_stale_refusal_never_deletes_a_later_incarnations_rows() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     let mut stale = flusher(&app);
     app.stage(1, 30, "first life", "EN").await;
     app.consent(30, true).await;
@@ -206,7 +184,7 @@ async fn hole_3_a_stale_refusal_never_deletes_a_later_incarnations_rows() {
 
 #[tokio::test]
 async fn hole_4_a_refusal_erases_the_whole_dialog_not_a_seq_range() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     let mut flusher = flusher(&app);
     for text in ["a", "b", "c"] {
         app.stage(1, 40, text, "EN").await;
@@ -227,7 +205,7 @@ async fn hole_4_a_refusal_erases_the_whole_dialog_not_a_seq_range() {
 
 #[tokio::test]
 async fn hole_5_a_granted_dialog_redis_forgot_continues_its_seq_without_a_new_consent() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     let mut flusher = flusher(&app);
     app.stage(1, 50, "one", "EN").await;
     app.stage(1, 50, "two", "EN").await;
@@ -256,7 +234,7 @@ async fn hole_5_a_granted_dialog_redis_forgot_continues_its_seq_without_a_new_co
 
 #[tokio::test]
 async fn hole_5_while_postgresql_is_away_ingest_still_answers_and_the_flusher_settles_later() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     let mut flusher = flusher(&app);
     app.stage(1, 51, "one", "EN").await;
     app.consent(51, true).await;
@@ -281,7 +259,7 @@ async fn hole_5_while_postgresql_is_away_ingest_still_answers_and_the_flusher_se
 
 #[tokio::test]
 async fn hole_6_every_key_dapi_writes_expires_except_the_flush_stream() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     let mut flusher = flusher(&app);
     app.stage(1, 60, "pending", "EN").await;
     app.stage(1, 61, "granted", "EN").await;
@@ -312,7 +290,7 @@ async fn hole_6_every_key_dapi_writes_expires_except_the_flush_stream() {
 
 #[tokio::test]
 async fn hole_7_an_unreadable_dialog_is_set_aside_and_the_rest_of_its_batch_flushed() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     for dialog in [70, 71, 72] {
         app.stage(1, dialog, "hello", "EN").await;
         app.consent(dialog, true).await;
@@ -357,7 +335,7 @@ async fn hole_7_an_unreadable_dialog_is_set_aside_and_the_rest_of_its_batch_flus
 
 #[tokio::test]
 async fn a_refusal_whose_erasure_fails_for_any_reason_answers_503_never_500() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     app.stage(1, 80, "x", "EN").await;
     // Not an outage: PostgreSQL answers, with an error dapi does not class as one.
     sqlx::query("ALTER TABLE dialogs ADD CONSTRAINT no_refusals CHECK (decision <> 'refused') NOT VALID")
@@ -378,14 +356,7 @@ async fn a_refusal_whose_erasure_fails_for_any_reason_answers_503_never_500() {
 async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_runs() {
     let mut settings = test_settings();
     settings.flush_claim_idle = Duration::from_millis(300);
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
     let queue = |name: &str| {
         let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
         let queue = FlushQueue::new(
@@ -431,7 +402,7 @@ async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_ru
 
 #[tokio::test]
 async fn a_refusal_of_a_dialog_redis_forgot_holds_while_postgresql_is_away() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     let mut flusher = flusher(&app);
     app.stage(7, 100, "granted long ago", "EN").await;
     app.consent(100, true).await;
@@ -462,7 +433,7 @@ async fn a_refusal_of_a_dialog_redis_forgot_holds_while_postgresql_is_away() {
 
 #[tokio::test]
 async fn a_retry_for_a_dialog_redis_forgot_creates_nothing_that_never_expires() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     let body = json!({"text": "once", "language": "EN", "messageId": "r-1"});
     assert_eq!(app.post_json("/data/1/101", &body).await.status(), StatusCode::ACCEPTED);
     forget(&app, 101).await; // the dialog's keys, not its messageIds (a shorter TTL)
@@ -483,7 +454,7 @@ async fn a_retry_for_a_dialog_redis_forgot_creates_nothing_that_never_expires() 
 
 #[tokio::test]
 async fn a_key_of_the_wrong_type_spoils_only_its_own_dialog() {
-    let app = api_only().await;
+    let app = spawn_api_only(test_settings()).await;
     for dialog in [102, 103] {
         app.stage(1, dialog, "hello", "EN").await;
         app.consent(dialog, true).await;

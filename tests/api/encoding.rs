@@ -140,7 +140,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 async fn a_bomb_never_expands_in_the_processes_memory() {
     let settings = test_settings();
     let dapi = Dapi::start(&settings, &["serve"], &[("DAPI_ALLOW_OPEN", "true")]).await;
-    let base = dapi.base.clone().unwrap();
+    let base = dapi.base.clone();
     // 256 MiB once decoded, ~250 KB on the wire, against the batch's 4 MiB limit.
     let bomb = gzip_bomb(256 << 20, flate2::Compression::fast());
     let http = reqwest::Client::new();

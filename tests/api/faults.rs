@@ -10,26 +10,13 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Dapi, Ledger, Proxy, drive, through, upstream_of};
-use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
-
-/// A test app without HTTP or flushers of its own: the stores (migrated), the keyspace
-/// and cleanup, for tests whose dapi processes are separate.
-async fn stores(settings: &dapi::config::Settings) -> TestApp {
-    let mut own = settings.clone();
-    own.bind = "127.0.0.1:0".parse().unwrap();
-    spawn_app_with(
-        own,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await
-}
+use crate::helpers::{assert_problem, metric, spawn_api_only, spawn_app_with, test_settings, wait_until};
 
 fn shared(bases: &[&Dapi]) -> Arc<Mutex<Vec<String>>> {
-    Arc::new(Mutex::new(bases.iter().filter_map(|d| d.base.clone()).collect()))
+    Arc::new(Mutex::new(bases.iter().map(|d| d.base.clone()).collect()))
 }
+
+const POSTGRES_ERRORS: &str = r#"dapi_store_errors_total{store="postgres"}"#;
 
 /// Runs load through one `dapi serve`, stops it with `stop` part-way, starts another,
 /// lets the load finish, and checks the stores against the ledger.
@@ -38,10 +25,11 @@ async fn stop_and_restart_under_load(
     dialogs: std::ops::Range<i64>,
     stop: impl AsyncFnOnce(&mut Dapi),
 ) {
-    let app = stores(&settings).await;
+    let app = spawn_api_only(settings.clone()).await;
     let mut first = Dapi::start(&settings, &["serve"], &[]).await;
     let bases = shared(&[&first]);
     let ledger = Arc::new(Ledger::default());
+    let total = (dialogs.end - dialogs.start) as usize * 6;
     let load = tokio::spawn(drive(
         bases.clone(),
         dialogs,
@@ -50,14 +38,17 @@ async fn stop_and_restart_under_load(
         CancellationToken::new(),
     ));
 
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    ledger.wait_for_acked(total / 3).await;
     stop(&mut first).await;
+    assert!(
+        !load.is_finished(),
+        "the load was over before the stop: nothing was interrupted"
+    );
     let second = Dapi::start(&settings, &["serve"], &[]).await;
-    *bases.lock().unwrap() = vec![second.base.clone().unwrap()];
+    *bases.lock().unwrap() = vec![second.base.clone()];
     load.await.unwrap();
 
     app.wait_for_empty_queue().await;
-    assert!(ledger.acked_messages() > 0 && ledger.decided() > 0);
     ledger.verify(&app.store).await;
 }
 
@@ -72,9 +63,9 @@ async fn a_flusher_killed_between_commit_and_ack_is_finished_by_its_restart_afte
     // Every start reads under new consumer names: the dead process's pending entry is
     // claimed once it has been idle this long.
     settings.flush_claim_idle = Duration::from_secs(2);
-    let app = stores(&settings).await;
+    let app = spawn_api_only(settings.clone()).await;
     let mut crashing = Dapi::start(&settings, &["serve"], &[("DAPI_FAILPOINT", "crash-after-commit")]).await;
-    let base = crashing.base.clone().unwrap();
+    let base = crashing.base.clone();
     let http = reqwest::Client::new();
     for text in ["a", "b", "c"] {
         let r = http
@@ -85,11 +76,13 @@ async fn a_flusher_killed_between_commit_and_ack_is_finished_by_its_restart_afte
             .unwrap();
         assert_eq!(r.status(), StatusCode::ACCEPTED);
     }
-    http.post(format!("{base}/consents/42"))
+    let grant = http
+        .post(format!("{base}/consents/42"))
         .json(&json!(true))
         .send()
         .await
         .unwrap();
+    assert_eq!(grant.status(), StatusCode::ACCEPTED);
 
     let status = crashing
         .exit_within(Duration::from_secs(20))
@@ -102,20 +95,14 @@ async fn a_flusher_killed_between_commit_and_ack_is_finished_by_its_restart_afte
     app.wait_for_empty_queue().await;
     assert_eq!(app.stored_seqs(42).await, [1, 2, 3]);
     assert_eq!(app.get_json("/data/").await["count"], 3);
-    let mut conn = app.redis.clone();
-    let staged: usize = redis::cmd("LLEN")
-        .arg(app.keys.msgs(42))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(staged, 0);
+    assert_eq!(app.staged_len(42).await, 0, "trimmed from Redis once acknowledged");
 }
 
 #[tokio::test]
 async fn a_dead_consumers_entries_are_claimed_by_another_process_after_the_idle_time() {
     let mut settings = test_settings();
     settings.flush_claim_idle = Duration::from_millis(800);
-    let app = stores(&settings).await;
+    let app = spawn_api_only(settings.clone()).await;
     // A flusher of another host (names never repeat anyway): only XAUTOCLAIM recovers.
     let mut crashing = Dapi::start(
         &settings,
@@ -123,18 +110,22 @@ async fn a_dead_consumers_entries_are_claimed_by_another_process_after_the_idle_
         &[("DAPI_FAILPOINT", "crash-after-commit"), ("HOSTNAME", "elsewhere")],
     )
     .await;
-    let base = crashing.base.clone().unwrap();
+    let base = crashing.base.clone();
     let http = reqwest::Client::new();
-    http.post(format!("{base}/data/1/43"))
+    let staged = http
+        .post(format!("{base}/data/1/43"))
         .json(&json!({"text": "x", "language": "EN"}))
         .send()
         .await
         .unwrap();
-    http.post(format!("{base}/consents/43"))
+    assert_eq!(staged.status(), StatusCode::ACCEPTED);
+    let grant = http
+        .post(format!("{base}/consents/43"))
         .json(&json!(true))
         .send()
         .await
         .unwrap();
+    assert_eq!(grant.status(), StatusCode::ACCEPTED);
     crashing
         .exit_within(Duration::from_secs(20))
         .await
@@ -149,11 +140,11 @@ async fn a_dead_consumers_entries_are_claimed_by_another_process_after_the_idle_
 #[tokio::test]
 async fn through_a_postgresql_outage_ingest_and_grants_go_on_and_refusals_complete_later() {
     let mut settings = test_settings();
-    let app = stores(&settings).await;
+    let app = spawn_api_only(settings.clone()).await;
     let proxy = Proxy::start(upstream_of(&settings.database_url)).await;
     settings.database_url = through(&settings.database_url, proxy.addr);
     let dapi = Dapi::start(&settings, &["serve"], &[]).await;
-    let base = dapi.base.clone().unwrap();
+    let base = dapi.base.clone();
     let http = reqwest::Client::new();
     let post = |dialog: i64, text: &'static str| {
         http.post(format!("{base}/data/1/{dialog}"))
@@ -190,8 +181,22 @@ async fn through_a_postgresql_outage_ingest_and_grants_go_on_and_refusals_comple
     assert!(ready["detail"].as_str().unwrap().contains("PostgreSQL"), "{ready}");
     let ledger = Arc::new(Ledger::default());
     drive(shared(&[&dapi]), 100..130, 3, ledger.clone(), CancellationToken::new()).await;
-    tokio::time::sleep(Duration::from_secs(12)).await; // the flushers keep failing, backing off
-    assert_eq!(app.stored_seqs(2).await, Vec::<i64>::new());
+    // The flushers keep failing, backing off: wait for three more failed rounds than
+    // the load's own answers counted (only the flushers fail from here on).
+    let failures = async || metric(&dapi.metrics().await, POSTGRES_ERRORS).unwrap_or(0.0);
+    let after_load = failures().await;
+    let during = wait_until(Duration::from_secs(30), async || {
+        let now = failures().await;
+        (now >= after_load + 3.0)
+            .then_some(now)
+            .ok_or_else(|| format!("{now} PostgreSQL errors counted, {after_load} after the load"))
+    })
+    .await;
+    assert_eq!(
+        app.stored_seqs(2).await,
+        Vec::<i64>::new(),
+        "the proxy let a flush through"
+    );
     proxy.restore();
 
     app.wait_for_empty_queue().await;
@@ -203,10 +208,10 @@ async fn through_a_postgresql_outage_ingest_and_grants_go_on_and_refusals_comple
     );
     ledger.verify(&app.store).await;
     let logs = dapi.logs();
-    let failures = logs.matches("flush failed").count();
+    let logged = logs.matches("flush failed").count();
     assert!(
-        (1..=2).contains(&failures),
-        "one line per flusher when failing starts, not per retry: {failures}\n{logs}"
+        (1..=2).contains(&logged),
+        "one line per flusher when failing starts, not one per retry ({during} PostgreSQL errors counted): {logged}\n{logs}"
     );
     assert!(logs.contains("flusher recovered"), "{logs}");
 }
@@ -214,11 +219,11 @@ async fn through_a_postgresql_outage_ingest_and_grants_go_on_and_refusals_comple
 #[tokio::test]
 async fn through_a_redis_outage_posts_are_503_promptly_reads_go_on_and_it_recovers() {
     let mut settings = test_settings();
-    let app = stores(&settings).await;
+    let _stores = spawn_api_only(settings.clone()).await;
     let proxy = Proxy::start(upstream_of(&settings.redis_url)).await;
     settings.redis_url = through(&settings.redis_url, proxy.addr);
     let dapi = Dapi::start(&settings, &["serve"], &[]).await;
-    let base = dapi.base.clone().unwrap();
+    let base = dapi.base.clone();
     let http = reqwest::Client::new();
     let post = || {
         http.post(format!("{base}/data/1/1"))
@@ -248,36 +253,38 @@ async fn through_a_redis_outage_posts_are_503_promptly_reads_go_on_and_it_recove
     assert_eq!(read.status(), StatusCode::OK, "reads need only PostgreSQL");
     proxy.restore();
 
-    let started = Instant::now();
-    while post().await.unwrap().status() != StatusCode::ACCEPTED {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "dapi did not recover by itself"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    drop(app);
+    wait_until(Duration::from_secs(20), async || match post().await.unwrap().status() {
+        StatusCode::ACCEPTED => Ok(()),
+        status => Err(format!("dapi did not recover by itself: a POST answers {status}")),
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn two_servers_and_a_flusher_one_server_killed_midway_lose_and_double_nothing() {
     let settings = test_settings();
-    let app = stores(&settings).await;
+    let app = spawn_api_only(settings.clone()).await;
     let first = Dapi::start(&settings, &["serve", "--no-flusher"], &[]).await;
     let mut second = Dapi::start(&settings, &["serve", "--no-flusher"], &[]).await;
     let _flusher = Dapi::start(&settings, &["flusher"], &[]).await;
     let bases = shared(&[&first, &second]);
     let ledger = Arc::new(Ledger::default());
+    let (dialogs, messages) = (2000..2080, 5);
+    let total = (dialogs.end - dialogs.start) as usize * messages;
     let load = tokio::spawn(drive(
         bases.clone(),
-        2000..2080,
-        5,
+        dialogs,
+        messages,
         ledger.clone(),
         CancellationToken::new(),
     ));
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    ledger.wait_for_acked(total / 3).await;
     second.kill9();
+    assert!(
+        !load.is_finished(),
+        "the load was over before the kill: nothing was interrupted"
+    );
     load.await.unwrap();
 
     app.wait_for_empty_queue().await;
@@ -319,7 +326,17 @@ async fn an_undecided_dialog_is_forgotten_after_the_ttl_and_a_refused_one_refuse
         .await;
     assert_problem(again, StatusCode::CONFLICT, "consent_refused").await;
 
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    // Expiry runs on Redis's clock, which tokio's paused time cannot move: wait for it,
+    // bounded.
+    let mut conn = app.redis.clone();
+    let keys = [app.keys.meta(1), app.keys.msgs(1), app.keys.meta(2)];
+    wait_until(Duration::from_secs(10), async || {
+        let left: usize = redis::cmd("EXISTS").arg(&keys).query_async(&mut conn).await.unwrap();
+        (left == 0)
+            .then_some(())
+            .ok_or_else(|| format!("{left} of {keys:?} not expired"))
+    })
+    .await;
 
     assert_problem(app.consent(1, true).await, StatusCode::NOT_FOUND, "dialog_not_found").await;
     assert_eq!(

@@ -11,9 +11,10 @@ use dapi::app::Roles;
 
 use crate::helpers::{TestApp, postgres_base, redis_url, spawn_app_with, test_settings};
 
-/// One app and runtime for all cases of this file (proptest drives cases synchronously).
-/// A static is never dropped, so its database and keys are named after this process and
-/// removed by the next run once the process is gone.
+/// One app and runtime for all cases of a test process (proptest drives cases
+/// synchronously; nextest runs each test in a process of its own). A static is never
+/// dropped, so its database and keys are named after the process and removed by a later
+/// test once the process is gone.
 fn shared() -> &'static (tokio::runtime::Runtime, TestApp) {
     static SHARED: OnceLock<(tokio::runtime::Runtime, TestApp)> = OnceLock::new();
     SHARED.get_or_init(|| {

@@ -12,6 +12,8 @@ use dapi::store::Store;
 use reqwest::{Response, StatusCode};
 use serde_json::Value;
 
+use crate::cleanup::Cleanup;
+
 /// The server the tests use; `DAPI_TEST_DATABASE_URL` points elsewhere (no database name).
 pub fn postgres_base() -> String {
     std::env::var("DAPI_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
@@ -65,6 +67,19 @@ pub async fn spawn_app() -> TestApp {
         Roles {
             http: true,
             flusher: true,
+        },
+    )
+    .await
+}
+
+/// The app with the HTTP API and no flusher: the test drives every flush itself, or
+/// leaves it to flusher processes of its own.
+pub async fn spawn_api_only(settings: Settings) -> TestApp {
+    spawn_app_with(
+        settings,
+        Roles {
+            http: true,
+            flusher: false,
         },
     )
     .await
@@ -155,38 +170,41 @@ impl TestApp {
             .expect("query")
     }
 
+    /// How many messages of `dialog` are staged in Redis (the length of its list).
+    pub async fn staged_len(&self, dialog: i64) -> usize {
+        let mut conn = self.redis.clone();
+        redis::cmd("LLEN")
+            .arg(self.keys.msgs(dialog))
+            .query_async(&mut conn)
+            .await
+            .expect("llen")
+    }
+
     /// Waits (bounded) until `dialog` has exactly `seqs` stored.
     pub async fn wait_for_seqs(&self, dialog: i64, seqs: &[i64]) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
+        wait_until(Duration::from_secs(15), async || {
             let stored = self.stored_seqs(dialog).await;
-            if stored == seqs {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dialog {dialog}: stored {stored:?}, expected {seqs:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            (stored == seqs)
+                .then_some(())
+                .ok_or_else(|| format!("dialog {dialog}: stored {stored:?}, expected {seqs:?}"))
+        })
+        .await;
     }
 
     /// Waits (bounded) until the flush queue is empty: every entry acknowledged.
     pub async fn wait_for_empty_queue(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
         let mut conn = self.redis.clone();
-        loop {
+        wait_until(Duration::from_secs(20), async || {
             let len: usize = redis::cmd("XLEN")
                 .arg(self.keys.flush_stream())
                 .query_async(&mut conn)
                 .await
                 .expect("xlen");
-            if len == 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "flush queue still holds {len} entries");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            (len == 0)
+                .then_some(())
+                .ok_or_else(|| format!("the flush queue still holds {len} entries"))
+        })
+        .await;
     }
 
     /// Stops the app gracefully; true when everything finished within the timeout.
@@ -206,51 +224,24 @@ impl Drop for TestApp {
     }
 }
 
-/// Drops a test's database and deletes its Redis keys when dropped.
-pub struct Cleanup {
-    database_url: String,
-    pattern: String,
-}
-
-impl Cleanup {
-    pub fn new(settings: &Settings) -> Self {
-        Self {
-            database_url: settings.database_url.clone(),
-            pattern: Keyspace::new(&settings.redis_prefix).pattern(),
+/// Polls `check` (every 20 ms of real time) until it answers `Ok`, and returns that;
+/// panics with its last `Err`, which says what it saw, once `bound` has passed.
+pub async fn wait_until<T>(bound: Duration, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + bound;
+    loop {
+        match check().await {
+            Ok(done) => return done,
+            Err(seen) if Instant::now() >= deadline => panic!("not within {bound:?}: {seen}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }
 
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        // On a thread of its own: Drop cannot await, and the test's runtime may be
-        // shutting down.
-        let database_url = self.database_url.clone();
-        let pattern = self.pattern.clone();
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            runtime.block_on(async move {
-                use sqlx::migrate::MigrateDatabase;
-                let _ = sqlx::Postgres::force_drop_database(&database_url).await;
-                let Ok(client) = redis::Client::open(redis_url()) else {
-                    return;
-                };
-                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                    let keys: Vec<String> = redis::cmd("KEYS")
-                        .arg(&pattern)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap_or_default();
-                    if !keys.is_empty() {
-                        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
-                    }
-                }
-            });
-        });
-        let _ = cleanup.join();
-    }
+/// The value of `series` (a name, with its labels as exposed, e.g.
+/// `dapi_store_errors_total{store="postgres"}`) in a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Asserts that `response` is a problem+json answer with `status` and `code`.

@@ -2,25 +2,36 @@
 
 use std::time::Duration;
 
-use dapi::app::Roles;
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
+use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
 
 /// Opens a connection and sends a POST whose body never finishes: the request is in
-/// flight (admitted, reading its body) until the connection closes.
+/// flight (admitted, reading its body) until the connection closes. Returns once dapi
+/// has started reading the body — it answers `Expect: 100-continue` then, and only
+/// then — so the request holds its in-flight slot from that moment on.
 async fn stalled_post(app: &TestApp) -> TcpStream {
     let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .unwrap();
     stream
         .write_all(
-            b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"te",
+            b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
         )
         .await
         .unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut byte)).await;
+        read.expect("dapi answered the request's headers").unwrap();
+        answer.push(byte[0]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 100 "), "{answer}");
+    stream.write_all(b"{\"te").await.unwrap();
     stream
 }
 
@@ -28,16 +39,8 @@ async fn stalled_post(app: &TestApp) -> TcpStream {
 async fn past_the_in_flight_bound_requests_are_503_at_once() {
     let mut settings = test_settings();
     settings.max_in_flight = 1;
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
     let _stalled = stalled_post(&app).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
     let response = app.get("/data/").await;
 
@@ -54,14 +57,7 @@ async fn past_the_in_flight_bound_requests_are_503_at_once() {
 async fn a_request_past_its_time_is_503_request_timeout() {
     let mut settings = test_settings();
     settings.request_timeout = Duration::from_millis(300);
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
     let mut stalled = stalled_post(&app).await;
 
     let mut answer = vec![0u8; 4096];
@@ -77,14 +73,7 @@ async fn a_request_past_its_time_is_503_request_timeout() {
 async fn a_client_that_does_not_finish_its_headers_is_disconnected() {
     let mut settings = test_settings();
     settings.header_timeout = Duration::from_millis(300);
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
     let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
         .await
         .unwrap();

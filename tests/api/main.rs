@@ -5,6 +5,7 @@
 mod access;
 mod batch;
 mod binary;
+mod cleanup;
 mod config;
 mod consent;
 mod edges;

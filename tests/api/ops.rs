@@ -1,10 +1,9 @@
 //! Operations endpoints, unknown routes, and answers while Redis is away.
 
-use dapi::app::Roles;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_with, test_settings};
+use crate::helpers::{assert_problem, spawn_api_only, spawn_app, test_settings};
 
 #[tokio::test]
 async fn healthz_and_readyz_answer_200_when_both_stores_answer() {
@@ -19,14 +18,7 @@ async fn healthz_and_readyz_answer_200_when_both_stores_answer() {
 async fn without_redis_posts_are_503_with_retry_after_and_readyz_names_redis() {
     let mut settings = test_settings();
     settings.redis_url = "redis://127.0.0.1:1".into(); // nothing listens there
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
 
     let response = app
         .post_json("/data/1/1", &json!({"text": "hi", "language": "EN"}))

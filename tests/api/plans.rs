@@ -7,21 +7,13 @@
 //! tables with realistic statistics, forces the generic plan and fails on any
 //! sequential scan of `messages` or `dialogs`.
 
-use dapi::app::Roles;
 use dapi::store::sql::ALL;
 
-use crate::helpers::{spawn_app_with, test_settings};
+use crate::helpers::{spawn_api_only, test_settings};
 
 #[tokio::test]
 async fn no_statement_scans_messages_or_dialogs_in_its_generic_plan() {
-    let app = spawn_app_with(
-        test_settings(),
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(test_settings()).await;
     let mut conn = app.store.pool().acquire().await.unwrap();
     // 200k messages over 40k granted dialogs, 500 customers, a few languages, a year.
     sqlx::raw_sql(

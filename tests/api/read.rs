@@ -4,7 +4,7 @@ use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedM
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app};
+use crate::helpers::{TestApp, assert_problem, spawn_api_only, spawn_app, test_settings};
 
 /// Stores granted dialogs straight through the store (the flusher's own write path),
 /// with chosen timestamps: `(customer, dialog, seq, language, received_at_us)`.
@@ -167,16 +167,9 @@ async fn pages_link_to_their_neighbours_keeping_the_other_parameters() {
 
 #[tokio::test]
 async fn links_use_the_public_url_when_set() {
-    let mut settings = crate::helpers::test_settings();
+    let mut settings = test_settings();
     settings.public_url = Some("https://api.example.com".into());
-    let app = crate::helpers::spawn_app_with(
-        settings,
-        dapi::app::Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
     store_granted(&app, &[(1, 1, 1, "EN", T), (1, 2, 1, "EN", T + 1)]).await;
 
     let page = app.get_json("/data?pageSize=1").await;

@@ -3,7 +3,7 @@
 
 use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage};
 
-use crate::helpers::{TestApp, spawn_app_with, test_settings};
+use crate::helpers::{spawn_api_only, test_settings};
 
 /// Dialog 1's state at `epoch`, carrying the unconfirmed refusal of epoch `refused` (if any).
 fn state(decision: Decision, epoch: i64, refused: Option<i64>, seqs: &[i64]) -> DialogState {
@@ -30,20 +30,9 @@ fn state(decision: Decision, epoch: i64, refused: Option<i64>, seqs: &[i64]) -> 
     }
 }
 
-async fn app() -> TestApp {
-    spawn_app_with(
-        test_settings(),
-        dapi::app::Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await
-}
-
 #[tokio::test]
 async fn a_stale_grant_cannot_write_after_a_refusal() {
-    let app = app().await;
+    let app = spawn_api_only(test_settings()).await;
     app.store
         .apply(&[state(Decision::Refused, 2, Some(2), &[])])
         .await
@@ -63,7 +52,7 @@ async fn a_stale_grant_cannot_write_after_a_refusal() {
 
 #[tokio::test]
 async fn a_refusal_that_never_reached_postgresql_is_completed_by_the_next_grant() {
-    let app = app().await;
+    let app = spawn_api_only(test_settings()).await;
     app.store
         .apply(&[state(Decision::Granted, 1, None, &[1, 2, 3])])
         .await
@@ -84,7 +73,7 @@ async fn a_refusal_that_never_reached_postgresql_is_completed_by_the_next_grant(
 
 #[tokio::test]
 async fn a_late_refusal_write_under_an_older_epoch_leaves_the_newer_grant_alone() {
-    let app = app().await;
+    let app = spawn_api_only(test_settings()).await;
     app.store
         .apply(&[state(Decision::Granted, 1, None, &[1, 2, 3])])
         .await
@@ -109,7 +98,7 @@ async fn a_late_refusal_write_under_an_older_epoch_leaves_the_newer_grant_alone(
 
 #[tokio::test]
 async fn a_refusal_erases_every_stored_message_whatever_its_seq() {
-    let app = app().await;
+    let app = spawn_api_only(test_settings()).await;
     // Seqs far beyond anything Redis counts now: an earlier incarnation of the dialog.
     app.store
         .apply(&[state(Decision::Granted, 1, None, &[1, 2, 40, 41])])
