@@ -24,7 +24,13 @@
 //! Every statement here is planned for an index whatever the planner's mode: the
 //! generic plan a prepared statement falls back to after a few executions is checked by
 //! a test (`tests/api/plans.rs`) that fails on any sequential scan of `messages` or
-//! `dialogs`.
+//! `dialogs`. And a plan must not go stale: a generic plan made while a table was small
+//! stays in a connection's statement cache as the table grows, and without an ANALYZE
+//! (autovacuum off) it is never replaced — a sequential scan of millions of rows on
+//! every refusal (measured: BENCHMARKS.md). So the statements that look rows up by key
+//! (the erasure, the revival lookup, the reads) are planned on each call rather than
+//! kept prepared, and the erasure also runs with sequential scans off for its
+//! transaction. The bulk inserts and the upsert scan nothing and stay prepared.
 //!
 //! # Counts
 //!
@@ -300,7 +306,14 @@ impl Store {
                 .await?;
             applied.fenced += (refusals.len() - took.len()) as u64;
             if !took.is_empty() {
+                // Never a sequential scan of `messages`, whatever the statistics: a plan
+                // made while the table was small (and never analysed since: autovacuum
+                // off) would scan it whole on every refusal as it grows. So this
+                // statement is planned afresh on each call, with sequential scans off
+                // for this transaction only.
+                sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await?;
                 let erased: i64 = sqlx::query_scalar(DELETE_DIALOGS_MESSAGES)
+                    .persistent(false)
                     .bind(&took)
                     .bind(shard)
                     .fetch_one(&mut *tx)
@@ -366,7 +379,13 @@ impl Store {
     /// stored seq. Used when Redis has forgotten dialogs that a request names.
     pub async fn granted_dialogs(&self, dialogs: &[DialogId]) -> Result<HashMap<DialogId, GrantedDialog>, StoreError> {
         let ids: Vec<i64> = dialogs.iter().map(|d| d.get()).collect();
-        let rows: Vec<GrantedRow> = sqlx::query_as(GRANTED_DIALOGS).bind(ids).fetch_all(&self.pool).await?;
+        // Planned on each call (not kept as a prepared statement): a plan kept from when
+        // `dialogs` was small would scan it whole once it is large.
+        let rows: Vec<GrantedRow> = sqlx::query_as(GRANTED_DIALOGS)
+            .persistent(false)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -418,7 +437,10 @@ impl Store {
         offset: i64,
         limit: i64,
     ) -> Result<(i64, Vec<StoredMessage>), StoreError> {
+        // Reads are planned on each call, for the same reason as the erasure: a plan kept
+        // from a small table would sort a whole large one.
         let rows: Vec<PageRow> = sqlx::query_as(filter.page_statement())
+            .persistent(false)
             .bind(limit)
             .bind(offset)
             .bind(filter.language.as_deref())
@@ -457,6 +479,7 @@ impl Store {
             None => (time::macros::datetime!(9999-12-31 23:59:59 UTC), i64::MAX, i64::MAX),
         };
         let mut query = sqlx::query_as(filter.after_statement())
+            .persistent(false)
             .bind(limit)
             .bind(at)
             .bind(dialog)
