@@ -80,7 +80,10 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Endpoint {
     Ingest,
-    Consent,
+    /// Grants and refusals are reported apart: a grant is one Redis script call, a
+    /// refusal also erases the dialog in PostgreSQL before it answers.
+    Grant,
+    Refuse,
     Read,
 }
 
@@ -88,7 +91,8 @@ impl Endpoint {
     fn name(self) -> &'static str {
         match self {
             Endpoint::Ingest => "POST /data",
-            Endpoint::Consent => "POST /consents",
+            Endpoint::Grant => "POST /consents (grant)",
+            Endpoint::Refuse => "POST /consents (refuse)",
             Endpoint::Read => "GET /data",
         }
     }
@@ -292,7 +296,8 @@ async fn worker(plan: Arc<Plan>, client: Arc<Client>, index: usize) -> Record {
                 let answer = client
                     .post(&format!("/consents/{dialog}"), &json!({ "approved": approved }))
                     .await;
-                record.note(Endpoint::Consent, started, answer.as_ref().map(|a| a.0));
+                let endpoint = if approved { Endpoint::Grant } else { Endpoint::Refuse };
+                record.note(endpoint, started, answer.as_ref().map(|a| a.0));
                 if !answer.as_ref().is_some_and(|(s, _)| *s == 200 || *s == 202) {
                     // The decision is unknown: leave the dialog out of the check.
                     continue 'dialogs;
@@ -424,13 +429,13 @@ fn report(endpoints: &[Value], transport_errors: u64, visibility: &Value, check:
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}  statuses",
+        "{:<23} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8}  statuses",
         "endpoint", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
     );
     for e in endpoints {
         let _ = writeln!(
             out,
-            "{:<16} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1}  {}",
+            "{:<23} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1}  {}",
             e["endpoint"].as_str().unwrap_or_default(),
             e["requests"],
             ms(e, "per_second"),
