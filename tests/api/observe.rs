@@ -40,8 +40,9 @@ async fn metrics_count_requests_by_route_template_and_show_the_flush_queue() {
 }
 
 /// The API as SPEC.md describes it: every operation, by method and path template.
-const OPERATIONS: [(&str, &str); 7] = [
+const OPERATIONS: [(&str, &str); 8] = [
     ("post", "/data/{customerId}/{dialogId}"),
+    ("post", "/data"),
     ("post", "/consents/{dialogId}"),
     ("get", "/data"),
     ("get", "/healthz"),
