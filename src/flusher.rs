@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Failpoint;
-use crate::domain::{Decision, DialogState};
+use crate::domain::{Decision, DialogId, DialogState};
 use crate::staging::{Finished, FlushQueue, QueueEntry, Settled, Snapshot, StagingError};
 use crate::store::{Applied, Store, StoreError};
 use crate::telemetry;
@@ -111,28 +111,22 @@ impl Flusher {
         dialogs.dedup();
         let mut states = Vec::with_capacity(dialogs.len());
         let mut unverified = Vec::new();
-        for snapshot in self
+        let snapshots = self
             .queue
             .snapshot(&dialogs, MAX_MESSAGES_PER_DIALOG, BATCH_BYTE_BUDGET)
-            .await?
-        {
-            match snapshot {
-                Snapshot::Ready(state) => states.push(state),
-                Snapshot::Unverified(dialog) => unverified.push(dialog),
-                Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason, u.messages_only).await?,
-            }
-        }
+            .await?;
+        self.sort(snapshots, &mut states, &mut unverified).await?;
         if !unverified.is_empty() {
+            // One PostgreSQL lookup for all of them, then one settle call each.
+            let ids: Vec<DialogId> = unverified.iter().map(|&d| DialogId::from_stored(d)).collect();
+            let granted = self.store.granted_dialogs(&ids).await?;
             for &dialog in &unverified {
-                let granted = self
-                    .store
-                    .granted_dialog(crate::domain::DialogId::from_stored(dialog))
-                    .await?;
-                let settled = self
+                let stored = granted.get(&DialogId::from_stored(dialog));
+                match self
                     .queue
-                    .settle(dialog, granted.map(|g| (g.customer, g.last_seq)))
-                    .await?;
-                match settled {
+                    .settle(dialog, stored.map(|g| (g.customer, g.last_seq)))
+                    .await?
+                {
                     // PostgreSQL is the authority on the customer: the dialog goes aside
                     // whole, and its next message meets PostgreSQL's customer (409).
                     Settled::CustomerDiffers => {
@@ -143,22 +137,33 @@ impl Flusher {
                     Settled::Done => {}
                 }
             }
-            // Settled now: read them again, in this batch.
-            for snapshot in self
+            // Settled now: read them again, in this batch. (One that is unverified
+            // again was re-created meanwhile; its own queue entry brings it back.)
+            let snapshots = self
                 .queue
                 .snapshot(&unverified, MAX_MESSAGES_PER_DIALOG, BATCH_BYTE_BUDGET)
-                .await?
-            {
-                match snapshot {
-                    Snapshot::Ready(state) => states.push(state),
-                    // Unsettled again: a concurrent writer; the finish re-queues nothing
-                    // for it, but its own entry (queued by ingest) comes back later.
-                    Snapshot::Unverified(_) => {}
-                    Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason, u.messages_only).await?,
-                }
-            }
+                .await?;
+            self.sort(snapshots, &mut states, &mut Vec::new()).await?;
         }
         Ok(Some(Batch { entries, states }))
+    }
+
+    /// Sorts a snapshot's dialogs: ready ones to `states`, unverified ones to
+    /// `unverified`; unreadable ones are set aside at once.
+    async fn sort(
+        &mut self,
+        snapshots: Vec<Snapshot>,
+        states: &mut Vec<DialogState>,
+        unverified: &mut Vec<i64>,
+    ) -> Result<(), FlushError> {
+        for snapshot in snapshots {
+            match snapshot {
+                Snapshot::Ready(state) => states.push(state),
+                Snapshot::Unverified(dialog) => unverified.push(dialog),
+                Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason, u.messages_only).await?,
+            }
+        }
+        Ok(())
     }
 
     /// Moves a dialog the flusher cannot read out of the way, so that the rest of its
