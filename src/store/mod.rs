@@ -47,8 +47,8 @@
 //! scanning the `(…, received_at, dialog_id, seq)` indexes backwards.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::migrate::MigrateDatabase;
@@ -58,6 +58,7 @@ use time::OffsetDateTime;
 
 use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState, Refusal};
 
+mod lookup;
 pub mod sql;
 
 use sql::{
@@ -190,6 +191,31 @@ impl Filter {
     }
 }
 
+/// The granted dialogs among `dialogs`, with their customer and highest stored seq.
+async fn granted_dialogs_in(
+    pool: &PgPool,
+    dialogs: &[DialogId],
+) -> Result<HashMap<DialogId, GrantedDialog>, StoreError> {
+    let ids: Vec<i64> = dialogs.iter().map(|d| d.get()).collect();
+    // Planned on each call (not kept as a prepared statement): a plan kept from when
+    // `dialogs` was small would scan it whole once it is large.
+    let rows: Vec<GrantedRow> = sqlx::query_as(GRANTED_DIALOGS)
+        .persistent(false)
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let granted = GrantedDialog {
+                customer: CustomerId::from_stored(r.customer_id),
+                last_seq: r.last_seq,
+            };
+            (DialogId::from_stored(r.dialog_id), granted)
+        })
+        .collect())
+}
+
 /// The one handle on PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -198,6 +224,9 @@ pub struct Store {
     /// even try: set by its last failure, so an outage costs ingest one bounded wait per
     /// [`PROBE_BACKOFF`], not one per request.
     probe_closed_until_ms: Arc<AtomicU64>,
+    /// The task that answers [`Store::granted_dialogs_quickly`] many requests at once;
+    /// started on first use.
+    lookups: Arc<OnceLock<lookup::Lookups>>,
 }
 
 /// How long [`Store::granted_dialog_quickly`] waits for PostgreSQL.
@@ -236,6 +265,7 @@ impl Store {
         Self {
             pool,
             probe_closed_until_ms: Arc::new(AtomicU64::new(0)),
+            lookups: Arc::default(),
         }
     }
 
@@ -378,24 +408,7 @@ impl Store {
     /// Of `dialogs`, those PostgreSQL holds as granted, with their customer and last
     /// stored seq. Used when Redis has forgotten dialogs that a request names.
     pub async fn granted_dialogs(&self, dialogs: &[DialogId]) -> Result<HashMap<DialogId, GrantedDialog>, StoreError> {
-        let ids: Vec<i64> = dialogs.iter().map(|d| d.get()).collect();
-        // Planned on each call (not kept as a prepared statement): a plan kept from when
-        // `dialogs` was small would scan it whole once it is large.
-        let rows: Vec<GrantedRow> = sqlx::query_as(GRANTED_DIALOGS)
-            .persistent(false)
-            .bind(ids)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let granted = GrantedDialog {
-                    customer: CustomerId::from_stored(r.customer_id),
-                    last_seq: r.last_seq,
-                };
-                (DialogId::from_stored(r.dialog_id), granted)
-            })
-            .collect())
+        granted_dialogs_in(&self.pool, dialogs).await
     }
 
     /// [`Store::granted_dialogs`] for one dialog.
@@ -413,14 +426,12 @@ impl Store {
         if now_ms() < self.probe_closed_until_ms.load(Ordering::Relaxed) {
             return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
         }
-        // On a task of its own: a query is never dropped half-way on its connection.
-        let store = self.clone();
-        let dialogs = dialogs.to_vec();
-        let lookup = tokio::spawn(async move { store.granted_dialogs(&dialogs).await });
-        let result = match tokio::time::timeout(PROBE_TIMEOUT, lookup).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(StoreError::Task(join)),
-            Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
+        // The lookup task runs the query (so that it is never dropped half-way on its
+        // connection), together with other requests' lookups.
+        let lookups = self.lookups.get_or_init(|| lookup::Lookups::start(self.pool.clone()));
+        let result = match tokio::time::timeout(PROBE_TIMEOUT, lookups.granted(dialogs.to_vec())).await {
+            Ok(Some(found)) => Ok(found),
+            Ok(None) | Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
         };
         if result.is_err() {
             let until = now_ms().saturating_add(u64::try_from(PROBE_BACKOFF.as_millis()).unwrap_or(u64::MAX));

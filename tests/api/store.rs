@@ -115,3 +115,48 @@ async fn a_refusal_erases_every_stored_message_whatever_its_seq() {
     assert_eq!(app.stored_seqs(1).await, Vec::<i64>::new());
     assert_eq!(app.get_json("/data/").await["count"], 0);
 }
+
+#[tokio::test]
+async fn concurrent_quick_lookups_each_get_exactly_their_own_dialogs() {
+    // The ingest path's lookups are answered many at once (store::lookup); each caller
+    // must still get the granted dialogs among its own, and nothing of the others'.
+    let app = spawn_api_only(test_settings()).await;
+    sqlx::raw_sql(
+        "INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
+         SELECT d, d % 7, CASE WHEN d % 3 = 0 THEN 'refused' ELSE 'granted' END, 1, now()
+         FROM generate_series(1, 300) d;
+         INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
+         SELECT d, s, d % 7, 'EN', 'x', now() FROM generate_series(1, 300) d, generate_series(1, d % 4) s
+         WHERE d % 3 <> 0;",
+    )
+    .execute(app.store.pool())
+    .await
+    .unwrap();
+
+    let lookups = (0..60i64).map(|caller| {
+        let store = app.store.clone();
+        // Overlapping sets: dialogs caller … caller+9, and some no store holds.
+        let dialogs: Vec<DialogId> = (caller * 5..caller * 5 + 10)
+            .chain([10_000 + caller])
+            .map(DialogId::from_stored)
+            .collect();
+        async move { (dialogs.clone(), store.granted_dialogs_quickly(&dialogs).await.unwrap()) }
+    });
+    let answers = futures_util::future::join_all(lookups).await;
+
+    for (dialogs, found) in answers {
+        let mut expected: Vec<(i64, i64, i64)> = dialogs
+            .iter()
+            .map(|d| d.get())
+            .filter(|d| (1..=300).contains(d) && d % 3 != 0)
+            .map(|d| (d, d % 7, d % 4))
+            .collect();
+        let mut got: Vec<(i64, i64, i64)> = found
+            .iter()
+            .map(|(d, g)| (d.get(), g.customer.get(), g.last_seq))
+            .collect();
+        expected.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, expected, "lookup of {dialogs:?}");
+    }
+}

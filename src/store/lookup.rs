@@ -1,0 +1,87 @@
+//! The ingest path's question to PostgreSQL — "is any of these dialogs, new to Redis,
+//! granted already?" — asked for many requests at once.
+//!
+//! Every first message of a dialog asks it (see `http::ingest`), so at volume it is asked
+//! thousands of times a second. One query per request made PostgreSQL the bottleneck
+//! (each planned on its own; a core of PostgreSQL for ~6.5k lookups/s, BENCHMARKS.md
+//! "Ingest"). Here one task runs the queries, one at a time: the lookups that arrive while
+//! a query runs wait for it and go together in the next. An idle service answers a lone
+//! lookup at once; a busy one sends fewer, larger queries.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{GrantedDialog, granted_dialogs_in};
+use crate::domain::DialogId;
+
+/// At most this many dialogs in one query; the rest wait for the next.
+const MOST_DIALOGS: usize = 2_000;
+
+/// One waiting lookup: its dialogs, and where its answer goes (`None`: the query failed).
+struct Lookup {
+    dialogs: Vec<DialogId>,
+    answer: oneshot::Sender<Option<HashMap<DialogId, GrantedDialog>>>,
+}
+
+/// A handle on the lookup task; the task ends when every handle is dropped.
+#[derive(Debug, Clone)]
+pub(super) struct Lookups {
+    queue: mpsc::UnboundedSender<Lookup>,
+}
+
+impl Lookups {
+    /// Starts the task (on the current tokio runtime).
+    pub(super) fn start(pool: PgPool) -> Self {
+        let (queue, waiting) = mpsc::unbounded_channel();
+        tokio::spawn(run(pool, waiting));
+        Self { queue }
+    }
+
+    /// The granted ones among `dialogs`; `None` when the query failed or the task is gone.
+    /// Not bounded in time here: the caller bounds it.
+    pub(super) async fn granted(&self, dialogs: Vec<DialogId>) -> Option<HashMap<DialogId, GrantedDialog>> {
+        let (answer, answered) = oneshot::channel();
+        self.queue.send(Lookup { dialogs, answer }).ok()?;
+        answered.await.ok().flatten()
+    }
+}
+
+async fn run(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<Lookup>) {
+    while let Some(first) = waiting.recv().await {
+        let mut batch = vec![first];
+        let mut dialogs = batch[0].dialogs.len();
+        while dialogs < MOST_DIALOGS {
+            let Ok(next) = waiting.try_recv() else { break };
+            dialogs += next.dialogs.len();
+            batch.push(next);
+        }
+        // A waiter that gave up (its request timed out) is not asked about.
+        batch.retain(|lookup| !lookup.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let mut all: Vec<DialogId> = batch.iter().flat_map(|l| l.dialogs.iter().copied()).collect();
+        all.sort_unstable();
+        all.dedup();
+        let found = match granted_dialogs_in(&pool, &all).await {
+            Ok(found) => Some(Arc::new(found)),
+            Err(e) => {
+                tracing::debug!(error = %crate::telemetry::chain(&e), "granted-dialog lookup failed");
+                None
+            }
+        };
+        for lookup in batch {
+            let answer = found.as_ref().map(|found| {
+                lookup
+                    .dialogs
+                    .iter()
+                    .filter_map(|d| found.get(d).map(|g| (*d, *g)))
+                    .collect()
+            });
+            let _ = lookup.answer.send(answer);
+        }
+    }
+}
