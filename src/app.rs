@@ -176,11 +176,7 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
         }
     }
 
-    let state = AppState {
-        staging,
-        store,
-        settings: settings.clone(),
-    };
+    let state = AppState::new(staging, store, settings.clone());
     let app = if roles.http { router(state) } else { ops_router(state) };
     tracing::info!(addr = %local_addr, api = roles.http, flusher = roles.flusher, "listening");
     tasks.spawn(serve(listener, app, shutdown.clone(), settings.header_timeout));

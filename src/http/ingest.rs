@@ -189,27 +189,6 @@ pub async fn ingest(
     Ok((StatusCode::ACCEPTED, Json(IngestAnswer::of(&offer, outcome)?)))
 }
 
-/// The ingest benchmark's ceiling: the same extractors and validation as [`ingest`],
-/// answering 202 without touching Redis (see `http::ceiling_router`).
-#[utoipa::path(post, path = "/data/{customerId}/{dialogId}", tag = "ingest")]
-pub async fn ingest_ceiling(
-    State(state): State<AppState>,
-    DataPath { customer, dialog }: DataPath,
-    JsonBody(body): JsonBody,
-) -> Result<(StatusCode, Json<IngestAnswer>), ApiError> {
-    parse_message(body, state.settings.max_text_bytes).map_err(ApiError::InvalidBody)?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(IngestAnswer {
-            customer_id: customer.get(),
-            dialog_id: dialog.get(),
-            seq: 1,
-            consent: "pending",
-            duplicate: false,
-        }),
-    ))
-}
-
 /// One item's result in a batch answer: a 202 answer, or a problem.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]

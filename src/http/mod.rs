@@ -34,12 +34,36 @@ use crate::store::Store;
 use limits::{Guard, Limits};
 use observe::observe;
 
-/// What handlers share: the two store handles and the settings. Cheap to clone.
+/// What handlers share: the two store handles and the settings, behind one `Arc` — axum
+/// clones the state for every request, and this makes that clone one reference count
+/// (measured in BENCHMARKS.md, "Ingest").
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// The contents of [`AppState`].
+#[derive(Debug)]
+pub struct Shared {
     pub staging: Staging,
     pub store: Store,
     pub settings: Arc<crate::config::Settings>,
+}
+
+impl AppState {
+    pub fn new(staging: Staging, store: Store, settings: Arc<crate::config::Settings>) -> Self {
+        Self(Arc::new(Shared {
+            staging,
+            store,
+            settings,
+        }))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 /// Every documented route, grouped by what guards it. The OpenAPI document is gathered
@@ -94,10 +118,12 @@ pub fn router(state: AppState) -> Router {
     build(state, routes!(ingest::ingest))
 }
 
-/// The same router with an ingest handler that validates and answers 202 without
-/// touching Redis: the ceiling the ingest benchmark measures dapi against.
-pub fn ceiling_router(state: AppState) -> Router {
-    build(state, routes!(ingest::ingest_ceiling))
+/// The whole API with `ingest` in place of dapi's handler for
+/// `POST /data/{customerId}/{dialogId}`: the same routes, layers and limits around it.
+/// The ingest benchmark serves a handler that answers without Redis through it, to
+/// measure what the layers cost (`benches/ingest.rs`); dapi itself never calls it.
+pub fn router_with_ingest(state: AppState, ingest: UtoipaMethodRouter<AppState>) -> Router {
+    build(state, ingest)
 }
 
 /// The operations endpoints alone (`/healthz`, `/readyz`, `/metrics`), for a process

@@ -21,11 +21,11 @@ pub async fn without_postgres(app: &TestApp) -> String {
         .connect_lazy("postgres://postgres@127.0.0.1:1/unreachable")
         .unwrap();
     let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
-    let state = AppState {
-        staging: Staging::new(client, &app.settings.redis_prefix, app.settings.staging_ttl).unwrap(),
-        store: Store::from_pool(pool),
-        settings: Arc::new(app.settings.clone()),
-    };
+    let state = AppState::new(
+        Staging::new(client, &app.settings.redis_prefix, app.settings.staging_ttl).unwrap(),
+        Store::from_pool(pool),
+        Arc::new(app.settings.clone()),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let forever = tokio_util::sync::CancellationToken::new();
