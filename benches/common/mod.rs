@@ -60,11 +60,11 @@ impl Sandbox {
     }
 
     pub fn state(&self) -> AppState {
-        AppState {
-            staging: self.staging.clone(),
-            store: self.store.clone(),
-            settings: Arc::new(self.settings.clone()),
-        }
+        AppState::new(
+            self.staging.clone(),
+            self.store.clone(),
+            Arc::new(self.settings.clone()),
+        )
     }
 
     /// Serves `app` on a free port; returns its base URL.
@@ -97,36 +97,56 @@ impl Sandbox {
     }
 }
 
-/// Sends `total` POSTs from `concurrency` keep-alive connections; `path(i)` names the
-/// i-th request's path. Returns the wall time.
+/// Sends `total` POSTs from `concurrency` keep-alive connections; `request(i)` gives the
+/// i-th request's path and body, and every answer must have status `expect`. Returns the
+/// wall time; prints the run's p50 and p99 (criterion reports throughput, not tails).
 pub async fn post_load(
     base: String,
     concurrency: usize,
     total: u64,
-    path: impl Fn(u64) -> String + Send + Sync + 'static,
+    expect: u16,
+    request: impl Fn(u64) -> (String, Vec<u8>) + Send + Sync + 'static,
 ) -> Duration {
-    let path = Arc::new(path);
-    let body: &'static [u8] = br#"{"text": "Hello, World", "language": "EN"}"#;
+    let request = Arc::new(request);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..concurrency as u64 {
-        let (base, path) = (base.clone(), path.clone());
+        let (base, request) = (base.clone(), request.clone());
         let client = reqwest::Client::new();
         tasks.spawn(async move {
+            let mut latencies = Vec::new();
             let mut i = worker;
             while i < total {
+                let (path, body) = request(i);
+                let sent = Instant::now();
                 let response = client
-                    .post(format!("{base}{}", path(i)))
+                    .post(format!("{base}{path}"))
                     .header("content-type", "application/json")
                     .body(body)
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(response.status().as_u16(), 202);
+                assert_eq!(response.status().as_u16(), expect);
+                response.bytes().await.unwrap();
+                latencies.push(sent.elapsed());
                 i += concurrency as u64;
             }
+            latencies
         });
     }
-    while tasks.join_next().await.is_some() {}
-    started.elapsed()
+    let mut latencies = Vec::with_capacity(total as usize);
+    while let Some(worker) = tasks.join_next().await {
+        latencies.extend(worker.unwrap());
+    }
+    let wall = started.elapsed();
+    latencies.sort_unstable();
+    if !latencies.is_empty() {
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+        eprintln!(
+            "    {total} requests in {wall:.2?}: p50 {:.2?}, p99 {:.2?}",
+            at(0.50),
+            at(0.99)
+        );
+    }
+    wall
 }
