@@ -5,7 +5,10 @@ use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{assert_problem, spawn_app};
+use std::time::Duration;
+
+use crate::harness::{Proxy, through, upstream_of};
+use crate::helpers::{assert_problem, spawn_api_only, spawn_app, test_settings, wait_until};
 
 #[tokio::test]
 async fn a_repeated_message_id_answers_the_first_answer_and_stores_once() {
@@ -150,8 +153,68 @@ async fn retrying_a_whole_batch_with_the_same_ids_stores_each_message_once() {
 }
 
 #[tokio::test]
+async fn a_batch_cut_off_from_redis_part_way_answers_per_item_and_its_retry_stores_each_once() {
+    // dapi's Redis connection goes through a proxy that cuts it right after the batch's
+    // first script call has been answered: the item of the known dialog was staged by
+    // that call; the new dialog's item needed the second call, which cannot be made.
+    let mut settings = test_settings();
+    let proxy = Proxy::start(upstream_of(&settings.redis_url)).await;
+    settings.redis_url = through(&settings.redis_url, proxy.addr);
+    let app = spawn_api_only(settings).await;
+    app.stage(1, 30, "the dialog exists", "EN").await; // also loads the ingest script
+    let batch = json!({"messages": [
+        {"customerId": 1, "dialogId": 30, "text": "known dialog", "language": "EN", "messageId": "known-1"},
+        {"customerId": 1, "dialogId": 31, "text": "new dialog", "language": "EN", "messageId": "new-1"},
+    ]});
+
+    proxy.cut_after_answers(1);
+    let cut = app.post_json("/data", &batch).await;
+
+    assert_eq!(cut.status(), StatusCode::OK);
+    let cut: Value = cut.json().await.unwrap();
+    let results = cut["results"].as_array().unwrap();
+    assert_eq!(
+        (results[0]["status"].as_i64(), results[0]["seq"].as_i64()),
+        (Some(202), Some(2)),
+        "the first call staged the known dialog's item: {cut}"
+    );
+    assert_eq!(
+        (results[1]["status"].as_i64(), results[1]["code"].as_str()),
+        (Some(503), Some("redis_unavailable")),
+        "the new dialog's item was not staged: {cut}"
+    );
+    assert_eq!((app.staged_len(30).await, app.staged_len(31).await), (2, 0));
+
+    proxy.restore();
+    let retry: Value = wait_until(Duration::from_secs(20), async || {
+        let answer = app.post_json("/data", &batch).await;
+        if answer.status() != StatusCode::OK {
+            return Err(format!("the retry answered {}", answer.status()));
+        }
+        let answer: Value = answer.json().await.unwrap();
+        match answer["results"][1]["status"].as_i64() {
+            Some(202) => Ok(answer),
+            _ => Err(format!("Redis not back yet: {answer}")),
+        }
+    })
+    .await;
+    let results = retry["results"].as_array().unwrap();
+    assert_eq!(
+        (results[0]["seq"].as_i64(), results[0]["duplicate"].as_bool()),
+        (Some(2), Some(true)),
+        "the staged item is a duplicate on retry: {retry}"
+    );
+    assert_eq!(
+        (results[1]["seq"].as_i64(), results[1].get("duplicate")),
+        (Some(1), None),
+        "the unstaged item is staged by the retry: {retry}"
+    );
+    assert_eq!((app.staged_len(30).await, app.staged_len(31).await), (2, 1));
+}
+
+#[tokio::test]
 async fn an_unusable_batch_body_is_refused_whole_and_stages_nothing() {
-    let mut settings = crate::helpers::test_settings();
+    let mut settings = test_settings();
     settings.max_batch_messages = 3;
     let app = crate::helpers::spawn_app_with(
         settings,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use dapi::config::Settings;
 use dapi::store::Store;
 use reqwest::StatusCode;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -25,10 +26,13 @@ use crate::helpers::{unique, wait_until};
 // ---------------------------------------------------------------------------- proxy
 
 /// A TCP proxy to `upstream`. `cut` drops every connection and refuses new ones until
-/// `restore`.
+/// `restore`; `cut_after_answers(n)` cuts right after the n-th read from upstream has
+/// been passed on (for Redis, the n-th answer), to fail a client between two calls.
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// Answers still to pass on before cutting; 0: not armed.
+    cut_after: Arc<AtomicUsize>,
     connections: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
@@ -38,21 +42,47 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let cut_after = Arc::new(AtomicUsize::new(0));
         let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let accept = {
-            let (cut, connections) = (cut.clone(), connections.clone());
+            let (cut, cut_after, connections) = (cut.clone(), cut_after.clone(), connections.clone());
             tokio::spawn(async move {
                 loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
+                    let Ok((inbound, _)) = listener.accept().await else {
                         continue;
                     };
                     if cut.load(Ordering::SeqCst) {
                         drop(inbound);
                         continue;
                     }
+                    let (cut, cut_after, all) = (cut.clone(), cut_after.clone(), connections.clone());
                     let task = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let Ok(outbound) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let (mut from_client, mut to_client) = inbound.into_split();
+                        let (mut from_upstream, mut to_upstream) = outbound.into_split();
+                        let requests = tokio::io::copy(&mut from_client, &mut to_upstream);
+                        let answers = async {
+                            let mut buffer = vec![0u8; 64 * 1024];
+                            loop {
+                                let n = from_upstream.read(&mut buffer).await?;
+                                if n == 0 {
+                                    return Ok::<(), std::io::Error>(());
+                                }
+                                to_client.write_all(&buffer[..n]).await?;
+                                let armed = cut_after
+                                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1));
+                                if armed == Ok(1) {
+                                    to_client.flush().await?;
+                                    cut_all(&cut, &all);
+                                    return Ok(());
+                                }
+                            }
+                        };
+                        tokio::select! {
+                            _ = requests => {}
+                            _ = answers => {}
                         }
                     });
                     connections.lock().unwrap().push(task.abort_handle());
@@ -63,20 +93,31 @@ impl Proxy {
         Proxy {
             addr,
             cut,
+            cut_after,
             connections,
             accept,
         }
     }
 
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
-            connection.abort();
-        }
+        cut_all(&self.cut, &self.connections);
+    }
+
+    /// Cuts (as [`Proxy::cut`]) right after the next `n` reads from upstream have been
+    /// passed on to the client.
+    pub fn cut_after_answers(&self, n: usize) {
+        self.cut_after.store(n, Ordering::SeqCst);
     }
 
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+fn cut_all(cut: &AtomicBool, connections: &Mutex<Vec<AbortHandle>>) {
+    cut.store(true, Ordering::SeqCst);
+    for connection in connections.lock().unwrap().drain(..) {
+        connection.abort();
     }
 }
 
