@@ -59,7 +59,10 @@ pub async fn connect(settings: &Settings) -> Result<(Staging, Store, redis::Clie
         if settings.migrate {
             store.migrate().await?;
         }
-        Ok::<_, StoreError>(store)
+        match &settings.database_read_url {
+            Some(replica) => store.with_replica(replica),
+            None => Ok(store),
+        }
     })
     .await?;
     let client = redis::Client::open(settings.redis_url.as_str()).map_err(StartError::RedisUrl)?;

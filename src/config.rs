@@ -35,6 +35,7 @@ mod default {
     pub const IDEMPOTENCY_WINDOW: &str = "24h";
     pub const MAX_BATCH_MESSAGES: &str = "1000";
     pub const MAX_BATCH_BYTES: &str = "4194304";
+    pub const REPLICA_WAIT: &str = "5s";
 }
 
 /// How values are written; `dapi --help` shows it below the options.
@@ -62,6 +63,23 @@ pub struct SettingsArgs {
     #[arg(long, env = "REDIS_URL", value_name = "URL", default_value = default::REDIS_URL,
           hide_env_values = true, global = true)]
     pub redis_url: String,
+
+    /// PostgreSQL that GET /data reads, such as a streaming replica (unset: DATABASE_URL);
+    /// writes and erasures always go to DATABASE_URL
+    #[arg(
+        long,
+        env = "DATABASE_READ_URL",
+        value_name = "URL",
+        hide_env_values = true,
+        global = true
+    )]
+    pub database_read_url: Option<String>,
+
+    /// How long a refusal waits for the read replica to replay its erasure before it
+    /// answers 503 erasure_pending (only with DATABASE_READ_URL)
+    #[arg(long, env = "DAPI_REPLICA_WAIT", value_name = "DURATION", default_value = default::REPLICA_WAIT,
+          hide_env_values = true, global = true)]
+    pub replica_wait: String,
 
     /// Address to listen on, an IP address and a port (the API, or a flusher's operations
     /// endpoints)
@@ -240,6 +258,10 @@ pub struct Settings {
     pub database_url: String,
     /// A Redis URL that parses as a `redis::ConnectionInfo` (`REDIS_URL`).
     pub redis_url: String,
+    /// The PostgreSQL that reads go to, when not `database_url` (`DATABASE_READ_URL`).
+    pub database_read_url: Option<String>,
+    /// How long a refusal waits for the read replica (`DAPI_REPLICA_WAIT`).
+    pub replica_wait: Duration,
     /// Listen address (`DAPI_BIND`).
     pub bind: SocketAddr,
     /// Base URL for `next` / `previous` links: absolute http(s), without a trailing `/`.
@@ -288,6 +310,7 @@ impl std::fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("bind", &self.bind)
             .field("public_url", &self.public_url.is_some())
+            .field("read_replica", &self.database_read_url.is_some())
             .field("staging_ttl", &self.staging_ttl)
             .field("redis_prefix", &self.redis_prefix)
             .field("flushers", &self.flushers)
@@ -394,6 +417,10 @@ impl TryFrom<SettingsArgs> for Settings {
         let settings = Settings {
             database_url: postgres_url("DATABASE_URL", or(&args.database_url, default::DATABASE_URL))?,
             redis_url: redis_url("REDIS_URL", or(&args.redis_url, default::REDIS_URL))?,
+            database_read_url: given(args.database_read_url.as_deref())
+                .map(|url| postgres_url("DATABASE_READ_URL", url))
+                .transpose()?,
+            replica_wait: duration("DAPI_REPLICA_WAIT", or(&args.replica_wait, default::REPLICA_WAIT))?,
             bind: bind("DAPI_BIND", or(&args.bind, default::BIND))?,
             public_url: given(args.public_url.as_deref())
                 .map(|url| public_url("DAPI_PUBLIC_URL", url))

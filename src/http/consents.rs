@@ -5,7 +5,9 @@
 //! are refused — and then erased from PostgreSQL before the answer, under the epoch
 //! fence. If PostgreSQL cannot be reached the answer is 503, and the flush-queue entry
 //! the refusal queued makes the flusher finish the erasure once it is back; until one of
-//! them confirms it, the refusal's Redis state does not expire.
+//! them confirms it, the refusal's Redis state does not expire. With a read replica
+//! (`DATABASE_READ_URL`) the refusal answers once the replica has replayed the erasure,
+//! waiting at most `DAPI_REPLICA_WAIT`, else 503 `erasure_pending`.
 
 use axum::Json;
 use axum::extract::State;
@@ -48,7 +50,7 @@ pub struct ConsentAnswer {
         (status = 413, description = "Body over `DAPI_MAX_BODY_BYTES` (`payload_too_large`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 415, description = "Not JSON (`unsupported_media_type`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 422, description = "Not one of the accepted shapes (`invalid_body`)", content_type = "application/problem+json", body = super::error::Problem),
-        (status = 503, description = "Redis cannot be reached (nothing recorded), or a refusal cannot reach PostgreSQL yet (`erasure_pending`: it holds, dapi finishes the erasure by itself, repeating is safe)", content_type = "application/problem+json", body = super::error::Problem)
+        (status = 503, description = "Redis cannot be reached (nothing recorded), or a refusal cannot reach PostgreSQL yet or the read replica has not replayed its erasure within `DAPI_REPLICA_WAIT` (`erasure_pending`: it holds, it completes by itself, repeating is safe)", content_type = "application/problem+json", body = super::error::Problem)
     ),
     security(("bearer" = []))
 )]
@@ -118,5 +120,17 @@ pub async fn decide(
     if let Err(e) = state.staging.confirm_erasure(dialog, recorded.epoch).await {
         tracing::warn!(error = %telemetry::chain(&e), "could not confirm an erasure to Redis; the flusher will");
     }
-    Ok((StatusCode::OK, answer))
+    // With a read replica, a 200 must not be followed by a read of the dialog there
+    // (Guarantee 3): wait, bounded, until the replica has replayed the erasure. Past the
+    // bound the erasure is still done on the primary and the replica catches up by
+    // itself; the answer says so (503 `erasure_pending`).
+    match state.store.wait_for_replica(state.settings.replica_wait).await {
+        Ok(()) => Ok((StatusCode::OK, answer)),
+        Err(e) => {
+            if !matches!(e, StoreError::ReplicaBehind) {
+                tracing::warn!(error = %telemetry::chain(&e), "could not ask the read replica how far it has replayed");
+            }
+            Err(ApiError::ReplicaBehind)
+        }
+    }
 }

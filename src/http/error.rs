@@ -69,6 +69,10 @@ pub enum ApiError {
         "the refusal is recorded and no more messages are accepted, but PostgreSQL could not be reached to erase what it holds; dapi finishes the erasure by itself once it is back, and repeating this call is safe"
     )]
     ErasurePending(#[source] StoreError),
+    #[error(
+        "the refusal is recorded and erased in PostgreSQL, but the read replica has not replayed the erasure yet (DAPI_REPLICA_WAIT), so readers there may still see the dialog for a moment; it completes by itself, and repeating this call is safe"
+    )]
+    ReplicaBehind,
 }
 
 impl From<StagingError> for ApiError {
@@ -112,7 +116,7 @@ impl ApiError {
             E::Store(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "postgres_unavailable"),
             // Whatever PostgreSQL answered, the refusal holds in Redis and the flusher
             // finishes the erasure: the client's truth is "pending", never a 500.
-            E::ErasurePending(_) => (StatusCode::SERVICE_UNAVAILABLE, "erasure_pending"),
+            E::ErasurePending(_) | E::ReplicaBehind => (StatusCode::SERVICE_UNAVAILABLE, "erasure_pending"),
             E::Staging(_) | E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -148,6 +152,9 @@ impl ApiError {
             }
             ApiError::Staging(_) | ApiError::Store(_) | ApiError::ErasurePending(_) => {
                 tracing::warn!(error = %chain(self), "dependency unavailable");
+            }
+            ApiError::ReplicaBehind => {
+                tracing::warn!("a refusal answered before the read replica replayed its erasure")
             }
             _ => {}
         }

@@ -79,6 +79,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the task writing to PostgreSQL failed")]
     Task(#[from] tokio::task::JoinError),
+    #[error("the read replica has not replayed the primary's latest writes in time")]
+    ReplicaBehind,
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -191,6 +193,15 @@ impl Filter {
     }
 }
 
+/// A pool that connects when first used and gives up on a connection after a few seconds.
+fn lazy_pool(url: &str) -> Result<PgPool, StoreError> {
+    let options: PgConnectOptions = url.parse().map_err(StoreError::Query)?;
+    Ok(PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy_with(options))
+}
+
 /// The granted dialogs among `dialogs`, with their customer and highest stored seq.
 async fn granted_dialogs_in(
     pool: &PgPool,
@@ -220,6 +231,9 @@ async fn granted_dialogs_in(
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Where reads go when they do not go to `pool`: a streaming replica
+    /// (`DATABASE_READ_URL`).
+    replica: Option<PgPool>,
     /// Until when (ms since the Unix epoch) [`Store::granted_dialog_quickly`] does not
     /// even try: set by its last failure, so an outage costs ingest one bounded wait per
     /// [`PROBE_BACKOFF`], not one per request.
@@ -253,17 +267,20 @@ impl Store {
             }
             tracing::info!("created the database");
         }
-        let options: PgConnectOptions = url.parse().map_err(StoreError::Query)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_lazy_with(options);
-        Ok(Self::from_pool(pool))
+        Ok(Self::from_pool(lazy_pool(url)?))
+    }
+
+    /// Reads (`GET /data`) go to `replica` from now on: a PostgreSQL streaming replica of
+    /// this store's database. Connects lazily, as [`Store::connect`].
+    pub fn with_replica(mut self, replica: &str) -> Result<Self, StoreError> {
+        self.replica = Some(lazy_pool(replica)?);
+        Ok(self)
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
             pool,
+            replica: None,
             probe_closed_until_ms: Arc::new(AtomicU64::new(0)),
             lookups: Arc::default(),
         }
@@ -456,7 +473,7 @@ impl Store {
             .bind(offset)
             .bind(filter.language.as_deref())
             .bind(filter.customer.map(CustomerId::get))
-            .fetch_all(&self.pool)
+            .fetch_all(self.reads())
             .await?;
         let count = rows.first().map_or(0, |r| r.count);
         // Past the last page the count's row comes alone, its message columns NULL.
@@ -501,8 +518,70 @@ impl Store {
         if let Some(customer) = filter.customer {
             query = query.bind(customer.get());
         }
-        Ok(query.fetch_all(&self.pool).await?)
+        Ok(query.fetch_all(self.reads()).await?)
     }
+
+    /// The pool reads go to: the replica when there is one.
+    fn reads(&self) -> &PgPool {
+        self.replica.as_ref().unwrap_or(&self.pool)
+    }
+
+    /// Waits until the read replica has replayed everything committed on the primary
+    /// before this call (a refusal's erasure, say), checking every 10 ms for at most
+    /// `bound`: `Err(ReplicaBehind)` past it. At once `Ok` without a replica, or when
+    /// the read URL is not in recovery (not a replica at all).
+    pub async fn wait_for_replica(&self, bound: Duration) -> Result<(), StoreError> {
+        let Some(replica) = &self.replica else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + bound;
+        let written: String = sqlx::query_scalar(sql::WAL_WRITTEN).fetch_one(&self.pool).await?;
+        loop {
+            let replayed: Option<bool> = sqlx::query_scalar(sql::WAL_REPLAYED)
+                .bind(&written)
+                .fetch_one(replica)
+                .await?;
+            if replayed != Some(false) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::ReplicaBehind);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The read replica's state for `/readyz` and `/metrics`: `None` without one;
+    /// else how far its replay is behind the primary, in bytes of WAL and in time since
+    /// the last transaction it replayed (0 when it has replayed everything).
+    pub async fn replica_lag(&self) -> Option<Result<ReplicaLag, StoreError>> {
+        let replica = self.replica.as_ref()?;
+        Some(
+            async {
+                let written: String = sqlx::query_scalar(sql::WAL_WRITTEN).fetch_one(&self.pool).await?;
+                let (bytes, seconds): (Option<i64>, Option<f64>) = sqlx::query_as(sql::REPLICA_LAG)
+                    .bind(&written)
+                    .fetch_one(replica)
+                    .await?;
+                Ok(ReplicaLag {
+                    bytes: bytes.unwrap_or(0).max(0),
+                    seconds: if bytes.unwrap_or(0) > 0 {
+                        seconds.unwrap_or(0.0).max(0.0)
+                    } else {
+                        0.0
+                    },
+                })
+            }
+            .await,
+        )
+    }
+}
+
+/// How far the read replica is behind (see [`Store::replica_lag`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplicaLag {
+    pub bytes: i64,
+    pub seconds: f64,
 }
 
 /// A row of a page statement: the count, and a message unless the page is empty.

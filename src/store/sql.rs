@@ -155,6 +155,18 @@ ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 /// Whether PostgreSQL answers (`/readyz`).
 pub const PING: &str = "SELECT 1";
 
+/// The primary's WAL position now: past every transaction committed before.
+pub const WAL_WRITTEN: &str = "SELECT pg_current_wal_lsn()::text";
+
+/// On the read replica: whether it has replayed up to `$1` (NULL: not a replica).
+pub const WAL_REPLAYED: &str = "SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn";
+
+/// On the read replica: bytes of WAL it has still to replay up to `$1`, and seconds since
+/// the last transaction it replayed was committed (both NULL: not a replica).
+pub const REPLICA_LAG: &str = "\
+SELECT pg_wal_lsn_diff($1::pg_lsn, pg_last_wal_replay_lsn())::int8 AS bytes,
+       extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 AS seconds";
+
 /// Every statement above, by name: what the generic-plan test checks.
 pub const ALL: &[(&str, &str)] = &[
     ("UPSERT_DIALOGS", UPSERT_DIALOGS),
@@ -170,4 +182,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("AFTER_BY_CUSTOMER", AFTER_BY_CUSTOMER),
     ("AFTER_BY_CUSTOMER_LANGUAGE", AFTER_BY_CUSTOMER_LANGUAGE),
     ("PING", PING),
+    ("WAL_WRITTEN", WAL_WRITTEN),
+    ("WAL_REPLAYED", WAL_REPLAYED),
+    ("REPLICA_LAG", REPLICA_LAG),
 ];

@@ -5,8 +5,10 @@
 use std::process::{Command, Output};
 
 /// Every variable of SPEC's environment table that dapi implements, and dapi's own.
-const VARIABLES: [&str; 28] = [
+const VARIABLES: [&str; 30] = [
     "DATABASE_URL",
+    "DATABASE_READ_URL",
+    "DAPI_REPLICA_WAIT",
     "REDIS_URL",
     "DAPI_BIND",
     "DAPI_PUBLIC_URL",

@@ -22,4 +22,5 @@ mod ops;
 mod outage;
 mod plans;
 mod read;
+mod replica;
 mod store;
