@@ -36,6 +36,7 @@ mod default {
     pub const MAX_BATCH_MESSAGES: &str = "1000";
     pub const MAX_BATCH_BYTES: &str = "4194304";
     pub const REPLICA_WAIT: &str = "5s";
+    pub const REDIS_WAIT_REPLICAS: &str = "0";
 }
 
 /// How values are written; `dapi --help` shows it below the options.
@@ -63,6 +64,12 @@ pub struct SettingsArgs {
     #[arg(long, env = "REDIS_URL", value_name = "URL", default_value = default::REDIS_URL,
           hide_env_values = true, global = true)]
     pub redis_url: String,
+
+    /// Answer a write (a message, a decision) only once this many Redis replicas hold it
+    /// (WAIT, at most 1s; else 503 replication_timeout); 0: do not wait
+    #[arg(long, env = "DAPI_REDIS_WAIT_REPLICAS", value_name = "N", default_value = default::REDIS_WAIT_REPLICAS,
+          hide_env_values = true, global = true)]
+    pub redis_wait_replicas: String,
 
     /// PostgreSQL that GET /data reads, such as a streaming replica (unset: DATABASE_URL);
     /// writes and erasures always go to DATABASE_URL
@@ -258,6 +265,8 @@ pub struct Settings {
     pub database_url: String,
     /// A Redis URL that parses as a `redis::ConnectionInfo` (`REDIS_URL`).
     pub redis_url: String,
+    /// Redis replicas that must hold a write before it is answered (`DAPI_REDIS_WAIT_REPLICAS`).
+    pub redis_wait_replicas: usize,
     /// The PostgreSQL that reads go to, when not `database_url` (`DATABASE_READ_URL`).
     pub database_read_url: Option<String>,
     /// How long a refusal waits for the read replica (`DAPI_REPLICA_WAIT`).
@@ -417,6 +426,10 @@ impl TryFrom<SettingsArgs> for Settings {
         let settings = Settings {
             database_url: postgres_url("DATABASE_URL", or(&args.database_url, default::DATABASE_URL))?,
             redis_url: redis_url("REDIS_URL", or(&args.redis_url, default::REDIS_URL))?,
+            redis_wait_replicas: number(
+                "DAPI_REDIS_WAIT_REPLICAS",
+                or(&args.redis_wait_replicas, default::REDIS_WAIT_REPLICAS),
+            )?,
             database_read_url: given(args.database_read_url.as_deref())
                 .map(|url| postgres_url("DATABASE_READ_URL", url))
                 .transpose()?,

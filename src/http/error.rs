@@ -73,11 +73,18 @@ pub enum ApiError {
         "the refusal is recorded and erased in PostgreSQL, but the read replica has not replayed the erasure yet (DAPI_REPLICA_WAIT), so readers there may still see the dialog for a moment; it completes by itself, and repeating this call is safe"
     )]
     ReplicaBehind,
+    #[error(
+        "Redis recorded this, but its replicas did not confirm it in time (DAPI_REDIS_WAIT_REPLICAS), so a failover now could lose it; retrying with the same messageId is safe"
+    )]
+    NotReplicated(#[source] StagingError),
 }
 
 impl From<StagingError> for ApiError {
     fn from(e: StagingError) -> Self {
-        ApiError::Staging(e)
+        match e {
+            StagingError::NotReplicated { .. } => ApiError::NotReplicated(e),
+            e => ApiError::Staging(e),
+        }
     }
 }
 
@@ -112,6 +119,7 @@ impl ApiError {
             E::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             E::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             E::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "request_timeout"),
+            E::NotReplicated(_) => (StatusCode::SERVICE_UNAVAILABLE, "replication_timeout"),
             E::Staging(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "redis_unavailable"),
             E::Store(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "postgres_unavailable"),
             // Whatever PostgreSQL answered, the refusal holds in Redis and the flusher

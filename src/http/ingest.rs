@@ -86,10 +86,14 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
             }
         }
         Err(e) => {
-            // Part-way: what the first call staged stands; these were not staged.
+            // Part-way: what the first call staged stands; these were not staged (or, when
+            // only the replicas did not confirm them, may be: a retry is safe either way).
             tracing::warn!(error = %crate::telemetry::chain(&e), "Redis failed part-way through a batch");
             for i in second_at {
-                outcomes[i] = Err(StagingError::Interrupted);
+                outcomes[i] = Err(match e {
+                    StagingError::NotReplicated { acked, wanted } => StagingError::NotReplicated { acked, wanted },
+                    _ => StagingError::Interrupted,
+                });
             }
         }
     }
@@ -167,7 +171,7 @@ impl IngestAnswer {
         (status = 413, description = "Body over `DAPI_MAX_BODY_BYTES` (`payload_too_large`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 415, description = "Not JSON (`unsupported_media_type`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 422, description = "Missing or wrong-typed field, empty or oversized text, U+0000, bad language tag, bad `messageId` (`invalid_body`)", content_type = "application/problem+json", body = super::error::Problem),
-        (status = 503, description = "Redis cannot be reached, or dapi is at its limit (`redis_unavailable`, `overloaded`, `request_timeout`); nothing acknowledged", content_type = "application/problem+json", body = super::error::Problem)
+        (status = 503, description = "Redis cannot be reached, or dapi is at its limit (`redis_unavailable`, `overloaded`, `request_timeout`); nothing acknowledged. `replication_timeout`: the Redis replicas asked for (`DAPI_REDIS_WAIT_REPLICAS`) did not confirm in time; the message may be staged, a retry with the same `messageId` is safe", content_type = "application/problem+json", body = super::error::Problem)
     ),
     security(("bearer" = []))
 )]
@@ -282,7 +286,7 @@ pub async fn ingest_batch(
             Ok(()) => {
                 let answer = match staged.next() {
                     Some((offer, outcome)) => outcome
-                        .map_err(ApiError::Staging)
+                        .map_err(ApiError::from)
                         .and_then(|outcome| IngestAnswer::of(offer, outcome)),
                     None => Err(ApiError::Staging(StagingError::Corrupt("no outcome"))),
                 };

@@ -61,7 +61,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::{Client, FromRedisValue, Script, ScriptInvocation};
 
 use crate::domain::{CustomerId, Decision, DialogId, IncomingMessage};
 
@@ -70,6 +70,10 @@ pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 6
 
 /// The consumer group every flusher reads the flush stream through.
 pub const GROUP: &str = "flushers";
+
+/// How long a write waits for its replicas (`DAPI_REDIS_WAIT_REPLICAS`) before it is
+/// answered 503 `replication_timeout`; within the call bound of 2 s.
+const WAIT_REPLICAS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Builds every Redis key dapi uses; the one place the layout above is written down in code.
 #[derive(Debug, Clone)]
@@ -127,13 +131,15 @@ pub enum StagingError {
     Corrupt(&'static str),
     #[error("Redis failed part-way through the request; this part was not staged")]
     Interrupted,
+    #[error("{acked} of the {wanted} Redis replicas asked for confirmed the write in time; it may be staged")]
+    NotReplicated { acked: usize, wanted: usize },
 }
 
 impl StagingError {
     /// Whether the error means "Redis is unreachable now" rather than a bug.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StagingError::Timeout | StagingError::Interrupted => true,
+            StagingError::Timeout | StagingError::Interrupted | StagingError::NotReplicated { .. } => true,
             StagingError::Redis(e) => {
                 e.is_timeout()
                     || e.is_io_error()
@@ -238,6 +244,9 @@ pub struct Staging {
     scripts: Arc<Scripts>,
     /// Upper bound on one call, so that a Redis outage answers 503 promptly.
     call_timeout: Duration,
+    /// Replicas that must hold a write before it is acknowledged
+    /// (`DAPI_REDIS_WAIT_REPLICAS`; 0: none).
+    wait_replicas: usize,
 }
 
 impl std::fmt::Debug for Staging {
@@ -281,7 +290,50 @@ impl Staging {
                 finish: Script::new(include_str!("lua/finish.lua")),
             }),
             call_timeout,
+            wait_replicas: 0,
         })
+    }
+
+    /// Acknowledge a write (ingest, decision) only once `replicas` Redis replicas hold it
+    /// (`DAPI_REDIS_WAIT_REPLICAS`); else [`StagingError::NotReplicated`].
+    pub fn with_wait_replicas(mut self, replicas: usize) -> Self {
+        self.wait_replicas = replicas;
+        self
+    }
+
+    /// Runs a script whose result is acknowledged to a client. With replicas to wait for,
+    /// the script and a `WAIT` go in one pipeline: on the same connection, so the `WAIT`
+    /// covers this write whatever reconnects happen around it (a `WAIT` sent later could
+    /// reach Redis on a new connection that wrote nothing, and return at once).
+    async fn invoke_acknowledged<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StagingError> {
+        let mut conn = self.conn.clone();
+        if self.wait_replicas == 0 {
+            return self.bounded(invocation.invoke_async(&mut conn)).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(invocation)
+            .cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(u64::try_from(WAIT_REPLICAS_TIMEOUT.as_millis()).unwrap_or(1000));
+        let answer: Result<(T, usize), StagingError> = self.bounded(pipe.query_async(&mut conn)).await;
+        let (value, acked) = match answer {
+            Err(StagingError::Redis(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let _: String = self.bounded(script.load_async(&mut conn)).await?;
+                self.bounded(pipe.query_async(&mut conn)).await?
+            }
+            other => other?,
+        };
+        if acked < self.wait_replicas {
+            return Err(StagingError::NotReplicated {
+                acked,
+                wanted: self.wait_replicas,
+            });
+        }
+        Ok(value)
     }
 
     /// Stages messages in one script call, one round trip: an outcome per message, in
@@ -316,8 +368,7 @@ impl Staging {
                 .arg(mode)
                 .arg(last_seq);
         }
-        let mut conn = self.conn.clone();
-        let replies: Vec<(String, i64, String)> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let replies: Vec<(String, i64, String)> = self.invoke_acknowledged(&self.scripts.ingest, &invocation).await?;
         if replies.len() != messages.len() {
             return Err(StagingError::Corrupt("ingest reply has the wrong length"));
         }
@@ -374,9 +425,8 @@ impl Staging {
             Some(r) => invocation.arg(r.customer.get()).arg(r.last_seq),
             None => invocation.arg("").arg(0),
         };
-        let mut conn = self.conn.clone();
         let (status, epoch, customer, decided_at_us): (String, i64, i64, i64) =
-            self.bounded(invocation.invoke_async(&mut conn)).await?;
+            self.invoke_acknowledged(&self.scripts.consent, &invocation).await?;
         Ok((status == "ok").then_some(Recorded {
             epoch,
             customer: CustomerId::from_stored(customer),

@@ -5,7 +5,8 @@
 use std::process::{Command, Output};
 
 /// Every variable of SPEC's environment table that dapi implements, and dapi's own.
-const VARIABLES: [&str; 30] = [
+const VARIABLES: [&str; 31] = [
+    "DAPI_REDIS_WAIT_REPLICAS",
     "DATABASE_URL",
     "DATABASE_READ_URL",
     "DAPI_REPLICA_WAIT",

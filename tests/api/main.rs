@@ -22,5 +22,6 @@ mod ops;
 mod outage;
 mod plans;
 mod read;
+mod redis_replicas;
 mod replica;
 mod store;
