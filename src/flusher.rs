@@ -10,7 +10,8 @@
 //! 3. write them in one PostgreSQL transaction under the epoch fence ([`Store::apply`]),
 //!    keeping the batch's entries alive meanwhile so no other flusher claims them;
 //! 4. only after the commit: trim from Redis what the transaction wrote — only for
-//!    dialogs whose upsert took; a fenced dialog keeps its messages and is queued again —
+//!    dialogs whose upsert took; a fenced dialog keeps its messages and is queued again,
+//!    unless PostgreSQL fenced it with a newer refusal, which Redis then takes back —
 //!    forget refusals that are now erased, re-queue dialogs that got more messages
 //!    meanwhile, acknowledge and delete the entries (one script call).
 //!
@@ -220,6 +221,14 @@ impl Flusher {
                     // The transaction committed: the refusal took (and erased), or
                     // PostgreSQL held a newer decision of this dialog, which erased it.
                     erased_refusal: s.unerased_refusal.map_or(0, |r| r.epoch),
+                    // A grant fenced by a newer refusal in PostgreSQL: Redis lost that
+                    // refusal; without taking it back the dialog would be flushed and
+                    // fenced again, for ever.
+                    store_refusal: if s.decision == Decision::Granted && !written {
+                        applied.refused_in_store.get(&s.dialog.get()).copied().unwrap_or(0)
+                    } else {
+                        0
+                    },
                 }
             })
             .collect();

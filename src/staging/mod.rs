@@ -444,13 +444,15 @@ impl Staging {
             .key(self.keys.flush_stream())
             .key(self.keys.meta(d))
             .key(self.keys.msgs(d))
+            .key(self.keys.ids(d))
             .arg(GROUP)
             .arg(1)
             .arg(self.ttl_ms)
             .arg(d)
             .arg(0)
             .arg(0)
-            .arg(epoch);
+            .arg(epoch)
+            .arg(0);
         let mut conn = self.conn.clone();
         let _: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok(())

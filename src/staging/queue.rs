@@ -91,6 +91,9 @@ pub struct Finished {
     pub read: usize,
     /// The epoch of the refusal whose erasure PostgreSQL has now applied (0: none).
     pub erased_refusal: i64,
+    /// The epoch of a newer refusal PostgreSQL holds, which Redis lost and must take back
+    /// (0: none; see finish.lua).
+    pub store_refusal: i64,
 }
 
 /// A dialog of a snapshot whose state dapi cannot read.
@@ -405,7 +408,10 @@ impl FlushQueue {
         let mut invocation = self.finish.prepare_invoke();
         invocation.key(self.keys.flush_stream());
         for f in done {
-            invocation.key(self.keys.meta(f.dialog)).key(self.keys.msgs(f.dialog));
+            invocation
+                .key(self.keys.meta(f.dialog))
+                .key(self.keys.msgs(f.dialog))
+                .key(self.keys.ids(f.dialog));
         }
         invocation.arg(GROUP).arg(done.len()).arg(self.ttl_ms);
         for f in done {
@@ -413,7 +419,8 @@ impl FlushQueue {
                 .arg(f.dialog)
                 .arg(f.last_seq)
                 .arg(f.read)
-                .arg(f.erased_refusal);
+                .arg(f.erased_refusal)
+                .arg(f.store_refusal);
         }
         for id in entry_ids {
             invocation.arg(id);

@@ -46,7 +46,7 @@
 //! Readers see newest first: `received_at DESC, dialog_id DESC, seq DESC`, served by
 //! scanning the `(…, received_at, dialog_id, seq)` indexes backwards.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -64,7 +64,7 @@ pub mod sql;
 use sql::{
     AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DELETE_DIALOGS_MESSAGES,
     GRANTED_DIALOGS, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE, PING,
-    UPSERT_DIALOGS,
+    REFUSED_EPOCHS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -129,6 +129,10 @@ pub struct Applied {
     /// Granted dialogs whose upsert took: their messages are in PostgreSQL now, and only
     /// theirs may be trimmed from Redis.
     pub granted: BTreeSet<i64>,
+    /// Granted dialogs fenced by a *refusal* PostgreSQL holds with a newer epoch, and that
+    /// epoch: Redis lost the refusal (a failover, a restore) and must take it back, or the
+    /// dialog would be flushed and fenced for ever.
+    pub refused_in_store: BTreeMap<i64, i64>,
 }
 
 /// A dialog PostgreSQL holds as granted: enough to bring it back in Redis.
@@ -386,6 +390,19 @@ impl Store {
                 .await?;
             applied.fenced += (grants.len() - took.len()) as u64;
             applied.granted = took.into_iter().collect();
+            let fenced: Vec<i64> = grants
+                .iter()
+                .map(|s| s.dialog.get())
+                .filter(|d| !applied.granted.contains(d))
+                .collect();
+            if !fenced.is_empty() {
+                let refused: Vec<(i64, i64)> = sqlx::query_as(REFUSED_EPOCHS)
+                    .persistent(false)
+                    .bind(&fenced)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                applied.refused_in_store = refused.into_iter().collect();
+            }
             let written: Vec<&DialogState> = grants
                 .into_iter()
                 .filter(|s| applied.granted.contains(&s.dialog.get()))
@@ -474,7 +491,8 @@ impl Store {
             .bind(filter.language.as_deref())
             .bind(filter.customer.map(CustomerId::get))
             .fetch_all(self.reads())
-            .await?;
+            .await
+            .map_err(|e| self.read_error(e))?;
         let count = rows.first().map_or(0, |r| r.count);
         // Past the last page the count's row comes alone, its message columns NULL.
         let messages = rows
@@ -518,7 +536,16 @@ impl Store {
         if let Some(customer) = filter.customer {
             query = query.bind(customer.get());
         }
-        Ok(query.fetch_all(self.reads()).await?)
+        query.fetch_all(self.reads()).await.map_err(|e| self.read_error(e))
+    }
+
+    /// A read's error. On a replica, a missing database or table (3D000, 42P01) means it
+    /// has not replayed the primary's creation or migration yet: unavailable for now
+    /// (503), not a bug.
+    fn read_error(&self, e: sqlx::Error) -> StoreError {
+        let lagging = self.replica.is_some()
+            && matches!(&e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "3D000" || c == "42P01"));
+        if lagging { StoreError::Unavailable(e) } else { e.into() }
     }
 
     /// The pool reads go to: the replica when there is one.
@@ -548,6 +575,22 @@ impl Store {
                 return Err(StoreError::ReplicaBehind);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// [`Store::wait_for_replica`] for a replica that may not even have the database yet
+    /// (at start, right after the primary created and migrated it): any error counts as
+    /// "not yet" until `bound` has passed.
+    pub async fn replica_caught_up(&self, bound: Duration) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.wait_for_replica(left).await {
+                Err(e) if !left.is_zero() && !matches!(e, StoreError::ReplicaBehind) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
         }
     }
 

@@ -70,6 +70,11 @@ SELECT d.dialog_id, d.customer_id,
        coalesce((SELECT max(m.seq) FROM messages m WHERE m.dialog_id = d.dialog_id), 0) AS last_seq
 FROM dialogs d WHERE d.dialog_id = ANY($1::int8[]) AND d.decision = 'granted'";
 
+/// Of the dialogs `$1` (grants the fence turned away), those PostgreSQL holds as refused,
+/// with the refusal's epoch.
+pub const REFUSED_EPOCHS: &str = "\
+SELECT dialog_id, epoch FROM dialogs WHERE dialog_id = ANY($1::int8[]) AND decision = 'refused'";
+
 /// Page mode, no filter: `$1` limit, `$2` offset, `$3` language, `$4` customer (both
 /// NULL here; they pick the count row). Count and rows in one statement, one snapshot.
 pub const PAGE_ALL: &str = "\
@@ -173,6 +178,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("INSERT_MESSAGES", INSERT_MESSAGES),
     ("DELETE_DIALOGS_MESSAGES", DELETE_DIALOGS_MESSAGES),
     ("GRANTED_DIALOGS", GRANTED_DIALOGS),
+    ("REFUSED_EPOCHS", REFUSED_EPOCHS),
     ("PAGE_ALL", PAGE_ALL),
     ("PAGE_BY_LANGUAGE", PAGE_BY_LANGUAGE),
     ("PAGE_BY_CUSTOMER", PAGE_BY_CUSTOMER),

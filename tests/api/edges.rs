@@ -487,3 +487,57 @@ async fn a_key_of_the_wrong_type_spoils_only_its_own_dialog() {
         "its decision still holds"
     );
 }
+
+#[tokio::test]
+async fn a_refusal_redis_lost_in_a_failover_is_taken_back_from_postgresql_not_flushed_for_ever() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 60, "a", "EN").await;
+    app.stage(1, 60, "b", "EN").await;
+    app.consent(60, true).await;
+    drain(&mut flusher).await;
+    assert_eq!(app.stored_seqs(60).await, [1, 2]);
+    // What a replica that never received the refusal holds: the granted dialog.
+    let mut conn = app.redis.clone();
+    let granted: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(app.keys.meta(60))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    assert_eq!(app.consent(60, false).await.status(), StatusCode::OK);
+    // The failover: the refusal is gone from Redis; PostgreSQL holds it (and erased).
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.meta(60))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys.meta(60))
+        .arg(&granted)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(app.stage(1, 60, "after the failover", "EN").await, 3);
+
+    // The flusher's grant is fenced by PostgreSQL's newer refusal.
+    let batch = flusher
+        .next_batch()
+        .await
+        .unwrap()
+        .expect("the message queued the dialog");
+    let applied = flusher.store_batch(&batch).await.unwrap();
+    assert_eq!((applied.fenced, applied.inserted), (1, 0));
+    flusher.finish_batch(&batch, &applied).await.unwrap();
+
+    // Redis has taken the refusal back: nothing staged, nothing queued, later messages
+    // refused — instead of the dialog being flushed and fenced again, round after round.
+    assert_eq!(meta_field(&app, 60, "d").await.as_deref(), Some("r"));
+    assert_eq!(app.staged_len(60).await, 0);
+    assert_eq!(flusher.flush_once().await.unwrap(), Outcome::Idle, "nothing re-queued");
+    let later = app
+        .post_json("/data/1/60", &json!({"text": "later", "language": "EN"}))
+        .await;
+    assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
+    assert!(app.stored_seqs(60).await.is_empty());
+}

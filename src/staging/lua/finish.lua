@@ -4,15 +4,29 @@
 -- applied (if no newer refusal replaced it) and let the keys expire again; queue the
 -- dialog again if it is granted and still has messages, else clear its queued flag;
 -- then XACK and XDEL the batch's entries.
--- KEYS: 1 flush stream, then per dialog: meta, msgs
--- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n quadruples (dialog id, last seq
---       written, how many messages the batch read, epoch of the refusal erased or 0),
---       then the entry ids
+-- A grant that PostgreSQL turned away because it holds a newer *refusal* means Redis lost
+-- that refusal (a failover, a restore): Redis takes it back — refused at PostgreSQL's
+-- epoch, its staged messages and messageIds deleted (PostgreSQL erased the dialog when it
+-- took the refusal) — unless Redis has moved past that epoch meanwhile.
+-- KEYS: 1 flush stream, then per dialog: meta, msgs, ids
+-- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n quintuples (dialog id, last seq
+--       written, how many messages the batch read, epoch of the refusal erased or 0,
+--       epoch of the refusal PostgreSQL holds that Redis must take back or 0), then the
+--       entry ids
 local n = tonumber(ARGV[2])
 for i = 1, n do
-  local meta, msgs = KEYS[2 * i], KEYS[2 * i + 1]
-  local base = 4 * i
+  local meta, msgs, ids = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  local base = 5 * i - 1
   local dialog, last, read, erased = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3]
+  local adopt = tonumber(ARGV[base + 4])
+  if adopt > 0 then
+    local m = redis.call('HMGET', meta, 'd', 'e')
+    if m[1] and m[1] ~= 'r' and (tonumber(m[2]) or 0) < adopt then
+      redis.call('HSET', meta, 'd', 'r', 'e', string.format('%d', adopt))
+      redis.call('DEL', msgs, ids)
+      redis.call('PEXPIRE', meta, ARGV[3])
+    end
+  end
   -- The list is in seq order and only grows at its tail, so the messages to drop are
   -- among the first `read`; a refusal meanwhile may have emptied it.
   local drop = 0
@@ -36,10 +50,10 @@ for i = 1, n do
     redis.call('HSET', meta, 'q', 0)
   end
 end
-local ids = {}
-for i = 4 + 4 * n, #ARGV do ids[#ids + 1] = ARGV[i] end
-if #ids > 0 then
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-  redis.call('XDEL', KEYS[1], unpack(ids))
+local entries = {}
+for i = 4 + 5 * n, #ARGV do entries[#entries + 1] = ARGV[i] end
+if #entries > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(entries))
+  redis.call('XDEL', KEYS[1], unpack(entries))
 end
-return #ids
+return #entries
