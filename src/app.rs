@@ -65,6 +65,14 @@ pub async fn connect(settings: &Settings) -> Result<(Staging, Store, redis::Clie
         }
     })
     .await?;
+    if settings.database_read_url.is_some() {
+        // Reads go to the replica: give it the time a refusal would (DAPI_REPLICA_WAIT) to
+        // replay the database's creation and migrations. Not fatal: until it has, reads
+        // answer 503 and /readyz names the replica.
+        if let Err(e) = store.replica_caught_up(settings.replica_wait).await {
+            tracing::warn!(error = %chain(&e), "the read replica has not replayed the primary's schema yet");
+        }
+    }
     let client = redis::Client::open(settings.redis_url.as_str()).map_err(StartError::RedisUrl)?;
     let staging = Staging::new(client.clone(), &settings.redis_prefix, settings.staging_ttl)?
         .with_idempotency_window(settings.idempotency_window)
