@@ -188,6 +188,22 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
         }
     }
 
+    // Once per Redis, by the processes that run flushers (housekeeping, as the flush
+    // queue's own): expiries that dapi's first release left off (see the method).
+    // Abandoned at shutdown: it is idempotent, and the next start runs it again.
+    if roles.flusher {
+        let (sweeping, stop) = (staging.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                swept = sweeping.expire_keys_older_releases_kept() => match swept {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(dialogs = n, "gave staged dialogs of an older release their expiry"),
+                    Err(e) => tracing::warn!(error = %chain(&e), "could not check staged dialogs for missing expiries; the next start will"),
+                },
+                () = stop.cancelled() => {}
+            }
+        });
+    }
     let state = AppState::new(staging, store, settings.clone());
     let app = if roles.http { router(state) } else { ops_router(state) };
     tracing::info!(addr = %local_addr, api = roles.http, flusher = roles.flusher, "listening");

@@ -23,7 +23,9 @@
 //! long after its last message. The one exception is a refusal whose erasure PostgreSQL
 //! has not confirmed (`x` set): its keys do not expire until the erasure commits (the
 //! refusal handler's or the flusher's), however long PostgreSQL is away, and then the
-//! TTL starts. Only the flush stream and the quarantine outlive that.
+//! TTL starts. Only the flush stream and the quarantine outlive that. dapi's first
+//! release kept granted dialogs' keys without expiry; on start, once per Redis,
+//! [`Staging::expire_keys_older_releases_kept`] gives such keys their TTL.
 //!
 //! # Redis forgetting a dialog
 //!
@@ -34,7 +36,10 @@
 //! dialog, as granted again with its seq continuing after PostgreSQL's last, or — when
 //! PostgreSQL could not answer — as *unverified*: pending, marked `u` and queued, so that
 //! the flusher settles it against PostgreSQL ([`FlushQueue::settle`]) before writing
-//! anything of it.
+//! anything of it. Redis can also forget part of a dialog — a failover to a replica that
+//! missed the latest writes — and lose a refusal that PostgreSQL has applied: the
+//! dialog's grant is then fenced at its next flush, and the flusher's finish takes the
+//! refusal back from PostgreSQL (finish.lua) instead of flushing it again and again.
 
 //! # Atomicity
 //!
@@ -113,6 +118,17 @@ impl Keyspace {
     /// Dialog id → `<unix seconds> <reason>` of every dialog set aside.
     pub fn quarantine_index(&self) -> String {
         format!("{}:quarantine", self.prefix)
+    }
+
+    /// A pattern matching every dialog's meta key (for `SCAN`).
+    fn meta_pattern(&self) -> String {
+        format!("{}:{{d*}}:meta", self.prefix)
+    }
+
+    /// The marker that [`Staging::expire_keys_older_releases_kept`] has run: one fixed
+    /// key per prefix, which does not expire.
+    pub fn expiry_sweep_marker(&self) -> String {
+        format!("{}:upgrade:expiry-v1", self.prefix)
     }
 
     /// A pattern matching every key of this prefix (for tests and operators' `SCAN`).
@@ -261,6 +277,7 @@ struct Scripts {
     ingest: Script,
     consent: Script,
     finish: Script,
+    expire: Script,
 }
 
 /// Milliseconds for `PEXPIRE`.
@@ -288,6 +305,7 @@ impl Staging {
                 ingest: Script::new(include_str!("lua/ingest.lua")),
                 consent: Script::new(include_str!("lua/consent.lua")),
                 finish: Script::new(include_str!("lua/finish.lua")),
+                expire: Script::new(include_str!("lua/expire.lua")),
             }),
             call_timeout,
             wait_replicas: 0,
@@ -456,6 +474,68 @@ impl Staging {
         let mut conn = self.conn.clone();
         let _: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok(())
+    }
+
+    /// Gives every dialog's keys that an older release left without expiry their
+    /// `DAPI_STAGING_TTL`, from now (Guarantee 5: bounded staging). dapi's first release
+    /// kept a granted dialog's keys for ever; a Redis upgraded from it would keep every
+    /// granted dialog that never gets another message. Walks the dialogs with `SCAN`
+    /// (1000 at a time, one pipelined script call per dialog: each call stays within one
+    /// dialog's keys), skips refusals awaiting their erasure and dialogs set aside, and
+    /// then sets a marker so that later starts skip the walk. Safe to run from several
+    /// processes at once. Returns how many dialogs it gave an expiry.
+    pub async fn expire_keys_older_releases_kept(&self) -> Result<u64, StagingError> {
+        let mut conn = self.conn.clone();
+        let marker = self.keys.expiry_sweep_marker();
+        let done: bool = self
+            .bounded(redis::cmd("EXISTS").arg(&marker).query_async(&mut conn))
+            .await?;
+        if done {
+            return Ok(0);
+        }
+        let (pattern, prefix) = (self.keys.meta_pattern(), format!("{}:{{d", self.keys.prefix));
+        let mut cursor: u64 = 0;
+        let mut expired = 0;
+        loop {
+            let (next, metas): (u64, Vec<String>) = self
+                .bounded(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            let dialogs: Vec<i64> = metas
+                .iter()
+                .filter_map(|key| key.strip_prefix(&prefix)?.strip_suffix("}:meta")?.parse().ok())
+                .collect();
+            if !dialogs.is_empty() {
+                let mut pipe = redis::pipe();
+                for &d in &dialogs {
+                    let mut invocation = self.scripts.expire.prepare_invoke();
+                    invocation
+                        .key(self.keys.meta(d))
+                        .key(self.keys.msgs(d))
+                        .arg(self.ttl_ms);
+                    pipe.invoke_script(&invocation);
+                }
+                // Loaded first: a pipeline cannot load a script on NOSCRIPT half-way.
+                let _: String = self.bounded(self.scripts.expire.load_async(&mut conn)).await?;
+                let set: Vec<u64> = self.bounded(pipe.query_async(&mut conn)).await?;
+                expired += set.iter().sum::<u64>();
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let _: () = self
+            .bounded(redis::cmd("SET").arg(&marker).arg(1).query_async(&mut conn))
+            .await?;
+        Ok(expired)
     }
 
     /// The flush queue's length, entries delivered but not acknowledged, and the age of

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dapi::domain::{CustomerId, Decision, DialogId, DialogState};
 use dapi::flusher::{Flusher, Outcome};
-use dapi::staging::{FlushQueue, unique_consumer_name};
+use dapi::staging::{FlushQueue, Staging, unique_consumer_name};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -281,7 +281,7 @@ async fn hole_6_every_key_dapi_writes_expires_except_the_flush_stream() {
         .unwrap();
     assert!(keys.len() > 5, "{keys:?}");
     for key in keys {
-        if key == app.keys.flush_stream() {
+        if key == app.keys.flush_stream() || key == app.keys.expiry_sweep_marker() {
             continue;
         }
         assert!(pttl(&app, &key).await > 0, "{key} never expires");
@@ -540,4 +540,56 @@ async fn a_refusal_redis_lost_in_a_failover_is_taken_back_from_postgresql_not_fl
         .await;
     assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
     assert!(app.stored_seqs(60).await.is_empty());
+}
+
+#[tokio::test]
+async fn keys_an_older_release_kept_without_expiry_get_their_ttl_once() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut conn = app.redis.clone();
+    // (An API-only app: processes with flushers run the sweep at start.)
+    // Dialog 70 as dapi's first release left a granted dialog: keys without expiry.
+    app.stage(1, 70, "a", "EN").await;
+    app.consent(70, true).await;
+    // Dialog 71: a refusal awaiting its erasure, which must not expire.
+    app.stage(1, 71, "b", "EN").await;
+    for key in [app.keys.meta(70), app.keys.msgs(70), app.keys.meta(71)] {
+        let _: i64 = redis::cmd("PERSIST").arg(key).query_async(&mut conn).await.unwrap();
+    }
+    let _: i64 = redis::cmd("HSET")
+        .arg(app.keys.meta(71))
+        .arg("x")
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let staging = Staging::new(
+        redis::Client::open(app.settings.redis_url.as_str()).unwrap(),
+        &app.settings.redis_prefix,
+        app.settings.staging_ttl,
+    )
+    .unwrap();
+
+    let expired = staging.expire_keys_older_releases_kept().await.unwrap();
+
+    assert_eq!(expired, 1);
+    let ttl = app.settings.staging_ttl.as_millis() as i64;
+    for key in [app.keys.meta(70), app.keys.msgs(70)] {
+        let left = pttl(&app, &key).await;
+        assert!(left > ttl - 60_000 && left <= ttl, "{key}: {left} ms left");
+    }
+    assert_eq!(
+        pttl(&app, &app.keys.meta(71)).await,
+        -1,
+        "an unerased refusal keeps no expiry"
+    );
+    let _: i64 = redis::cmd("PERSIST")
+        .arg(app.keys.meta(70))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        staging.expire_keys_older_releases_kept().await.unwrap(),
+        0,
+        "once per Redis: its marker makes later starts skip the walk"
+    );
 }
