@@ -6,7 +6,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::cleanup::Cleanup;
-use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings};
+use crate::helpers::{TestApp, assert_problem, spawn_full, test_settings};
 
 async fn guarded() -> TestApp {
     let mut settings = test_settings();
@@ -14,14 +14,7 @@ async fn guarded() -> TestApp {
         ingest: vec!["bot-token".into()],
         read: vec!["analyst-token".into()],
     };
-    spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: true,
-        },
-    )
-    .await
+    spawn_full(settings).await
 }
 
 fn message() -> serde_json::Value {

@@ -216,14 +216,7 @@ async fn a_batch_cut_off_from_redis_part_way_answers_per_item_and_its_retry_stor
 async fn an_unusable_batch_body_is_refused_whole_and_stages_nothing() {
     let mut settings = test_settings();
     settings.max_batch_messages = 3;
-    let app = crate::helpers::spawn_app_with(
-        settings,
-        dapi::app::Roles {
-            http: true,
-            flusher: true,
-        },
-    )
-    .await;
+    let app = crate::helpers::spawn_full(settings).await;
     let item = json!({"customerId": 1, "dialogId": 30, "text": "t", "language": "EN"});
     for body in [
         json!([item]),

@@ -4,13 +4,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dapi::app::Roles;
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Dapi, Ledger, Proxy, drive, through, upstream_of};
-use crate::helpers::{assert_problem, metric, spawn_api_only, spawn_app_with, test_settings, wait_until};
+use crate::helpers::{assert_problem, metric, spawn_api_only, spawn_full, test_settings, wait_until};
 
 fn shared(bases: &[&Dapi]) -> Arc<Mutex<Vec<String>>> {
     Arc::new(Mutex::new(bases.iter().map(|d| d.base.clone()).collect()))
@@ -310,14 +309,7 @@ async fn sigterm_under_load_exits_0_in_time_and_loses_nothing() {
 async fn an_undecided_dialog_is_forgotten_after_the_ttl_and_a_refused_one_refuses_until_then() {
     let mut settings = test_settings();
     settings.staging_ttl = Duration::from_secs(1);
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: true,
-        },
-    )
-    .await;
+    let app = spawn_full(settings).await;
     app.stage(1, 1, "undecided", "EN").await;
     app.stage(1, 2, "refused", "EN").await;
     assert_eq!(app.consent(2, false).await.status(), StatusCode::OK);

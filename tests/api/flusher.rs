@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
-use dapi::app::Roles;
 use dapi::flusher::{Flusher, Outcome};
 use dapi::staging::{FlushQueue, GROUP};
 use futures_util::future::join_all;
 use redis::AsyncCommands;
 use reqwest::StatusCode;
 
-use crate::helpers::{TestApp, spawn_api_only, spawn_app_with, test_settings};
+use crate::helpers::{TestApp, spawn_api_only, spawn_full, test_settings};
 
 /// A flusher that takes over any pending entry at once.
 fn flusher(app: &TestApp, consumer: &str) -> Flusher {
@@ -83,14 +82,7 @@ async fn racing_grants_and_refusals_leave_nothing_of_a_refused_dialog() {
     let mut settings = test_settings();
     settings.flushers = 4;
     settings.flush_batch = 8;
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: true,
-        },
-    )
-    .await;
+    let app = spawn_full(settings).await;
 
     let dialogs = 60;
     let outcomes = join_all((0..dialogs).map(|dialog| {

@@ -7,9 +7,7 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use reqwest::StatusCode;
 
-use dapi::app::Roles;
-
-use crate::helpers::{TestApp, postgres_base, redis_url, spawn_app_with, test_settings};
+use crate::helpers::{TestApp, postgres_base, redis_url, spawn_full, test_settings};
 
 /// One app and runtime for all cases of a test process (proptest drives cases
 /// synchronously; nextest runs each test in a process of its own). A static is never
@@ -29,14 +27,7 @@ fn shared() -> &'static (tokio::runtime::Runtime, TestApp) {
             let pid = std::process::id();
             settings.database_url = format!("{}/{FUZZ}_{pid}", postgres_base());
             settings.redis_prefix = format!("{FUZZ}_{pid}");
-            spawn_app_with(
-                settings,
-                Roles {
-                    http: true,
-                    flusher: true,
-                },
-            )
-            .await
+            spawn_full(settings).await
         });
         (runtime, app)
     })

@@ -62,8 +62,13 @@ pub struct TestApp {
 
 /// The app with the HTTP API and flushers.
 pub async fn spawn_app() -> TestApp {
+    spawn_full(test_settings()).await
+}
+
+/// The app with the HTTP API and flushers, from `settings`.
+pub async fn spawn_full(settings: Settings) -> TestApp {
     spawn_app_with(
-        test_settings(),
+        settings,
         Roles {
             http: true,
             flusher: true,

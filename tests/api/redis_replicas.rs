@@ -6,12 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use dapi::app::Roles;
 use dapi::staging::Keyspace;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings, wait_until};
+use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings, wait_until};
 
 const PRIMARY: &str = "redis://127.0.0.1:6390";
 const REPLICA: &str = "redis://127.0.0.1:6391";
@@ -28,14 +27,7 @@ async fn spawn(wait_replicas: usize) -> TestApp {
     let mut settings = test_settings();
     settings.redis_url = PRIMARY.into();
     settings.redis_wait_replicas = wait_replicas;
-    spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await
+    spawn_api_only(settings).await
 }
 
 async fn replica_len(keys: &Keyspace, dialog: i64) -> usize {

@@ -5,11 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use dapi::app::Roles;
 use reqwest::StatusCode;
 use sqlx::PgPool;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app_with, test_settings, unique, wait_until};
+use crate::helpers::{TestApp, assert_problem, spawn_api_only, spawn_full, test_settings, unique, wait_until};
 
 fn primary_base() -> String {
     std::env::var("DAPI_TEST_REPLICA_PRIMARY").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5440".into())
@@ -31,14 +30,7 @@ async fn spawn_with_replica(replica_wait: Duration) -> (TestApp, PgPool) {
     settings.database_url = format!("{}/{name}", primary_base());
     settings.database_read_url = Some(format!("{}/{name}", replica_base()));
     settings.replica_wait = replica_wait;
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: true,
-        },
-    )
-    .await;
+    let app = spawn_full(settings).await;
     (app, replica_admin)
 }
 
@@ -170,14 +162,7 @@ async fn a_replica_that_has_not_replayed_the_schema_yet_answers_reads_503_not_50
     settings.database_url = format!("{}/{}", primary_base(), unique("dapi_replica"));
     settings.database_read_url = Some(format!("{}/{}", replica_base(), unique("not_replayed")));
     settings.replica_wait = Duration::from_millis(200);
-    let app = spawn_app_with(
-        settings,
-        Roles {
-            http: true,
-            flusher: false,
-        },
-    )
-    .await;
+    let app = spawn_api_only(settings).await;
 
     let read = app.get("/data/").await;
     let ready = app.get("/readyz").await;
