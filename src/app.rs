@@ -76,7 +76,7 @@ pub async fn connect(settings: &Settings) -> Result<(Staging, Store, redis::Clie
     let client = redis::Client::open(settings.redis_url.as_str()).map_err(StartError::RedisUrl)?;
     let staging = Staging::new(client.clone(), &settings.redis_prefix, settings.staging_ttl)?
         .with_idempotency_window(settings.idempotency_window)
-        .with_wait_replicas(settings.redis_wait_replicas);
+        .with_wait_replicas(settings.redis_wait_replicas)?;
     Ok((staging, store, client))
 }
 

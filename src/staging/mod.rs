@@ -59,6 +59,7 @@
 //! later one.
 
 mod queue;
+mod replication;
 
 pub use queue::{Finished, FlushQueue, KeepAlive, QueueEntry, Settled, Snapshot, Unreadable, unique_consumer_name};
 
@@ -75,10 +76,6 @@ pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 6
 
 /// The consumer group every flusher reads the flush stream through.
 pub const GROUP: &str = "flushers";
-
-/// How long a write waits for its replicas (`DAPI_REDIS_WAIT_REPLICAS`) before it is
-/// answered 503 `replication_timeout`; within the call bound of 2 s.
-const WAIT_REPLICAS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Builds every Redis key dapi uses; the one place the layout above is written down in code.
 #[derive(Debug, Clone)]
@@ -129,6 +126,11 @@ impl Keyspace {
     /// key per prefix, which does not expire.
     pub fn expiry_sweep_marker(&self) -> String {
         format!("{}:upgrade:expiry-v1", self.prefix)
+    }
+
+    /// The key the replication task increments before each `WAIT` (one fixed key).
+    fn replication_fence(&self) -> String {
+        format!("{}:replication-fence", self.prefix)
     }
 
     /// A pattern matching every key of this prefix (for tests and operators' `SCAN`).
@@ -260,9 +262,11 @@ pub struct Staging {
     scripts: Arc<Scripts>,
     /// Upper bound on one call, so that a Redis outage answers 503 promptly.
     call_timeout: Duration,
-    /// Replicas that must hold a write before it is acknowledged
-    /// (`DAPI_REDIS_WAIT_REPLICAS`; 0: none).
-    wait_replicas: usize,
+    /// Kept to open the replication task's own connection.
+    client: Client,
+    /// Waits for replicas before a write is acknowledged (`DAPI_REDIS_WAIT_REPLICAS`);
+    /// `None`: do not wait.
+    replication: Option<replication::Replication>,
 }
 
 impl std::fmt::Debug for Staging {
@@ -295,7 +299,7 @@ impl Staging {
             .set_response_timeout(Some(call_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
         Ok(Self {
             conn,
             keys: Keyspace::new(prefix),
@@ -308,48 +312,36 @@ impl Staging {
                 expire: Script::new(include_str!("lua/expire.lua")),
             }),
             call_timeout,
-            wait_replicas: 0,
+            client,
+            replication: None,
         })
     }
 
     /// Acknowledge a write (ingest, decision) only once `replicas` Redis replicas hold it
-    /// (`DAPI_REDIS_WAIT_REPLICAS`); else [`StagingError::NotReplicated`].
-    pub fn with_wait_replicas(mut self, replicas: usize) -> Self {
-        self.wait_replicas = replicas;
-        self
+    /// (`DAPI_REDIS_WAIT_REPLICAS`); else [`StagingError::NotReplicated`]. Starts the
+    /// waiting task (see `replication`) on the current runtime.
+    pub fn with_wait_replicas(mut self, replicas: usize) -> Result<Self, StagingError> {
+        self.replication = match replicas {
+            0 => None,
+            n => Some(replication::Replication::start(
+                self.client.clone(),
+                self.keys.replication_fence(),
+                n,
+            )?),
+        };
+        Ok(self)
     }
 
-    /// Runs a script whose result is acknowledged to a client. With replicas to wait for,
-    /// the script and a `WAIT` go in one pipeline: on the same connection, so the `WAIT`
-    /// covers this write whatever reconnects happen around it (a `WAIT` sent later could
-    /// reach Redis on a new connection that wrote nothing, and return at once).
+    /// Runs a script whose result is acknowledged to a client: with replicas to wait
+    /// for, only once they hold it.
     async fn invoke_acknowledged<T: FromRedisValue>(
         &self,
-        script: &Script,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StagingError> {
         let mut conn = self.conn.clone();
-        if self.wait_replicas == 0 {
-            return self.bounded(invocation.invoke_async(&mut conn)).await;
-        }
-        let mut pipe = redis::pipe();
-        pipe.invoke_script(invocation)
-            .cmd("WAIT")
-            .arg(self.wait_replicas)
-            .arg(u64::try_from(WAIT_REPLICAS_TIMEOUT.as_millis()).unwrap_or(1000));
-        let answer: Result<(T, usize), StagingError> = self.bounded(pipe.query_async(&mut conn)).await;
-        let (value, acked) = match answer {
-            Err(StagingError::Redis(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                let _: String = self.bounded(script.load_async(&mut conn)).await?;
-                self.bounded(pipe.query_async(&mut conn)).await?
-            }
-            other => other?,
-        };
-        if acked < self.wait_replicas {
-            return Err(StagingError::NotReplicated {
-                acked,
-                wanted: self.wait_replicas,
-            });
+        let value = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        if let Some(replication) = &self.replication {
+            replication.confirm().await?;
         }
         Ok(value)
     }
@@ -386,7 +378,7 @@ impl Staging {
                 .arg(mode)
                 .arg(last_seq);
         }
-        let replies: Vec<(String, i64, String)> = self.invoke_acknowledged(&self.scripts.ingest, &invocation).await?;
+        let replies: Vec<(String, i64, String)> = self.invoke_acknowledged(&invocation).await?;
         if replies.len() != messages.len() {
             return Err(StagingError::Corrupt("ingest reply has the wrong length"));
         }
@@ -444,7 +436,7 @@ impl Staging {
             None => invocation.arg("").arg(0),
         };
         let (status, epoch, customer, decided_at_us): (String, i64, i64, i64) =
-            self.invoke_acknowledged(&self.scripts.consent, &invocation).await?;
+            self.invoke_acknowledged(&invocation).await?;
         Ok((status == "ok").then_some(Recorded {
             epoch,
             customer: CustomerId::from_stored(customer),
