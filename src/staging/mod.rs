@@ -51,9 +51,10 @@
 //!
 //! # The epoch
 //!
-//! Every decision increments the dialog's epoch; a new dialog's epoch starts at the clock
-//! in microseconds, so it is newer than anything stored for a dialog of the same id that
-//! was forgotten before. PostgreSQL keeps the epoch of the last decision it applied and
+//! Every decision moves the dialog's epoch on to the clock in microseconds (or one past
+//! the last epoch, if that is later); a new dialog's epoch starts at the clock, so it is
+//! newer than anything stored for a dialog of the same id that was forgotten before, and
+//! a decision made after a failover lost earlier ones is newer than those. PostgreSQL keeps the epoch of the last decision it applied and
 //! ignores older ones (see `store`): that is the fence that lets a refusal win a race
 //! against a flush, and keeps a stale flush of a forgotten incarnation from touching a
 //! later one.

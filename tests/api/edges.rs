@@ -593,3 +593,46 @@ async fn keys_an_older_release_kept_without_expiry_get_their_ttl_once() {
         "once per Redis: its marker makes later starts skip the walk"
     );
 }
+
+#[tokio::test]
+async fn a_decision_after_a_failover_lost_several_is_newer_than_all_of_them() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 62, "a", "EN").await;
+    app.consent(62, true).await;
+    drain(&mut flusher).await;
+    let mut conn = app.redis.clone();
+    let granted: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(app.keys.meta(62))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Three more decisions, all applied in PostgreSQL (the last a refusal)…
+    assert_eq!(app.consent(62, false).await.status(), StatusCode::OK);
+    assert_eq!(app.consent(62, true).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(app.consent(62, false).await.status(), StatusCode::OK);
+    // …and a failover that lost all three: Redis is back at the first grant.
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.meta(62))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys.meta(62))
+        .arg(&granted)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // The customer grants once more and posts: that decision is the latest.
+    assert_eq!(app.consent(62, true).await.status(), StatusCode::ACCEPTED);
+    let seq = app.stage(1, 62, "after the failover", "EN").await;
+    drain(&mut flusher).await;
+
+    assert_eq!(
+        app.stored_seqs(62).await,
+        [seq],
+        "stored, not fenced by the lost refusal"
+    );
+    assert_eq!(meta_field(&app, 62, "d").await.as_deref(), Some("g"));
+}

@@ -1,4 +1,4 @@
--- Record a decision. Atomic: bump the epoch, set the decision.
+-- Record a decision. Atomic: move the epoch on, set the decision.
 -- A grant queues a flush. A refusal deletes the staged messages (and their messageIds:
 -- a repeat of one is refused like any message of the dialog), remembers itself as
 -- unerased (`x` = its epoch, `xt` = when) until PostgreSQL confirms the erasure (the
@@ -18,8 +18,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[4] == '' then return {'unknown', 0, 0, 0} end
   redis.call('HSET', KEYS[1], 'c', ARGV[4], 'd', 'p', 'e', now_us, 'n', ARGV[5], 'q', 0)
 end
-local epoch = redis.call('HINCRBY', KEYS[1], 'e', 1)
-redis.call('HSET', KEYS[1], 'd', ARGV[2], 't', now_us)
+-- The epoch follows the clock, and is never less than one more than the last: a
+-- decision made after a failover lost earlier ones (whose epochs PostgreSQL may hold)
+-- still carries a newer epoch than any of them.
+local epoch = math.max((tonumber(redis.call('HGET', KEYS[1], 'e')) or 0) + 1, now[1] * 1000000 + now[2])
+redis.call('HSET', KEYS[1], 'e', string.format('%d', epoch), 'd', ARGV[2], 't', now_us)
 if ARGV[2] == 'g' then
   if redis.call('HGET', KEYS[1], 'q') ~= '1' then
     redis.call('HSET', KEYS[1], 'q', 1)
