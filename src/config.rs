@@ -187,7 +187,7 @@ pub struct SettingsArgs {
     pub log_format: String,
 
     /// First part of every Redis key; lets several deployments share one Redis (no
-    /// braces, no spaces)
+    /// braces, spaces or * ? [ ] \)
     #[arg(long, env = "DAPI_REDIS_PREFIX", value_name = "PREFIX", default_value = default::REDIS_PREFIX,
           hide_env_values = true, global = true)]
     pub redis_prefix: String,
@@ -540,8 +540,13 @@ impl Settings {
                 "must be at least DAPI_MAX_BODY_BYTES, or a message a single POST takes could not be batched",
             ));
         }
-        if self.redis_prefix.contains(['{', '}', ' ']) {
-            return Err(invalid("DAPI_REDIS_PREFIX", "must not contain braces or spaces"));
+        // Braces would change the keys' hash tags; glob characters would make the `SCAN`
+        // patterns that walk dapi's keys match other keys, or none.
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}', ' ', '*', '?', '[', ']', '\\']) {
+            return Err(invalid(
+                "DAPI_REDIS_PREFIX",
+                "must not be empty nor contain braces, spaces or * ? [ ] \\",
+            ));
         }
         Ok(self)
     }
@@ -877,6 +882,7 @@ mod tests {
             ("RUST_LOG", "info,[{"),
             ("DAPI_LOG_FORMAT", "xml"),
             ("DAPI_REDIS_PREFIX", "a{b}"),
+            ("DAPI_REDIS_PREFIX", "p[1]"),
             ("DAPI_FLUSHERS", "0"),
             ("DAPI_FLUSH_BATCH", "4097"),
             ("DAPI_MAX_IN_FLIGHT", "0"),

@@ -121,10 +121,15 @@ pub async fn decide(
         tracing::warn!(error = %telemetry::chain(&e), "could not confirm an erasure to Redis; the flusher will");
     }
     // With a read replica, a 200 must not be followed by a read of the dialog there
-    // (Guarantee 3): wait, bounded, until the replica has replayed the erasure. Past the
-    // bound the erasure is still done on the primary and the replica catches up by
-    // itself; the answer says so (503 `erasure_pending`).
-    match state.store.wait_for_replica(state.settings.replica_wait).await {
+    // (Guarantee 3): wait, bounded, until the replica shows the refusal (its epoch, or a
+    // newer decision's), which committed with the erasure. Past the bound the erasure is
+    // still done on the primary and the replica catches up by itself; the answer says so
+    // (503 `erasure_pending`).
+    match state
+        .store
+        .wait_for_replica_to_show(dialog, recorded.epoch, state.settings.replica_wait)
+        .await
+    {
         Ok(()) => Ok((StatusCode::OK, answer)),
         Err(e) => {
             if !matches!(e, StoreError::ReplicaBehind) {

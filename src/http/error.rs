@@ -74,7 +74,7 @@ pub enum ApiError {
     )]
     ReplicaBehind,
     #[error(
-        "Redis recorded this, but its replicas did not confirm it in time (DAPI_REDIS_WAIT_REPLICAS), so a failover now could lose it; retrying with the same messageId is safe"
+        "Redis recorded this, but its replicas did not confirm it in time (DAPI_REDIS_WAIT_REPLICAS), so a failover now could lose it; retrying is safe (a message: with the same messageId)"
     )]
     NotReplicated(#[source] StagingError),
 }

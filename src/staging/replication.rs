@@ -9,8 +9,15 @@
 //! is one ordered stream per primary, so replicas that hold the fence hold every write
 //! the primary took before it — among them every waiter's write, which had been answered
 //! before the waiter asked. A waiter is only ever answered by a round begun after it
-//! asked. Reconnects cannot fool it: fence and `WAIT` go in one pipeline, on one
-//! connection.
+//! asked. Fence and `WAIT` go in one pipeline, on one connection, so a reconnect cannot
+//! split them.
+//!
+//! What this does not cover (a review's finding, left open): the write and the fence go
+//! on different connections. If, between a write and its round, the primary behind the
+//! same address is replaced — restarted without persistence, or failed over behind a
+//! stable DNS name or VIP — within the 2 s bound, the round confirms the new primary's
+//! fence and the lost write is answered 202. Closing it needs the waiters' scripts and
+//! the `WAIT` on one connection (batched on a few dedicated connections).
 
 use std::time::Duration;
 

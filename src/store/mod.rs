@@ -540,11 +540,13 @@ impl Store {
     }
 
     /// A read's error. On a replica, a missing database or table (3D000, 42P01) means it
-    /// has not replayed the primary's creation or migration yet: unavailable for now
+    /// has not replayed the primary's creation or migration yet, and a query cancelled by
+    /// a conflict with recovery (40001, 40P01) is the standby's doing: unavailable for now
     /// (503), not a bug.
     fn read_error(&self, e: sqlx::Error) -> StoreError {
         let lagging = self.replica.is_some()
-            && matches!(&e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c == "3D000" || c == "42P01"));
+            && matches!(&e, sqlx::Error::Database(db)
+                if db.code().is_some_and(|c| matches!(c.as_ref(), "3D000" | "42P01" | "40001" | "40P01")));
         if lagging { StoreError::Unavailable(e) } else { e.into() }
     }
 
@@ -554,7 +556,8 @@ impl Store {
     }
 
     /// Waits until the read replica has replayed everything committed on the primary
-    /// before this call (a refusal's erasure, say), checking every 10 ms for at most
+    /// before this call (at start: the database's creation and migrations), checking
+    /// every 10 ms for at most
     /// `bound`: `Err(ReplicaBehind)` past it. At once `Ok` without a replica, or when
     /// the read URL is not in recovery (not a replica at all).
     pub async fn wait_for_replica(&self, bound: Duration) -> Result<(), StoreError> {
@@ -569,6 +572,39 @@ impl Store {
                 .fetch_one(replica)
                 .await?;
             if replayed != Some(false) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::ReplicaBehind);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the read server shows `dialog` decided at `epoch` or later — the
+    /// refusal whose erasure committed in the same transaction, or a newer decision — so
+    /// that it no longer shows what the refusal erased. Checked every 10 ms for at most
+    /// `bound`: `Err(ReplicaBehind)` past it. At once `Ok` without a replica. Asking the
+    /// read server about the dialog itself (rather than comparing WAL positions) holds
+    /// whatever it is: a streaming replica, one since promoted, a logical subscriber.
+    pub async fn wait_for_replica_to_show(
+        &self,
+        dialog: DialogId,
+        epoch: i64,
+        bound: Duration,
+    ) -> Result<(), StoreError> {
+        let Some(replica) = &self.replica else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let shown: Option<i64> = sqlx::query_scalar(sql::DIALOG_EPOCH)
+                .persistent(false)
+                .bind(dialog.get())
+                .fetch_optional(replica)
+                .await
+                .map_err(|e| self.read_error(e))?;
+            if shown.is_some_and(|shown| shown >= epoch) {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {

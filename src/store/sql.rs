@@ -160,6 +160,9 @@ ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 /// Whether PostgreSQL answers (`/readyz`).
 pub const PING: &str = "SELECT 1";
 
+/// On the read server: the epoch of the last decision it holds for dialog `$1`.
+pub const DIALOG_EPOCH: &str = "SELECT epoch FROM dialogs WHERE dialog_id = $1";
+
 /// The primary's WAL position now: past every transaction committed before.
 pub const WAL_WRITTEN: &str = "SELECT pg_current_wal_lsn()::text";
 
@@ -188,6 +191,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("AFTER_BY_CUSTOMER", AFTER_BY_CUSTOMER),
     ("AFTER_BY_CUSTOMER_LANGUAGE", AFTER_BY_CUSTOMER_LANGUAGE),
     ("PING", PING),
+    ("DIALOG_EPOCH", DIALOG_EPOCH),
     ("WAL_WRITTEN", WAL_WRITTEN),
     ("WAL_REPLAYED", WAL_REPLAYED),
     ("REPLICA_LAG", REPLICA_LAG),
