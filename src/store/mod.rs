@@ -64,7 +64,7 @@ pub mod sql;
 use sql::{
     AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DELETE_DIALOGS_MESSAGES,
     GRANTED_DIALOGS, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE, PING,
-    REFUSED_EPOCHS, UPSERT_DIALOGS,
+    REFUSED_AT, REFUSED_EPOCHS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -380,6 +380,18 @@ impl Store {
             .filter(|s| s.decision == Decision::Granted)
             .collect();
         if !grants.is_empty() {
+            // Refusals these grants replace, and when they were made: a message received
+            // before its dialog's refusal was erased by it and must never come back, even
+            // when Redis still holds it (a failover lost the refusal there) and a later
+            // grant takes. Read (and locked) before the upsert overwrites them.
+            let refused_at: HashMap<i64, i64> = sqlx::query_as::<_, (i64, OffsetDateTime)>(REFUSED_AT)
+                .persistent(false)
+                .bind(grants.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|(dialog, at)| (dialog, micros_of(at)))
+                .collect();
             let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
                 .bind(grants.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
                 .bind(grants.iter().map(|s| s.customer.get()).collect::<Vec<_>>())
@@ -411,7 +423,8 @@ impl Store {
             if count > 0 {
                 let mut cols = MessageColumns::with_capacity(count);
                 for s in &written {
-                    for m in &s.messages {
+                    let erased_before = refused_at.get(&s.dialog.get()).copied().unwrap_or(i64::MIN);
+                    for m in s.messages.iter().filter(|m| m.received_at_us > erased_before) {
                         cols.dialog_id.push(s.dialog.get());
                         cols.seq.push(m.seq);
                         cols.customer_id.push(s.customer.get());

@@ -70,6 +70,12 @@ SELECT d.dialog_id, d.customer_id,
        coalesce((SELECT max(m.seq) FROM messages m WHERE m.dialog_id = d.dialog_id), 0) AS last_seq
 FROM dialogs d WHERE d.dialog_id = ANY($1::int8[]) AND d.decision = 'granted'";
 
+/// Of the dialogs `$1` (grants about to be written), those PostgreSQL holds as refused,
+/// with when the refusal was made; locked until the transaction ends.
+pub const REFUSED_AT: &str = "\
+SELECT dialog_id, decided_at FROM dialogs WHERE dialog_id = ANY($1::int8[]) AND decision = 'refused'
+ORDER BY dialog_id FOR UPDATE";
+
 /// Of the dialogs `$1` (grants the fence turned away), those PostgreSQL holds as refused,
 /// with the refusal's epoch.
 pub const REFUSED_EPOCHS: &str = "\
@@ -181,6 +187,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("INSERT_MESSAGES", INSERT_MESSAGES),
     ("DELETE_DIALOGS_MESSAGES", DELETE_DIALOGS_MESSAGES),
     ("GRANTED_DIALOGS", GRANTED_DIALOGS),
+    ("REFUSED_AT", REFUSED_AT),
     ("REFUSED_EPOCHS", REFUSED_EPOCHS),
     ("PAGE_ALL", PAGE_ALL),
     ("PAGE_BY_LANGUAGE", PAGE_BY_LANGUAGE),

@@ -636,3 +636,57 @@ async fn a_decision_after_a_failover_lost_several_is_newer_than_all_of_them() {
     );
     assert_eq!(meta_field(&app, 62, "d").await.as_deref(), Some("g"));
 }
+
+#[tokio::test]
+async fn messages_a_lost_refusal_erased_never_come_back_with_a_later_grant() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 64, "a", "EN").await;
+    app.consent(64, true).await;
+    drain(&mut flusher).await;
+    app.stage(1, 64, "b, staged and queued but not yet flushed", "EN").await;
+    // What a replica that never received the refusal holds: the granted dialog, with b.
+    let mut conn = app.redis.clone();
+    let meta: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(app.keys.meta(64))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let msgs: Vec<String> = redis::cmd("LRANGE")
+        .arg(app.keys.msgs(64))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(msgs.len(), 1);
+
+    assert_eq!(app.consent(64, false).await.status(), StatusCode::OK);
+    assert!(app.stored_seqs(64).await.is_empty(), "the refusal erased a");
+    // The failover loses the refusal: Redis is back at the grant, b staged again.
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.meta(64))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys.meta(64))
+        .arg(&meta)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg(app.keys.msgs(64))
+        .arg(&msgs)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // The customer grants again (a decision newer than the refusal) and posts c.
+    assert_eq!(app.consent(64, true).await.status(), StatusCode::ACCEPTED);
+    let c = app.stage(1, 64, "c, after the new grant", "EN").await;
+    drain(&mut flusher).await;
+
+    assert_eq!(app.stored_seqs(64).await, [c], "b, erased by the refusal, stays erased");
+    assert_eq!(app.staged_len(64).await, 0);
+}
