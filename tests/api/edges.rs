@@ -53,6 +53,50 @@ async fn pttl(app: &TestApp, key: &str) -> i64 {
     redis::cmd("PTTL").arg(key).query_async(&mut conn).await.unwrap()
 }
 
+/// What a replica holds of one dialog: its meta fields and staged messages.
+struct Replicated {
+    meta: Vec<(String, String)>,
+    msgs: Vec<String>,
+}
+
+/// What a replica that stops receiving writes now would hold of `dialog`.
+async fn replicate(app: &TestApp, dialog: i64) -> Replicated {
+    let mut conn = app.redis.clone();
+    let meta = redis::cmd("HGETALL")
+        .arg(app.keys.meta(dialog))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let msgs = redis::cmd("LRANGE")
+        .arg(app.keys.msgs(dialog))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    Replicated { meta, msgs }
+}
+
+/// A failover to that replica: every write to `dialog` since is lost.
+async fn fail_over_to(app: &TestApp, dialog: i64, replica: &Replicated) {
+    forget(app, dialog).await;
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys.meta(dialog))
+        .arg(&replica.meta)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !replica.msgs.is_empty() {
+        let _: () = redis::cmd("RPUSH")
+            .arg(app.keys.msgs(dialog))
+            .arg(&replica.msgs)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
 /// Redis forgets the dialog (a restart without persistence, a failover, an expiry).
 async fn forget(app: &TestApp, dialog: i64) {
     let mut conn = app.redis.clone();
@@ -498,26 +542,11 @@ async fn a_refusal_redis_lost_in_a_failover_is_taken_back_from_postgresql_not_fl
     drain(&mut flusher).await;
     assert_eq!(app.stored_seqs(60).await, [1, 2]);
     // What a replica that never received the refusal holds: the granted dialog.
-    let mut conn = app.redis.clone();
-    let granted: Vec<(String, String)> = redis::cmd("HGETALL")
-        .arg(app.keys.meta(60))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let replica = replicate(&app, 60).await;
 
     assert_eq!(app.consent(60, false).await.status(), StatusCode::OK);
     // The failover: the refusal is gone from Redis; PostgreSQL holds it (and erased).
-    let _: () = redis::cmd("DEL")
-        .arg(app.keys.meta(60))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("HSET")
-        .arg(app.keys.meta(60))
-        .arg(&granted)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    fail_over_to(&app, 60, &replica).await;
     assert_eq!(app.stage(1, 60, "after the failover", "EN").await, 3);
 
     // The flusher's grant is fenced by PostgreSQL's newer refusal.
@@ -601,28 +630,13 @@ async fn a_decision_after_a_failover_lost_several_is_newer_than_all_of_them() {
     app.stage(1, 62, "a", "EN").await;
     app.consent(62, true).await;
     drain(&mut flusher).await;
-    let mut conn = app.redis.clone();
-    let granted: Vec<(String, String)> = redis::cmd("HGETALL")
-        .arg(app.keys.meta(62))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let replica = replicate(&app, 62).await;
     // Three more decisions, all applied in PostgreSQL (the last a refusal)…
     assert_eq!(app.consent(62, false).await.status(), StatusCode::OK);
     assert_eq!(app.consent(62, true).await.status(), StatusCode::ACCEPTED);
     assert_eq!(app.consent(62, false).await.status(), StatusCode::OK);
     // …and a failover that lost all three: Redis is back at the first grant.
-    let _: () = redis::cmd("DEL")
-        .arg(app.keys.meta(62))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("HSET")
-        .arg(app.keys.meta(62))
-        .arg(&granted)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    fail_over_to(&app, 62, &replica).await;
 
     // The customer grants once more and posts: that decision is the latest.
     assert_eq!(app.consent(62, true).await.status(), StatusCode::ACCEPTED);
@@ -646,41 +660,13 @@ async fn messages_a_lost_refusal_erased_never_come_back_with_a_later_grant() {
     drain(&mut flusher).await;
     app.stage(1, 64, "b, staged and queued but not yet flushed", "EN").await;
     // What a replica that never received the refusal holds: the granted dialog, with b.
-    let mut conn = app.redis.clone();
-    let meta: Vec<(String, String)> = redis::cmd("HGETALL")
-        .arg(app.keys.meta(64))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let msgs: Vec<String> = redis::cmd("LRANGE")
-        .arg(app.keys.msgs(64))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(msgs.len(), 1);
+    let replica = replicate(&app, 64).await;
+    assert_eq!(replica.msgs.len(), 1);
 
     assert_eq!(app.consent(64, false).await.status(), StatusCode::OK);
     assert!(app.stored_seqs(64).await.is_empty(), "the refusal erased a");
     // The failover loses the refusal: Redis is back at the grant, b staged again.
-    let _: () = redis::cmd("DEL")
-        .arg(app.keys.meta(64))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("HSET")
-        .arg(app.keys.meta(64))
-        .arg(&meta)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("RPUSH")
-        .arg(app.keys.msgs(64))
-        .arg(&msgs)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    fail_over_to(&app, 64, &replica).await;
 
     // The customer grants again (a decision newer than the refusal) and posts c.
     assert_eq!(app.consent(64, true).await.status(), StatusCode::ACCEPTED);
