@@ -128,27 +128,26 @@ async fn plans_made_on_a_small_table_do_not_scan_it_once_it_is_large() {
             store.after(&Filter::default(), None, 10).await.unwrap();
         }
     };
+    // Granted dialogs `first` … `last`, one message each.
+    let grow = async |first: i64, last: i64| {
+        sqlx::query(
+            "WITH d AS (SELECT generate_series($1::int8, $2::int8) AS d),
+                  g AS (INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
+                        SELECT d, 1, 'granted', 1, now() FROM d)
+             INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
+             SELECT d, 1, 1, 'EN', 't', now() FROM d",
+        )
+        .bind(first)
+        .bind(last)
+        .execute(&pool)
+        .await
+        .unwrap();
+    };
     // A young store: a few hundred rows, never analysed.
-    sqlx::raw_sql(
-        "INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
-         SELECT d, 1, 'granted', 1, now() FROM generate_series(500000, 500300) d;
-         INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
-         SELECT d, 1, 1, 'EN', 't', now() FROM generate_series(500000, 500300) d;",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    grow(500_000, 500_300).await;
     // More than five executions each: PostgreSQL would have settled on generic plans.
     work(1).await;
-    sqlx::raw_sql(
-        "INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
-         SELECT d, 1, 'granted', 1, now() FROM generate_series(1000000, 1100000) d;
-         INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
-         SELECT d, 1, 1, 'EN', 't', now() FROM generate_series(1000000, 1100000) d;",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    grow(1_000_000, 1_100_000).await;
     let seq_scans = async || -> (i64, i64) {
         sqlx::query("SELECT pg_stat_force_next_flush()")
             .execute(&pool)
