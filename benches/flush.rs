@@ -108,7 +108,7 @@ async fn bulk_insert(sandbox: &common::Sandbox, first: u64) -> Duration {
         sqlx::query(
             "INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
              SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[])
-             ON CONFLICT (dialog_id, seq) DO NOTHING",
+             ON CONFLICT (dialog_id, seq, received_at) DO NOTHING",
         )
         .bind(dialogs)
         .bind(seqs)

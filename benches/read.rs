@@ -23,9 +23,11 @@ async fn preload(sandbox: &common::Sandbox, rows: i64) {
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO message_counts (customer_id, language, n)
-         SELECT coalesce(customer_id, -1), coalesce(lower(language), ''), count(*) FROM messages
-         GROUP BY GROUPING SETS ((customer_id, lower(language)), (customer_id), (lower(language)), ())",
+        "INSERT INTO message_counts (customer_id, language, part, n)
+         SELECT coalesce(customer_id, -1), coalesce(lower(language), ''), messages_month(received_at), count(*)
+         FROM messages
+         GROUP BY messages_month(received_at),
+                  GROUPING SETS ((customer_id, lower(language)), (customer_id), (lower(language)), ())",
     )
     .execute(pool)
     .await

@@ -23,6 +23,8 @@ use crate::telemetry::chain;
 const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 /// How long a flusher's blocking read waits for new entries.
 const FLUSH_BLOCK: Duration = Duration::from_secs(1);
+/// How often a flusher-role process checks the partitions of `messages`.
+const PARTITION_MAINTENANCE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -204,6 +206,20 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
             }
         });
     }
+    // Partitions of `messages`: months ahead created, months past DAPI_RETENTION
+    // dropped (src/store/retention.rs), at start and then hourly.
+    if roles.flusher {
+        let (store, stop, retention) = (store.clone(), shutdown.clone(), settings.retention);
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(PARTITION_MAINTENANCE);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => maintain_partitions(&store, retention).await,
+                    () = stop.cancelled() => break,
+                }
+            }
+        });
+    }
     let state = AppState::new(staging, store, settings.clone());
     let app = if roles.http { router(state) } else { ops_router(state) };
     tracing::info!(addr = %local_addr, api = roles.http, flusher = roles.flusher, "listening");
@@ -226,6 +242,26 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
         tasks,
         shutdown_timeout: settings.shutdown_timeout,
     })
+}
+
+async fn maintain_partitions(store: &Store, retention: Option<Duration>) {
+    match store
+        .maintain_partitions(time::OffsetDateTime::now_utc(), retention)
+        .await
+    {
+        Ok(done) => {
+            for name in &done.created {
+                tracing::info!(partition = %name, "created a partition of messages ahead");
+            }
+            for name in &done.dropped {
+                tracing::info!(partition = %name, "dropped a partition of messages past DAPI_RETENTION");
+            }
+            metrics::counter!(crate::telemetry::PARTITIONS_DROPPED).increment(done.dropped.len() as u64);
+        }
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "could not maintain the partitions of messages; trying again within the hour")
+        }
+    }
 }
 
 /// An open service (no tokens) is for local use: it warns, and refuses a non-loopback

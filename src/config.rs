@@ -110,6 +110,18 @@ pub struct SettingsArgs {
           hide_env_values = true, global = true)]
     pub staging_ttl: String,
 
+    /// Consented messages older than this (by receivedAt) are deleted, a month's
+    /// partition at a time, by the processes that run flushers (unset: kept for ever;
+    /// at least 1d)
+    #[arg(
+        long,
+        env = "DAPI_RETENTION",
+        value_name = "DURATION",
+        hide_env_values = true,
+        global = true
+    )]
+    pub retention: Option<String>,
+
     /// Largest `text` of a message, in UTF-8 bytes
     #[arg(long, env = "DAPI_MAX_TEXT_BYTES", value_name = "BYTES", default_value = default::MAX_TEXT_BYTES,
           hide_env_values = true, global = true)]
@@ -276,6 +288,8 @@ pub struct Settings {
     /// Base URL for `next` / `previous` links: absolute http(s), without a trailing `/`.
     pub public_url: Option<String>,
     pub staging_ttl: Duration,
+    /// Delete consented messages older than this (`DAPI_RETENTION`; `None`: keep).
+    pub retention: Option<Duration>,
     pub max_text_bytes: usize,
     pub max_body_bytes: usize,
     pub flush_claim_idle: Duration,
@@ -439,6 +453,9 @@ impl TryFrom<SettingsArgs> for Settings {
                 .map(|url| public_url("DAPI_PUBLIC_URL", url))
                 .transpose()?,
             staging_ttl: duration("DAPI_STAGING_TTL", or(&args.staging_ttl, default::STAGING_TTL))?,
+            retention: given(args.retention.as_deref())
+                .map(|raw| duration("DAPI_RETENTION", raw))
+                .transpose()?,
             max_text_bytes: number("DAPI_MAX_TEXT_BYTES", or(&args.max_text_bytes, default::MAX_TEXT_BYTES))?,
             max_body_bytes: number("DAPI_MAX_BODY_BYTES", or(&args.max_body_bytes, default::MAX_BODY_BYTES))?,
             flush_claim_idle: duration(
@@ -503,6 +520,9 @@ impl Settings {
     fn validate(self) -> Result<Self, ConfigError> {
         if self.staging_ttl < Duration::from_secs(1) {
             return Err(invalid("DAPI_STAGING_TTL", "must be at least 1s"));
+        }
+        if self.retention.is_some_and(|r| r < Duration::from_secs(86_400)) {
+            return Err(invalid("DAPI_RETENTION", "must be at least 1d"));
         }
         if self.max_text_bytes == 0 {
             return Err(invalid("DAPI_MAX_TEXT_BYTES", "must be at least 1"));

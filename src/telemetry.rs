@@ -51,6 +51,7 @@ pub const ERASURES: &str = "dapi_erasures_total";
 pub const ERASED_MESSAGES: &str = "dapi_erased_messages_total";
 pub const STORE_ERRORS: &str = "dapi_store_errors_total";
 pub const FLUSH_QUARANTINED: &str = "dapi_flush_quarantined_total";
+pub const PARTITIONS_DROPPED: &str = "dapi_partitions_dropped_total";
 pub const REPLICA_LAG_BYTES: &str = "dapi_replica_lag_bytes";
 pub const REPLICA_LAG_SECONDS: &str = "dapi_replica_lag_seconds";
 
@@ -117,6 +118,10 @@ fn describe() {
     describe_counter!(ERASURES, "refusals whose erasure reached PostgreSQL");
     describe_counter!(ERASED_MESSAGES, "messages deleted from PostgreSQL by refusals");
     describe_counter!(STORE_ERRORS, "failed calls to Redis or PostgreSQL, by store");
+    describe_counter!(
+        PARTITIONS_DROPPED,
+        "monthly partitions of messages dropped past DAPI_RETENTION by this process"
+    );
     describe_gauge!(
         REPLICA_LAG_BYTES,
         "WAL the read replica has still to replay (DATABASE_READ_URL only)"

@@ -59,6 +59,7 @@ use time::OffsetDateTime;
 use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState, Refusal};
 
 mod lookup;
+pub mod retention;
 pub mod sql;
 
 use sql::{
@@ -111,6 +112,12 @@ impl StoreError {
     }
 
     /// A deadlock or serialisation failure: the transaction may simply be run again.
+    /// A message fell in a month without a partition (a clock far ahead of maintenance).
+    fn is_missing_partition(&self) -> bool {
+        matches!(self, StoreError::Query(sqlx::Error::Database(db))
+            if db.code().as_deref() == Some("23514") && db.message().starts_with("no partition of relation"))
+    }
+
     fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Query(sqlx::Error::Database(db))
             if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
@@ -323,6 +330,16 @@ impl Store {
         loop {
             match self.apply_once(&states).await {
                 Err(e) if e.is_retryable() && attempt < 5 => attempt += 1,
+                Err(e) if e.is_missing_partition() && attempt < 5 => {
+                    attempt += 1;
+                    let newest = states
+                        .iter()
+                        .flat_map(|s| &s.messages)
+                        .map(|m| m.received_at_us)
+                        .max()
+                        .unwrap_or(0);
+                    self.ensure_partitions_through(time_of(newest)).await?;
+                }
                 other => return other,
             }
         }

@@ -21,47 +21,48 @@ SET customer_id = CASE WHEN EXCLUDED.customer_id < 0 THEN dialogs.customer_id EL
 WHERE dialogs.epoch <= EXCLUDED.epoch
 RETURNING dialog_id";
 
-/// Bulk insert of one batch's messages; returns how many were new. The same statement
-/// adds the inserted rows to every counter they belong to (per customer and language,
-/// per customer, per language, in total; `-1` / `''` mean "any"), in the shard `$8`, in
-/// key order (one lock order for all writers).
+/// Bulk insert of one batch's messages; returns how many were new. A message older than
+/// every partition is skipped: retention dropped its month (see `store::retention`). The
+/// same statement adds the inserted rows to every counter they belong to (per customer
+/// and language, per customer, per language, in total; `-1` / `''` mean "any"), for their
+/// month, in the shard `$8`, in key order (one lock order for all writers).
 pub const INSERT_MESSAGES: &str = "\
 WITH changed AS (
     INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at, message_id)
     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[], $7::text[])
-    ON CONFLICT (dialog_id, seq) DO NOTHING
-    RETURNING customer_id, lower(language) AS language
+        AS m (dialog_id, seq, customer_id, language, text, received_at, message_id)
+    WHERE m.received_at >= (SELECT min(low) FROM message_partitions)
+    ON CONFLICT (dialog_id, seq, received_at) DO NOTHING
+    RETURNING customer_id, lower(language) AS language, messages_month(received_at) AS part
 ), delta AS (
-    SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
     HAVING count(*) > 0
 ), bumped AS (
-    INSERT INTO message_counts (customer_id, language, shard, n)
-    SELECT customer_id, language, $8::int2, n FROM delta ORDER BY customer_id, language
-    ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+    INSERT INTO message_counts (customer_id, language, part, shard, n)
+    SELECT customer_id, language, part, $8::int2, n FROM delta ORDER BY customer_id, language, part
+    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
 )
-SELECT n FROM delta WHERE customer_id = -1 AND language = ''
-UNION ALL SELECT 0 LIMIT 1";
+SELECT coalesce(sum(n), 0)::int8 FROM delta WHERE customer_id = -1 AND language = ''";
 
 /// Erasure of refused dialogs: every message of the dialogs `$1`, whatever its seq,
-/// subtracted from the counters in shard `$2`; returns how many were deleted.
+/// subtracted from the counters of its month in shard `$2`; returns how many were deleted.
 /// `dialog_id = ANY($1)` is a primary-key index scan in the generic plan too (a join
 /// against `UNNEST` was planned as a sequential scan of `messages`).
 pub const DELETE_DIALOGS_MESSAGES: &str = "\
 WITH changed AS (
     DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
-    RETURNING customer_id, lower(language) AS language
+    RETURNING customer_id, lower(language) AS language, messages_month(received_at) AS part
 ), delta AS (
-    SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
     HAVING count(*) > 0
 ), bumped AS (
-    INSERT INTO message_counts (customer_id, language, shard, n)
-    SELECT customer_id, language, $2::int2, -n FROM delta ORDER BY customer_id, language
-    ON CONFLICT (customer_id, language, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+    INSERT INTO message_counts (customer_id, language, part, shard, n)
+    SELECT customer_id, language, part, $2::int2, -n FROM delta ORDER BY customer_id, language, part
+    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
 )
-SELECT n FROM delta WHERE customer_id = -1 AND language = ''
-UNION ALL SELECT 0 LIMIT 1";
+SELECT coalesce(sum(n), 0)::int8 FROM delta WHERE customer_id = -1 AND language = ''";
 
 /// Of the dialogs `$1`, those PostgreSQL holds as granted: customer and last stored seq
 /// (a backward primary-key scan each).
@@ -138,29 +139,31 @@ FROM total LEFT JOIN LATERAL (
 ) m ON true
 ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC";
 
-/// Cursor mode, no filter: `$1` limit, `$2`–`$4` the position to continue after.
+/// Cursor mode, no filter: `$1` limit, `$2`–`$4` the position to continue after. The
+/// redundant `received_at <= $2` lets PostgreSQL skip newer partitions at start-up
+/// (a row comparison does not prune); older ones are read only if the page reaches them.
 pub const AFTER_ALL: &str = "\
 SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
-WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND true
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND true
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
 /// Cursor mode by language: `$1` limit, `$2`–`$4` the position, `$5` language.
 pub const AFTER_BY_LANGUAGE: &str = "\
 SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
-WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND lower(language) = lower($5)
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND lower(language) = lower($5)
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
 /// Cursor mode by customer: `$1` limit, `$2`–`$4` the position, `$5` customer.
 pub const AFTER_BY_CUSTOMER: &str = "\
 SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
-WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND customer_id = $5
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND customer_id = $5
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
 /// Cursor mode by customer and language: `$1` limit, `$2`–`$4` the position, `$5`
 /// language, `$6` customer.
 pub const AFTER_BY_CUSTOMER_LANGUAGE: &str = "\
 SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
-WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND lower(language) = lower($5) AND customer_id = $6
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND lower(language) = lower($5) AND customer_id = $6
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
 /// Whether PostgreSQL answers (`/readyz`).

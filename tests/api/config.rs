@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 /// Every variable of SPEC's environment table that dapi implements, and dapi's own.
-const VARIABLES: [&str; 31] = [
+const VARIABLES: [&str; 32] = [
     "DAPI_REDIS_WAIT_REPLICAS",
     "DATABASE_URL",
     "DATABASE_READ_URL",
@@ -14,6 +14,7 @@ const VARIABLES: [&str; 31] = [
     "DAPI_BIND",
     "DAPI_PUBLIC_URL",
     "DAPI_STAGING_TTL",
+    "DAPI_RETENTION",
     "DAPI_MAX_TEXT_BYTES",
     "DAPI_MAX_BODY_BYTES",
     "DAPI_INGEST_TOKENS",
@@ -116,6 +117,7 @@ fn an_invalid_value_exits_2_with_one_line_naming_its_variable() {
         ("REDIS_URL", "redis://:secret-pw@127.0.0.1:6379/zero"),
         ("DAPI_PUBLIC_URL", "api.example.com"),
         ("DAPI_STAGING_TTL", "soon"),
+        ("DAPI_RETENTION", "12h"),
         ("DAPI_FAILPOINT", "crash-sometimes"),
     ] {
         // Act

@@ -24,4 +24,5 @@ mod plans;
 mod read;
 mod redis_replicas;
 mod replica;
+mod retention;
 mod store;

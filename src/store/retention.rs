@@ -1,0 +1,210 @@
+//! Retention by partition (`DAPI_RETENTION`).
+//!
+//! `messages` is partitioned by the month (UTC) of `received_at` (migration 0004):
+//! `messages_before` holds everything stored before partitioning, then one partition per
+//! month, `messages_YYYYMM`. `message_partitions` lists them with their bounds, and every
+//! count row carries the month of the messages it counts (`part`).
+//!
+//! The processes that run flushers keep the partitions ([`Store::maintain_partitions`],
+//! at start and hourly, one process at a time under an advisory lock):
+//!
+//! - **ahead**: every month up to [`MONTHS_AHEAD`] after the current one has its
+//!   partition, so a flush never meets a month without one (and if it does, with a
+//!   clock far ahead, [`Store::apply`] creates it and writes again);
+//! - **behind**: with a retention, a partition all of whose messages are older than
+//!   `now - retention` is dropped, oldest first, in one transaction with the count rows
+//!   of its months, so `count` stays exact without counting what is dropped. A message
+//!   is therefore deleted between `retention` and `retention` + one month after it was
+//!   received.
+//!
+//! A flush skips a message older than every partition (its month is past retention:
+//! storing it would only keep it until the next pass).
+//!
+//! "Now" is a parameter, so tests move it instead of waiting months.
+
+use std::time::Duration;
+
+use time::{Date, Month, OffsetDateTime, Time};
+
+use super::{Store, StoreError};
+
+/// Months with a partition after the current one.
+pub const MONTHS_AHEAD: u8 = 2;
+
+/// Serialises partition maintenance across processes (`pg_advisory_xact_lock`).
+const MAINTENANCE_LOCK: i64 = 0x6461_7069_5061_7274; // "dapiPart"
+
+/// How long maintenance waits for the locks it needs (creating or dropping a partition
+/// locks `messages` briefly) before it gives up until its next pass.
+const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
+
+/// What one [`Store::maintain_partitions`] pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Maintained {
+    pub created: Vec<String>,
+    pub dropped: Vec<String>,
+}
+
+/// The first instant (UTC) of the month `at` falls in.
+pub fn month_start(at: OffsetDateTime) -> OffsetDateTime {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    Date::from_calendar_date(at.year(), at.month(), 1)
+        .unwrap_or(at.date())
+        .with_time(Time::MIDNIGHT)
+        .assume_utc()
+}
+
+/// The first instant of the month after the one starting at `start`.
+fn next_month(start: OffsetDateTime) -> OffsetDateTime {
+    let (year, month) = match start.month() {
+        Month::December => (start.year() + 1, Month::January),
+        m => (start.year(), m.next()),
+    };
+    Date::from_calendar_date(year, month, 1)
+        .unwrap_or(start.date())
+        .with_time(Time::MIDNIGHT)
+        .assume_utc()
+}
+
+fn partition_name(low: OffsetDateTime) -> String {
+    format!("messages_{:04}{:02}", low.year(), u8::from(low.month()))
+}
+
+/// A timestamp as a SQL literal (DDL takes no parameters); made from numbers only.
+fn literal(at: OffsetDateTime) -> String {
+    format!(
+        "'{:04}-{:02}-{:02} 00:00:00+00'",
+        at.year(),
+        u8::from(at.month()),
+        at.day()
+    )
+}
+
+impl Store {
+    /// One maintenance pass as of `now`: partitions up to [`MONTHS_AHEAD`] months ahead,
+    /// and with a `retention`, every partition past it dropped with its counts.
+    pub async fn maintain_partitions(
+        &self,
+        now: OffsetDateTime,
+        retention: Option<Duration>,
+    ) -> Result<Maintained, StoreError> {
+        let mut ahead = month_start(now);
+        for _ in 0..MONTHS_AHEAD {
+            ahead = next_month(ahead);
+        }
+        let mut done = Maintained {
+            created: self.ensure_partitions_through(ahead).await?,
+            dropped: Vec::new(),
+        };
+        if let Some(retention) = retention {
+            let horizon = now - retention;
+            while let Some(name) = self.drop_oldest_partition_before(horizon).await? {
+                done.dropped.push(name);
+            }
+        }
+        Ok(done)
+    }
+
+    /// Creates the monthly partitions missing up to the one `at` falls in; returns their
+    /// names.
+    pub async fn ensure_partitions_through(&self, at: OffsetDateTime) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MAINTENANCE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(LOCK_TIMEOUT).execute(&mut *tx).await?;
+        let mut low: OffsetDateTime = sqlx::query_scalar("SELECT max(high) FROM message_partitions")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut created = Vec::new();
+        while low <= at {
+            let high = next_month(low);
+            let name = partition_name(low);
+            // Made of digits and our own words only.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TABLE {name} PARTITION OF messages FOR VALUES FROM ({}) TO ({})",
+                literal(low),
+                literal(high)
+            )))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("INSERT INTO message_partitions (name, low, high) VALUES ($1, $2, $3)")
+                .bind(&name)
+                .bind(low)
+                .bind(high)
+                .execute(&mut *tx)
+                .await?;
+            created.push(name);
+            low = high;
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// Drops the oldest partition if every message it can hold is older than `horizon`,
+    /// with the count rows of its months, in one transaction; returns its name. Never the
+    /// last partition.
+    async fn drop_oldest_partition_before(&self, horizon: OffsetDateTime) -> Result<Option<String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MAINTENANCE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(LOCK_TIMEOUT).execute(&mut *tx).await?;
+        let oldest: Option<(String, OffsetDateTime)> = sqlx::query_as(
+            "SELECT name, high FROM message_partitions
+             WHERE (SELECT count(*) FROM message_partitions) > 1 ORDER BY high LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((name, high)) = oldest.filter(|(_, high)| *high <= horizon) else {
+            return Ok(None);
+        };
+        // The parent first: dropping a partition locks it, and taking it before the
+        // partition keeps the lock order of every other statement (parent, then
+        // partitions). Flushes and reads wait for this short transaction.
+        sqlx::query("LOCK TABLE ONLY messages IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        // Every count row of a month before `high` counts messages of this partition
+        // (older partitions are gone already).
+        sqlx::query("DELETE FROM message_counts WHERE part < messages_month($1)")
+            .bind(high)
+            .execute(&mut *tx)
+            .await?;
+        // A name from `message_partitions`, quoted as an identifier.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE \"{}\"",
+            name.replace('"', "\"\"")
+        )))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM message_partitions WHERE name = $1")
+            .bind(&name)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn months_start_and_follow_in_utc() {
+        assert_eq!(
+            month_start(datetime!(2026-12-31 23:30 -02:00)),
+            datetime!(2027-01-01 00:00 UTC)
+        );
+        assert_eq!(
+            next_month(datetime!(2026-12-01 00:00 UTC)),
+            datetime!(2027-01-01 00:00 UTC)
+        );
+        assert_eq!(partition_name(datetime!(2027-03-01 00:00 UTC)), "messages_202703");
+        assert_eq!(literal(datetime!(2027-03-01 00:00 UTC)), "'2027-03-01 00:00:00+00'");
+    }
+}
