@@ -167,6 +167,55 @@ async fn whole_months_past_retention_are_dropped_and_counts_stay_exact() {
     assert!(left.len() >= 3, "the month of 'now' and two ahead at least: {left:?}");
 }
 
+/// Flushes and refusals running while months are dropped: each write lands either
+/// before a drop (and goes with it) or after (and skips the dropped month); counts stay
+/// exact throughout, and nothing deadlocks.
+#[tokio::test]
+async fn months_dropped_while_flushes_and_refusals_run_leave_counts_exact() {
+    let app = spawn_api_only(test_settings()).await;
+    let store = app.store.clone();
+    let this_month = month_start(OffsetDateTime::now_utc());
+    let in_month = move |n: i64| month_start(this_month + time::Duration::days(31 * n + 1)) + time::Duration::days(1);
+    for dialog in 1..=40 {
+        store
+            .apply(&[granted(dialog, &[in_month(1), in_month(2)])])
+            .await
+            .unwrap();
+    }
+
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for dialog in 41..=140 {
+                store
+                    .apply(&[granted(dialog, &[in_month(1), in_month(2)])])
+                    .await
+                    .unwrap();
+                // Refuse an earlier dialog: its month-1 message may be gone already.
+                store.apply(&[refused(dialog - 40, 2)]).await.unwrap();
+            }
+        })
+    };
+    let later = month_start(in_month(2)) + time::Duration::days(3);
+    let retention: Duration = (later - month_start(in_month(2))).try_into().unwrap();
+    let mut dropped = Vec::new();
+    for _ in 0..20 {
+        dropped.extend(store.maintain_partitions(later, Some(retention)).await.unwrap().dropped);
+        assert_counts_exact(&store).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    writer.await.unwrap();
+
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+    let months: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT messages_month(received_at)::int8 FROM messages")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(months.len(), 1, "only month 2 is left: {months:?}");
+    // Dialogs 101..=140 were never refused: one month-2 message each.
+    assert_eq!(assert_counts_exact(&store).await, 40);
+}
+
 #[tokio::test]
 async fn without_retention_nothing_is_dropped() {
     let app = spawn_api_only(test_settings()).await;

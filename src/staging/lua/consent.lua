@@ -22,8 +22,7 @@ end
 -- decision made after a failover lost earlier ones (whose epochs PostgreSQL may hold)
 -- still carries a newer epoch than any of them.
 local epoch = math.max((tonumber(redis.call('HGET', KEYS[1], 'e')) or 0) + 1, now[1] * 1000000 + now[2])
--- `f` = 0: the TTLs set here are not ingest's (ingest.lua), the next message sets its own.
-redis.call('HSET', KEYS[1], 'e', string.format('%d', epoch), 'd', ARGV[2], 't', now_us, 'f', 0)
+redis.call('HSET', KEYS[1], 'e', string.format('%d', epoch), 'd', ARGV[2], 't', now_us)
 if ARGV[2] == 'g' then
   if redis.call('HGET', KEYS[1], 'q') ~= '1' then
     redis.call('HSET', KEYS[1], 'q', 1)

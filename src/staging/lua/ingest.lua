@@ -19,20 +19,13 @@
 -- A staged message is `seq:receivedAt_µs:language:text`, or with a messageId
 -- `seq:receivedAt_µs:language|messageId|:text` (neither a language nor a messageId can
 -- hold `|`).
-local ttl, window = tonumber(ARGV[1]), ARGV[2]
+local ttl, window = ARGV[1], ARGV[2]
 local now = redis.call('TIME')
 local now_us = string.format('%d', now[1] * 1000000 + now[2])
--- TTLs are refreshed at most once per `slack` per dialog, to `ttl + slack`: a dialog's
--- keys still last at least `ttl` after its last message (at most `slack` more), and a
--- dialog posting many messages costs two PEXPIREs per `slack`, not two per message.
--- meta's `f` holds when (µs) they were last set this way; a script that sets them
--- otherwise clears it.
-local slack = math.min(math.floor(ttl / 100), 60000)
-local fresh_after = now[1] * 1000000 + now[2] - slack * 1000
 
 local function stage(meta, msgs, ids, customer, dialog, language, text, mid, mode, last)
-  local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'f')
-  local decision, queued, unerased, unverified, refreshed = m[2], m[3], m[4], m[5], m[6]
+  local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u')
+  local decision, queued, unerased, unverified = m[2], m[3], m[4], m[5]
   if m[1] then
     -- '-1': refused while PostgreSQL could not name the customer; the refusal holds
     -- for anyone, and a later grant's messages belong to whoever posts first.
@@ -72,18 +65,16 @@ local function stage(meta, msgs, ids, customer, dialog, language, text, mid, mod
     redis.call('HSET', ids, mid, string.format('%d:%s', seq, decision))
     redis.call('PEXPIRE', ids, window)
   end
-  local length = redis.call('RPUSH', msgs, head .. ':' .. text)
+  redis.call('RPUSH', msgs, head .. ':' .. text)
   if (decision == 'g' or unverified == '1') and queued ~= '1' then
     redis.call('HSET', meta, 'q', 1)
     redis.call('XADD', KEYS[1], '*', 'd', dialog)
   end
-  -- Every dialog's keys expire DAPI_STAGING_TTL (+ slack) after its last write, except
-  -- while a refusal's erasure is unconfirmed: that must outlive any PostgreSQL outage.
-  -- A list the flush emptied is created again here, without a TTL: set it.
-  if not unerased and (length == 1 or not refreshed or tonumber(refreshed) < fresh_after) then
-    redis.call('HSET', meta, 'f', now_us)
-    redis.call('PEXPIRE', meta, ttl + slack)
-    redis.call('PEXPIRE', msgs, ttl + slack)
+  -- Every dialog's keys expire DAPI_STAGING_TTL after its last write, except while a
+  -- refusal's erasure is unconfirmed: that must outlive any PostgreSQL outage.
+  if not unerased then
+    redis.call('PEXPIRE', meta, ttl)
+    redis.call('PEXPIRE', msgs, ttl)
   end
   return {'ok', seq, decision}
 end
