@@ -411,7 +411,8 @@ impl FlushQueue {
             invocation
                 .key(self.keys.meta(f.dialog))
                 .key(self.keys.msgs(f.dialog))
-                .key(self.keys.ids(f.dialog));
+                .key(self.keys.ids(f.dialog))
+                .key(self.keys.quarantined_msgs(f.dialog));
         }
         invocation.arg(GROUP).arg(done.len()).arg(self.ttl_ms);
         for f in done {

@@ -343,8 +343,9 @@ async fn a_dialogs_keys_last_at_least_the_ttl_after_its_last_message() {
     let keys = [app.keys.meta(65), app.keys.msgs(65)];
 
     for n in 0..12 {
-        app.stage(1, 65, "one more", "EN").await;
+        // Taken before the request: the TTL was set after it.
         let posted = std::time::Instant::now();
+        app.stage(1, 65, "one more", "EN").await;
         for key in &keys {
             let left = pttl(&app, key).await;
             let since = posted.elapsed().as_millis() as i64;
@@ -573,6 +574,15 @@ async fn a_refusal_redis_lost_in_a_failover_is_taken_back_from_postgresql_not_fl
     // The failover: the refusal is gone from Redis; PostgreSQL holds it (and erased).
     fail_over_to(&app, 60, &replica).await;
     assert_eq!(app.stage(1, 60, "after the failover", "EN").await, 3);
+    // Messages of the dialog set aside earlier (what the flusher's quarantine keeps),
+    // which the refusal had erased and the failover brought back.
+    let mut conn = app.redis.clone();
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(app.keys.quarantined_msgs(60))
+        .arg("1:1795000000000000:EN:set aside")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 
     // The flusher's grant is fenced by PostgreSQL's newer refusal.
     let batch = flusher
@@ -588,6 +598,12 @@ async fn a_refusal_redis_lost_in_a_failover_is_taken_back_from_postgresql_not_fl
     // refused — instead of the dialog being flushed and fenced again, round after round.
     assert_eq!(meta_field(&app, 60, "d").await.as_deref(), Some("r"));
     assert_eq!(app.staged_len(60).await, 0);
+    let set_aside: i64 = redis::cmd("EXISTS")
+        .arg(app.keys.quarantined_msgs(60))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(set_aside, 0, "the refusal taken back erases what was set aside too");
     assert_eq!(flusher.flush_once().await.unwrap(), Outcome::Idle, "nothing re-queued");
     let later = app
         .post_json("/data/1/60", &json!({"text": "later", "language": "EN"}))

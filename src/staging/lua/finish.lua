@@ -6,16 +6,17 @@
 -- then XACK and XDEL the batch's entries.
 -- A grant that PostgreSQL turned away because it holds a newer *refusal* means Redis lost
 -- that refusal (a failover, a restore): Redis takes it back — refused at PostgreSQL's
--- epoch, its staged messages and messageIds deleted (PostgreSQL erased the dialog when it
--- took the refusal) — unless Redis has moved past that epoch meanwhile.
--- KEYS: 1 flush stream, then per dialog: meta, msgs, ids
+-- epoch, its staged and quarantined messages and its messageIds deleted (PostgreSQL
+-- erased the dialog when it took the refusal; a refusal erases all three, consent.lua) —
+-- unless Redis has moved past that epoch meanwhile.
+-- KEYS: 1 flush stream, then per dialog: meta, msgs, ids, quarantined msgs
 -- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n quintuples (dialog id, last seq
 --       written, how many messages the batch read, epoch of the refusal erased or 0,
 --       epoch of the refusal PostgreSQL holds that Redis must take back or 0), then the
 --       entry ids
 local n = tonumber(ARGV[2])
 for i = 1, n do
-  local meta, msgs, ids = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  local meta, msgs, ids, quarantined = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1]
   local base = 5 * i - 1
   local dialog, last, read, erased = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3]
   local adopt = tonumber(ARGV[base + 4])
@@ -23,7 +24,7 @@ for i = 1, n do
     local m = redis.call('HMGET', meta, 'd', 'e')
     if m[1] and m[1] ~= 'r' and (tonumber(m[2]) or 0) < adopt then
       redis.call('HSET', meta, 'd', 'r', 'e', string.format('%d', adopt))
-      redis.call('DEL', msgs, ids)
+      redis.call('DEL', msgs, ids, quarantined)
       redis.call('PEXPIRE', meta, ARGV[3])
     end
   end
