@@ -28,7 +28,10 @@ RETURN (extract(year FROM at AT TIME ZONE 'UTC')::int4 - 1970) * 12
 
 CREATE TABLE message_partitions (
     name text        PRIMARY KEY,
-    low  timestamptz NOT NULL,  -- '-infinity' for messages_before
+    -- '-infinity' for messages_before. Indexed: a flush reads min(low) in transactions
+    -- that turn sequential scans off (the erasure's), and a disabled scan in a plan
+    -- costs it a JIT compile, ~1 s (BENCHMARKS.md).
+    low  timestamptz NOT NULL UNIQUE,
     high timestamptz NOT NULL UNIQUE
 );
 

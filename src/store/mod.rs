@@ -206,7 +206,14 @@ impl Filter {
 
 /// A pool that connects when first used and gives up on a connection after a few seconds.
 fn lazy_pool(url: &str) -> Result<PgPool, StoreError> {
-    let options: PgConnectOptions = url.parse().map_err(StoreError::Query)?;
+    // No JIT: every statement here is small, and a plan whose cost crosses
+    // `jit_above_cost` (any plan with a node disabled by `enable_seqscan = off`, which the
+    // erasure's transaction sets) was compiled on every execution: ~1 s per flush batch
+    // (measured, BENCHMARKS.md). `tests/api/plans.rs` also checks no plan needs one.
+    let options: PgConnectOptions = url
+        .parse::<PgConnectOptions>()
+        .map_err(StoreError::Query)?
+        .options([("jit", "off")]);
     Ok(PgPoolOptions::new()
         .max_connections(16)
         .acquire_timeout(Duration::from_secs(3))
@@ -370,6 +377,7 @@ impl Store {
                         .map(|(_, r)| time_of(r.decided_at_us))
                         .collect::<Vec<_>>(),
                 )
+                .bind(vec![0_i64; refusals.len()])
                 .fetch_all(&mut *tx)
                 .await?;
             applied.fenced += (refusals.len() - took.len()) as u64;
@@ -415,6 +423,14 @@ impl Store {
                 .bind(vec![Decision::Granted.as_str(); grants.len()])
                 .bind(grants.iter().map(|s| s.epoch).collect::<Vec<_>>())
                 .bind(grants.iter().map(|s| time_of(s.decided_at_us)).collect::<Vec<_>>())
+                // The highest seq this batch writes (a message it skips below only
+                // leaves a gap: the dialog's next seq is higher, never reused).
+                .bind(
+                    grants
+                        .iter()
+                        .map(|s| s.messages.iter().map(|m| m.seq).max().unwrap_or(0))
+                        .collect::<Vec<_>>(),
+                )
                 .fetch_all(&mut *tx)
                 .await?;
             applied.fenced += (grants.len() - took.len()) as u64;

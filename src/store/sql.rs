@@ -10,14 +10,17 @@
 
 /// Upsert under the epoch fence; returns the dialogs whose row was written. A customer
 /// of -1 (`CustomerId::UNKNOWN`: a refusal recorded while PostgreSQL was away) keeps the
-/// stored one.
+/// stored one. `last_seq` (`$6`): a refusal sets 0 (it erases every message), a grant
+/// raises it to the highest seq it writes, never lowers it.
 pub const UPSERT_DIALOGS: &str = "\
-INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
-SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[])
+INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at, last_seq)
+SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[], $6::int8[])
 ON CONFLICT (dialog_id) DO UPDATE
 SET customer_id = CASE WHEN EXCLUDED.customer_id < 0 THEN dialogs.customer_id ELSE EXCLUDED.customer_id END,
     decision = EXCLUDED.decision,
-    epoch = EXCLUDED.epoch, decided_at = EXCLUDED.decided_at
+    epoch = EXCLUDED.epoch, decided_at = EXCLUDED.decided_at,
+    last_seq = CASE WHEN EXCLUDED.decision = 'refused' THEN 0
+                    ELSE greatest(dialogs.last_seq, EXCLUDED.last_seq) END
 WHERE dialogs.epoch <= EXCLUDED.epoch
 RETURNING dialog_id";
 
@@ -65,11 +68,10 @@ WITH changed AS (
 SELECT coalesce(sum(n), 0)::int8 FROM delta WHERE customer_id = -1 AND language = ''";
 
 /// Of the dialogs `$1`, those PostgreSQL holds as granted: customer and last stored seq
-/// (a backward primary-key scan each).
+/// (one `dialogs` row each; `messages` is not touched).
 pub const GRANTED_DIALOGS: &str = "\
-SELECT d.dialog_id, d.customer_id,
-       coalesce((SELECT max(m.seq) FROM messages m WHERE m.dialog_id = d.dialog_id), 0) AS last_seq
-FROM dialogs d WHERE d.dialog_id = ANY($1::int8[]) AND d.decision = 'granted'";
+SELECT dialog_id, customer_id, last_seq
+FROM dialogs WHERE dialog_id = ANY($1::int8[]) AND decision = 'granted'";
 
 /// Of the dialogs `$1` (grants about to be written), those PostgreSQL holds as refused,
 /// with when the refusal was made; locked until the transaction ends.

@@ -285,6 +285,17 @@ async fn migrating_to_partitions_keeps_every_row_and_every_count() {
 
     let rows_after = every_row(&store).await;
     assert_eq!(rows_after, rows_before);
+    // Migration 0005: each dialog's last seq, as the revival lookup reads it.
+    let wrong: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dialogs d
+         WHERE last_seq <> coalesce((SELECT max(seq) FROM messages m WHERE m.dialog_id = d.dialog_id), 0)",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(wrong, 0);
+    let found = store.granted_dialogs(&[DialogId::from_stored(8)]).await.unwrap();
+    assert_eq!(found[&DialogId::from_stored(8)].last_seq, 5);
     assert_eq!(counts(&store).await, counts_before);
     assert_eq!(assert_counts_exact(&store).await, 3000);
     for (customer, language) in [(Some(3), None), (None, Some("PT-br")), (Some(5), Some("de"))] {

@@ -122,8 +122,8 @@ async fn concurrent_quick_lookups_each_get_exactly_their_own_dialogs() {
     // must still get the granted dialogs among its own, and nothing of the others'.
     let app = spawn_api_only(test_settings()).await;
     sqlx::raw_sql(
-        "INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
-         SELECT d, d % 7, CASE WHEN d % 3 = 0 THEN 'refused' ELSE 'granted' END, 1, now()
+        "INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at, last_seq)
+         SELECT d, d % 7, CASE WHEN d % 3 = 0 THEN 'refused' ELSE 'granted' END, 1, now(), d % 4
          FROM generate_series(1, 300) d;
          INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
          SELECT d, s, d % 7, 'EN', 'x', now() FROM generate_series(1, 300) d, generate_series(1, d % 4) s
@@ -159,4 +159,47 @@ async fn concurrent_quick_lookups_each_get_exactly_their_own_dialogs() {
         got.sort_unstable();
         assert_eq!(got, expected, "lookup of {dialogs:?}");
     }
+}
+
+/// The revival lookup's last seq, kept in `dialogs` by the writes themselves: raised by
+/// each grant's messages, never lowered by a redelivery, reset by a refusal's erasure.
+#[tokio::test]
+async fn the_last_stored_seq_follows_grants_and_refusals() {
+    let app = spawn_api_only(test_settings()).await;
+    let last = async || {
+        app.store
+            .granted_dialog(DialogId::from_stored(1))
+            .await
+            .unwrap()
+            .map(|g| g.last_seq)
+    };
+
+    app.store
+        .apply(&[state(Decision::Granted, 1, None, &[1, 2, 3])])
+        .await
+        .unwrap();
+    assert_eq!(last().await, Some(3));
+    app.store
+        .apply(&[state(Decision::Granted, 1, None, &[4])])
+        .await
+        .unwrap();
+    assert_eq!(last().await, Some(4));
+    // A batch delivered again (seq 2 is stored already) does not move it back.
+    app.store
+        .apply(&[state(Decision::Granted, 1, None, &[2])])
+        .await
+        .unwrap();
+    assert_eq!(last().await, Some(4));
+
+    app.store
+        .apply(&[state(Decision::Refused, 2, Some(2), &[])])
+        .await
+        .unwrap();
+    assert_eq!(last().await, None, "refused: no revival");
+    app.store
+        .apply(&[state(Decision::Granted, 3, None, &[1])])
+        .await
+        .unwrap();
+    assert_eq!(last().await, Some(1), "the erasure reset it; the new life starts over");
+    assert_eq!(app.stored_seqs(1).await, [1]);
 }
