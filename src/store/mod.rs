@@ -45,6 +45,16 @@
 //!
 //! Readers see newest first: `received_at DESC, dialog_id DESC, seq DESC`, served by
 //! scanning the `(…, received_at, dialog_id, seq)` indexes backwards.
+//!
+//! # Partitions and the last seq
+//!
+//! `messages` is partitioned by month of `received_at`, and old months are dropped whole
+//! with their count rows (each count row carries its month): see [`retention`]. Every
+//! per-dialog statement therefore probes each partition's primary key; the one asked on
+//! the ingest path, the revival lookup, reads `dialogs.last_seq` instead (kept by the
+//! grant's upsert, reset by a refusal). Connections run with `jit = off`: no statement
+//! here is large enough for JIT to pay, and a plan that crossed `jit_above_cost` was once
+//! compiled on every flush.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
