@@ -271,6 +271,9 @@ pub struct Store {
     lookups: Arc<OnceLock<lookup::Lookups>>,
 }
 
+/// How far ahead of this process's clock a flush creates the partition it needs.
+const MOST_AHEAD: Duration = Duration::from_secs(366 * 86_400);
+
 /// How long [`Store::granted_dialog_quickly`] waits for PostgreSQL.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long it stops asking after a failure.
@@ -352,10 +355,16 @@ impl Store {
                     let newest = states
                         .iter()
                         .flat_map(|s| &s.messages)
-                        .map(|m| m.received_at_us)
+                        .map(|m| time_of(m.received_at_us))
                         .max()
-                        .unwrap_or(0);
-                    self.ensure_partitions_through(time_of(newest)).await?;
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                    // A month or two ahead is a clock slightly off; more than a year
+                    // is a clock gone wrong, and a partition per month up to it would
+                    // be hundreds of tables: the flush fails (and is retried) instead.
+                    if newest > OffsetDateTime::now_utc() + MOST_AHEAD {
+                        return Err(e);
+                    }
+                    self.ensure_partitions_through(newest).await?;
                 }
                 other => return other,
             }

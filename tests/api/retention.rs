@@ -216,6 +216,21 @@ async fn months_dropped_while_flushes_and_refusals_run_leave_counts_exact() {
     assert_eq!(assert_counts_exact(&store).await, 40);
 }
 
+/// A message from a clock years ahead fails its flush (retried, visible) instead of
+/// creating a partition for every month up to it.
+#[tokio::test]
+async fn a_clock_years_ahead_creates_no_partitions_up_to_it() {
+    let app = spawn_api_only(test_settings()).await;
+    let before = partitions(&app.store).await;
+    let far = OffsetDateTime::now_utc() + time::Duration::days(5 * 365);
+
+    let failed = app.store.apply(&[granted(1, &[far])]).await;
+
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(partitions(&app.store).await, before);
+    assert!(stored(&app.store).await.is_empty());
+}
+
 #[tokio::test]
 async fn without_retention_nothing_is_dropped() {
     let app = spawn_api_only(test_settings()).await;
