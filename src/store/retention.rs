@@ -105,15 +105,22 @@ impl Store {
         Ok(done)
     }
 
-    /// Creates the monthly partitions missing up to the one `at` falls in; returns their
-    /// names.
-    pub async fn ensure_partitions_through(&self, at: OffsetDateTime) -> Result<Vec<String>, StoreError> {
+    /// A transaction that holds the maintenance lock (one process at a time) and waits at
+    /// most [`LOCK_TIMEOUT`] for any other lock.
+    async fn maintenance_transaction(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MAINTENANCE_LOCK)
             .execute(&mut *tx)
             .await?;
         sqlx::query(LOCK_TIMEOUT).execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
+    /// Creates the monthly partitions missing up to the one `at` falls in; returns their
+    /// names.
+    pub async fn ensure_partitions_through(&self, at: OffsetDateTime) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.maintenance_transaction().await?;
         let mut low: OffsetDateTime = sqlx::query_scalar("SELECT max(high) FROM message_partitions")
             .fetch_one(&mut *tx)
             .await?;
@@ -146,12 +153,7 @@ impl Store {
     /// with the count rows of its months, in one transaction; returns its name. Never the
     /// last partition.
     async fn drop_oldest_partition_before(&self, horizon: OffsetDateTime) -> Result<Option<String>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(MAINTENANCE_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(LOCK_TIMEOUT).execute(&mut *tx).await?;
+        let mut tx = self.maintenance_transaction().await?;
         let oldest: Option<(String, OffsetDateTime)> = sqlx::query_as(
             "SELECT name, high FROM message_partitions
              WHERE (SELECT count(*) FROM message_partitions) > 1 ORDER BY high LIMIT 1",
