@@ -121,13 +121,13 @@ impl StoreError {
         matches!(self, StoreError::Unavailable(_))
     }
 
-    /// A deadlock or serialisation failure: the transaction may simply be run again.
     /// A message fell in a month without a partition (a clock far ahead of maintenance).
     fn is_missing_partition(&self) -> bool {
         matches!(self, StoreError::Query(sqlx::Error::Database(db))
             if db.code().as_deref() == Some("23514") && db.message().starts_with("no partition of relation"))
     }
 
+    /// A deadlock or serialisation failure: the transaction may simply be run again.
     fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Query(sqlx::Error::Database(db))
             if db.code().is_some_and(|c| c == "40P01" || c == "40001"))
@@ -335,8 +335,10 @@ impl Store {
 
     /// Writes dialog states in one transaction under the epoch fence: a state carrying
     /// an unconfirmed refusal erases the dialog first (if that refusal is not fenced);
-    /// granted dialogs get their messages inserted (existing (dialog, seq) keys are left
-    /// alone). Pending states are not written. Retried on deadlock.
+    /// granted dialogs get their messages inserted (existing (dialog, seq, received_at)
+    /// keys are left alone). Pending states are not written. Retried on deadlock; a
+    /// message in a month without a partition yet (up to a year ahead) gets it created,
+    /// then written.
     pub async fn apply(&self, states: &[DialogState]) -> Result<Applied, StoreError> {
         let mut states: Vec<&DialogState> = states
             .iter()
