@@ -62,9 +62,9 @@ async fn drain(sandbox: &common::Sandbox, target: u64) -> Duration {
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..FLUSHERS {
-        let client = redis::Client::open(sandbox.settings.redis_url.as_str()).unwrap();
+        let connector = dapi::staging::Connector::new(&sandbox.settings.redis_url, false).unwrap();
         let queue = FlushQueue::new(
-            client,
+            &connector,
             sandbox.keys(),
             format!("bench-{index}"),
             Duration::from_secs(60),

@@ -15,7 +15,7 @@ use crate::flusher::Flusher;
 use axum::Router;
 
 use crate::http::{AppState, ops_router, router};
-use crate::staging::{FlushQueue, Keyspace, Staging, StagingError, unique_consumer_name};
+use crate::staging::{Connector, FlushQueue, Keyspace, Staging, StagingError, unique_consumer_name};
 use crate::store::{Store, StoreError};
 use crate::telemetry::chain;
 
@@ -55,7 +55,7 @@ pub struct Roles {
 
 /// Connects the stores: creates the database when missing and migrates (when enabled),
 /// retrying while PostgreSQL is not up yet. Redis is connected lazily.
-pub async fn connect(settings: &Settings) -> Result<(Staging, Store, redis::Client), StartError> {
+pub async fn connect(settings: &Settings) -> Result<(Staging, Store, Connector), StartError> {
     let store = with_patience("PostgreSQL", || async {
         let store = Store::connect(&settings.database_url).await?;
         if settings.migrate {
@@ -75,11 +75,11 @@ pub async fn connect(settings: &Settings) -> Result<(Staging, Store, redis::Clie
             tracing::warn!(error = %chain(&e), "the read replica has not replayed the primary's schema yet");
         }
     }
-    let client = redis::Client::open(settings.redis_url.as_str()).map_err(StartError::RedisUrl)?;
-    let staging = Staging::new(client.clone(), &settings.redis_prefix, settings.staging_ttl)?
+    let connector = Connector::new(&settings.redis_url, settings.redis_cluster).map_err(StartError::RedisUrl)?;
+    let staging = Staging::new(connector.clone(), &settings.redis_prefix, settings.staging_ttl)?
         .with_idempotency_window(settings.idempotency_window)
         .with_wait_replicas(settings.redis_wait_replicas)?;
-    Ok((staging, store, client))
+    Ok((staging, store, connector))
 }
 
 /// Applies migrations and returns (`dapi migrate`).
@@ -156,7 +156,7 @@ impl Running {
 /// (`/healthz`, `/readyz`, `/metrics`), so that health checks and scrapes reach it too.
 pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartError> {
     let settings = Arc::new(settings);
-    let (staging, store, client) = connect(&settings).await?;
+    let (staging, store, connector) = connect(&settings).await?;
     let listener = TcpListener::bind(settings.bind)
         .await
         .map_err(|source| StartError::Bind {
@@ -178,7 +178,7 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
     if roles.flusher {
         for _ in 0..settings.flushers {
             let queue = FlushQueue::new(
-                client.clone(),
+                &connector,
                 Keyspace::new(&settings.redis_prefix),
                 unique_consumer_name(&settings.host_name),
                 settings.flush_claim_idle,
@@ -190,17 +190,16 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
         }
     }
 
-    // Once per Redis, by the processes that run flushers (housekeeping, as the flush
-    // queue's own): expiries that dapi's first release left off (see the method).
-    // Abandoned at shutdown: it is idempotent, and the next start runs it again.
+    // Once per Redis, by the processes that run flushers: the keys older releases left
+    // brought up to this one's (staging/upgrade.rs), so that requests rarely wait for
+    // it (they do, until it is done). Abandoned at shutdown: it is idempotent, and the
+    // next start, or the next request, runs it again.
     if roles.flusher {
-        let (sweeping, stop) = (staging.clone(), shutdown.clone());
+        let (preparing, stop) = (staging.clone(), shutdown.clone());
         tasks.spawn(async move {
             tokio::select! {
-                swept = sweeping.expire_keys_older_releases_kept() => match swept {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(dialogs = n, "gave staged dialogs of an older release their expiry"),
-                    Err(e) => tracing::warn!(error = %chain(&e), "could not check staged dialogs for missing expiries; the next start will"),
+                prepared = preparing.prepare() => if let Err(e) = prepared {
+                    tracing::warn!(error = %chain(&e), "could not check Redis for keys of an older release; the next request will");
                 },
                 () = stop.cancelled() => {}
             }

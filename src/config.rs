@@ -37,6 +37,7 @@ mod default {
     pub const MAX_BATCH_BYTES: &str = "4194304";
     pub const REPLICA_WAIT: &str = "5s";
     pub const REDIS_WAIT_REPLICAS: &str = "0";
+    pub const REDIS_CLUSTER: &str = "false";
 }
 
 /// How values are written; `dapi --help` shows it below the options.
@@ -64,6 +65,13 @@ pub struct SettingsArgs {
     #[arg(long, env = "REDIS_URL", value_name = "URL", default_value = default::REDIS_URL,
           hide_env_values = true, global = true)]
     pub redis_url: String,
+
+    /// Speak Redis Cluster: REDIS_URL may then list seed nodes, comma-separated
+    /// (redis://a:7000,redis://b:7000); every node must be reachable by the addresses the
+    /// cluster announces
+    #[arg(long, env = "DAPI_REDIS_CLUSTER", value_name = "BOOL", default_value = default::REDIS_CLUSTER,
+          hide_env_values = true, global = true)]
+    pub redis_cluster: String,
 
     /// Answer a write (a message, a decision) only once this many Redis replicas hold it
     /// (WAIT, at most 1s; else 503 replication_timeout); 0: do not wait
@@ -277,6 +285,8 @@ pub struct Settings {
     pub database_url: String,
     /// A Redis URL that parses as a `redis::ConnectionInfo` (`REDIS_URL`).
     pub redis_url: String,
+    /// `REDIS_URL` lists seed nodes of a Redis Cluster (`DAPI_REDIS_CLUSTER`).
+    pub redis_cluster: bool,
     /// Redis replicas that must hold a write before it is answered (`DAPI_REDIS_WAIT_REPLICAS`).
     pub redis_wait_replicas: usize,
     /// The PostgreSQL that reads go to, when not `database_url` (`DATABASE_READ_URL`).
@@ -437,9 +447,11 @@ impl TryFrom<SettingsArgs> for Settings {
     type Error = ConfigError;
 
     fn try_from(args: SettingsArgs) -> Result<Self, ConfigError> {
+        let redis_cluster = boolean("DAPI_REDIS_CLUSTER", or(&args.redis_cluster, default::REDIS_CLUSTER))?;
         let settings = Settings {
             database_url: postgres_url("DATABASE_URL", or(&args.database_url, default::DATABASE_URL))?,
-            redis_url: redis_url("REDIS_URL", or(&args.redis_url, default::REDIS_URL))?,
+            redis_cluster,
+            redis_url: redis_url("REDIS_URL", or(&args.redis_url, default::REDIS_URL), redis_cluster)?,
             redis_wait_replicas: number(
                 "DAPI_REDIS_WAIT_REPLICAS",
                 or(&args.redis_wait_replicas, default::REDIS_WAIT_REPLICAS),
@@ -611,9 +623,20 @@ fn postgres_url(name: &'static str, raw: &str) -> Result<String, ConfigError> {
     Ok(raw.to_owned())
 }
 
-fn redis_url(name: &'static str, raw: &str) -> Result<String, ConfigError> {
-    redis::IntoConnectionInfo::into_connection_info(raw)
-        .map_err(|e| invalid(name, &format!("not a Redis URL ({e}); expected redis://host:port[/N]")))?;
+/// One Redis URL, or with `cluster` one or more seed URLs separated by commas.
+fn redis_url(name: &'static str, raw: &str, cluster: bool) -> Result<String, ConfigError> {
+    let urls: Vec<&str> = if cluster {
+        raw.split(',').map(str::trim).collect()
+    } else {
+        vec![raw]
+    };
+    for url in urls {
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| invalid(name, &format!("not a Redis URL ({e}); expected redis://host:port[/N]")))?;
+        if cluster && info.redis_settings().db() != 0 {
+            return Err(invalid(name, "a Redis Cluster has only database 0: drop the /N"));
+        }
+    }
     Ok(raw.to_owned())
 }
 
@@ -876,6 +899,22 @@ mod tests {
         assert_eq!(err, "line 2: the role must be `ingest` or `read`");
         assert!(Tokens::parse_file("ingest").is_err());
         assert!(Tokens::parse_file("read a b").is_err());
+    }
+
+    #[test]
+    fn a_cluster_takes_seed_urls_without_a_database_number() {
+        let s = settings(&[
+            ("DAPI_REDIS_CLUSTER", "true"),
+            ("REDIS_URL", "redis://10.0.0.1:7000, redis://10.0.0.2:7000"),
+        ])
+        .expect("valid"); // allow: test
+        assert!(s.redis_cluster);
+        for url in ["redis://10.0.0.1:7000/2", "redis://10.0.0.1:7000,nonsense"] {
+            let err = settings(&[("DAPI_REDIS_CLUSTER", "true"), ("REDIS_URL", url)]).expect_err(url); // allow: test
+            assert!(err.to_string().contains("REDIS_URL"), "{err}");
+        }
+        // One Redis: one URL.
+        assert!(settings(&[("REDIS_URL", "redis://a:1,redis://b:1")]).is_err());
     }
 
     #[test]

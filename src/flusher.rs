@@ -185,7 +185,6 @@ impl Flusher {
     /// other flusher claims and runs the same batch.
     pub async fn store_batch(&self, batch: &Batch) -> Result<Applied, FlushError> {
         let mut keep_alive = self.queue.keep_alive();
-        let ids: Vec<String> = batch.entries.iter().map(|e| e.id.clone()).collect();
         let write = self.store.apply(&batch.states);
         tokio::pin!(write);
         loop {
@@ -194,7 +193,7 @@ impl Flusher {
                 () = tokio::time::sleep(keep_alive.every) => {
                     // Best effort: at worst another flusher runs the batch again, which
                     // the (dialog, seq) key and the fence make harmless.
-                    if let Err(e) = keep_alive.touch(&ids).await {
+                    if let Err(e) = keep_alive.touch(&batch.entries).await {
                         tracing::debug!(error = %telemetry::chain(&e), "could not keep the batch's entries alive");
                     }
                 }
@@ -232,8 +231,7 @@ impl Flusher {
                 }
             })
             .collect();
-        let ids: Vec<String> = batch.entries.iter().map(|e| e.id.clone()).collect();
-        self.queue.finish(&done, &ids).await?;
+        self.queue.finish(&done, &batch.entries).await?;
         Ok(())
     }
 

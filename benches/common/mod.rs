@@ -49,8 +49,8 @@ impl Sandbox {
         let cleanup = Cleanup::new(&settings);
         let store = Store::connect(&settings.database_url).await.unwrap();
         store.migrate().await.unwrap();
-        let client = redis::Client::open(settings.redis_url.as_str()).unwrap();
-        let staging = Staging::new(client, &settings.redis_prefix, settings.staging_ttl).unwrap();
+        let connector = dapi::staging::Connector::new(&settings.redis_url, settings.redis_cluster).unwrap();
+        let staging = Staging::new(connector, &settings.redis_prefix, settings.staging_ttl).unwrap();
         Sandbox {
             settings,
             store,

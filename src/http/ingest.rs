@@ -36,8 +36,7 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
             create: Create::Not,
         })
         .collect();
-    let mut outcomes: Vec<Result<IngestOutcome, StagingError>> =
-        state.staging.stage(&first).await?.into_iter().map(Ok).collect();
+    let mut outcomes = state.staging.stage(&first).await?;
     let unknown: Vec<usize> = (0..offers.len())
         .filter(|&i| matches!(outcomes[i], Ok(IngestOutcome::Unknown)))
         .collect();
@@ -78,10 +77,10 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
         Ok(created) => {
             for (i, outcome) in second_at.into_iter().zip(created) {
                 outcomes[i] = match outcome {
-                    IngestOutcome::Unknown => Err(StagingError::Corrupt(
+                    Ok(IngestOutcome::Unknown) => Err(StagingError::Corrupt(
                         "the ingest script did not create the dialog it was told to",
                     )),
-                    outcome => Ok(outcome),
+                    outcome => outcome,
                 };
             }
         }

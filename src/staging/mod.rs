@@ -2,19 +2,21 @@
 //!
 //! # Key layout
 //!
-//! Every key of one dialog shares the hash tag `{d<dialogId>}`, so one dialog's keys
-//! live in one cluster slot. (The scripts also write the flush stream, and the flusher's
-//! snapshot and finish span many dialogs: Redis Cluster needs the stream sharded by the
-//! same tag first, which is not built yet. One Redis, or a primary with replicas, works.)
+//! Dialogs are spread over 64 fixed virtual shards ([`keys`]): every key of a dialog and
+//! its shard's flush stream carry the shard's hash tag `{<tag>}` (`s<k>.<j>`), so that on
+//! a Redis Cluster every script call stays in one slot. One Redis holds the same keys.
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<prefix>:{d<id>}:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `x`/`xt` epoch and time of a refusal whose PostgreSQL erasure is not confirmed yet, `u` 1 while the dialog is unverified (staged when PostgreSQL could not be asked about it) |
-//! | `<prefix>:{d<id>}:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text`, or `seq:receivedAt_µs:language\|messageId\|:text` when the client gave a `messageId` |
-//! | `<prefix>:{d<id>}:ids` | hash | `messageId` → `seq:decision` of the first message with that id; expires `DAPI_IDEMPOTENCY_WINDOW` after the last id was added |
-//! | `<prefix>:flush` | stream | flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
-//! | `<prefix>:{d<id>}:quarantined:meta`, `…:quarantined:msgs` | hash, list | a dialog the flusher could not read, set aside as it was |
-//! | `<prefix>:quarantine` | hash | dialog id → `<unix seconds> <reason>` of every dialog set aside |
+//! | `<prefix>:{<tag>}:d<id>:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `x`/`xt` epoch and time of a refusal whose PostgreSQL erasure is not confirmed yet, `u` 1 while the dialog is unverified (staged when PostgreSQL could not be asked about it) |
+//! | `<prefix>:{<tag>}:d<id>:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text`, or `seq:receivedAt_µs:language\|messageId\|:text` when the client gave a `messageId` |
+//! | `<prefix>:{<tag>}:d<id>:ids` | hash | `messageId` → `seq:decision` of the first message with that id; expires `DAPI_IDEMPOTENCY_WINDOW` after the last id was added |
+//! | `<prefix>:{<tag>}:flush` | stream | the shard's flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
+//! | `<prefix>:{<tag>}:d<id>:quarantined:meta`, `…:quarantined:msgs` | hash, list | a dialog the flusher could not read, set aside as it was |
+//! | `<prefix>:{<tag>}:quarantine` | hash | dialog id → `<unix seconds> <reason>` of every dialog of the shard set aside |
+//!
+//! Releases before the shards used `<prefix>:{d<id>}:…`, one `<prefix>:flush` and one
+//! `<prefix>:quarantine`; [`Staging::upgrade_layout`] moves them (see `upgrade`).
 //!
 //! # Expiry (Guarantee 5)
 //!
@@ -59,86 +61,29 @@
 //! against a flush, and keeps a stale flush of a forgotten incarnation from touching a
 //! later one.
 
+mod conn;
+pub mod keys;
 mod queue;
 mod replication;
+mod upgrade;
 
+pub use conn::{CLUSTER_RETRIES, Connector, RedisConn, Timeouts};
+pub use keys::{Keyspace, SHARDS, Shard};
 pub use queue::{Finished, FlushQueue, KeepAlive, QueueEntry, Settled, Snapshot, Unreadable, unique_consumer_name};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, FromRedisValue, Script, ScriptInvocation};
+use redis::{FromRedisValue, Script, ScriptInvocation};
+use tokio::sync::OnceCell;
 
 use crate::domain::{CustomerId, Decision, DialogId, IncomingMessage};
 
 /// How long a `messageId` is remembered per dialog unless configured otherwise.
 pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// The consumer group every flusher reads the flush stream through.
+/// The consumer group every flusher reads the flush streams through.
 pub const GROUP: &str = "flushers";
-
-/// Builds every Redis key dapi uses; the one place the layout above is written down in code.
-#[derive(Debug, Clone)]
-pub struct Keyspace {
-    prefix: Arc<str>,
-}
-
-impl Keyspace {
-    pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.into() }
-    }
-
-    pub fn meta(&self, dialog: i64) -> String {
-        format!("{}:{{d{dialog}}}:meta", self.prefix)
-    }
-
-    pub fn msgs(&self, dialog: i64) -> String {
-        format!("{}:{{d{dialog}}}:msgs", self.prefix)
-    }
-
-    pub fn ids(&self, dialog: i64) -> String {
-        format!("{}:{{d{dialog}}}:ids", self.prefix)
-    }
-
-    pub fn flush_stream(&self) -> String {
-        format!("{}:flush", self.prefix)
-    }
-
-    pub fn quarantined_meta(&self, dialog: i64) -> String {
-        format!("{}:{{d{dialog}}}:quarantined:meta", self.prefix)
-    }
-
-    pub fn quarantined_msgs(&self, dialog: i64) -> String {
-        format!("{}:{{d{dialog}}}:quarantined:msgs", self.prefix)
-    }
-
-    /// Dialog id → `<unix seconds> <reason>` of every dialog set aside.
-    pub fn quarantine_index(&self) -> String {
-        format!("{}:quarantine", self.prefix)
-    }
-
-    /// A pattern matching every dialog's meta key (for `SCAN`).
-    fn meta_pattern(&self) -> String {
-        format!("{}:{{d*}}:meta", self.prefix)
-    }
-
-    /// The marker that [`Staging::expire_keys_older_releases_kept`] has run: one fixed
-    /// key per prefix, which does not expire.
-    pub fn expiry_sweep_marker(&self) -> String {
-        format!("{}:upgrade:expiry-v1", self.prefix)
-    }
-
-    /// The key the replication task increments before each `WAIT` (one fixed key).
-    fn replication_fence(&self) -> String {
-        format!("{}:replication-fence", self.prefix)
-    }
-
-    /// A pattern matching every key of this prefix (for tests and operators' `SCAN`).
-    pub fn pattern(&self) -> String {
-        format!("{}:*", self.prefix)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StagingError {
@@ -253,10 +198,10 @@ pub struct Revival {
 }
 
 /// The request path's handle on Redis: one multiplexed, self-reconnecting connection
-/// shared by every request, and the scripts.
+/// shared by every request (one Redis or a cluster: see `conn`), and the scripts.
 #[derive(Clone)]
 pub struct Staging {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keyspace,
     ttl_ms: u64,
     idempotency_window_ms: u64,
@@ -264,10 +209,13 @@ pub struct Staging {
     /// Upper bound on one call, so that a Redis outage answers 503 promptly.
     call_timeout: Duration,
     /// Kept to open the replication task's own connection.
-    client: Client,
+    connector: Connector,
     /// Waits for replicas before a write is acknowledged (`DAPI_REDIS_WAIT_REPLICAS`);
     /// `None`: do not wait.
     replication: Option<replication::Replication>,
+    /// Set once the keys of releases before the shards have been moved (see `upgrade`):
+    /// nothing is staged or decided before.
+    layout: Arc<OnceCell<()>>,
 }
 
 impl std::fmt::Debug for Staging {
@@ -283,6 +231,7 @@ struct Scripts {
     consent: Script,
     finish: Script,
     expire: Script,
+    relocate: Script,
 }
 
 /// Milliseconds for `PEXPIRE`.
@@ -290,20 +239,32 @@ fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Indices of `items` grouped by their slot group, each group in the order given.
+fn by_slot_group<T>(keys: &Keyspace, items: &[T], dialog: impl Fn(&T) -> i64) -> Vec<(Shard, Vec<usize>)> {
+    let mut groups: Vec<(Shard, Vec<usize>)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let group = keys.slot_group(Keyspace::shard_of(dialog(item)));
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((group, vec![i])),
+        }
+    }
+    groups
+}
+
 impl Staging {
     /// Creates the handle without waiting for Redis: the connection is made on first use
-    /// and remade after every loss, so the service starts and recovers while Redis is away.
-    pub fn new(client: Client, prefix: &str, ttl: Duration) -> Result<Self, StagingError> {
+    /// and remade after every loss, so the service starts and recovers while Redis is
+    /// away. Needs a tokio runtime.
+    pub fn new(connector: Connector, prefix: &str, ttl: Duration) -> Result<Self, StagingError> {
         let call_timeout = Duration::from_secs(2);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(call_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let conn = connector.connect(Timeouts {
+            connect: Duration::from_secs(1),
+            response: call_timeout,
+        })?;
         Ok(Self {
             conn,
-            keys: Keyspace::new(prefix),
+            keys: Keyspace::new(prefix).for_cluster(connector.is_cluster()),
             ttl_ms: ttl_millis(ttl),
             idempotency_window_ms: ttl_millis(DEFAULT_IDEMPOTENCY_WINDOW),
             scripts: Arc::new(Scripts {
@@ -311,11 +272,17 @@ impl Staging {
                 consent: Script::new(include_str!("lua/consent.lua")),
                 finish: Script::new(include_str!("lua/finish.lua")),
                 expire: Script::new(include_str!("lua/expire.lua")),
+                relocate: Script::new(include_str!("lua/relocate.lua")),
             }),
             call_timeout,
-            client,
+            connector,
             replication: None,
+            layout: Arc::new(OnceCell::new()),
         })
+    }
+
+    pub fn keys(&self) -> &Keyspace {
+        &self.keys
     }
 
     /// Acknowledge a write (ingest, decision) only once `replicas` Redis replicas hold it
@@ -324,41 +291,118 @@ impl Staging {
     pub fn with_wait_replicas(mut self, replicas: usize) -> Result<Self, StagingError> {
         self.replication = match replicas {
             0 => None,
-            n => Some(replication::Replication::start(
-                self.client.clone(),
-                self.keys.replication_fence(),
-                n,
-            )?),
+            n => Some(replication::Replication::start(&self.connector, self.keys.clone(), n)?),
         };
         Ok(self)
     }
 
     /// Runs a script whose result is acknowledged to a client: with replicas to wait
-    /// for, only once they hold it.
+    /// for, only once they hold it (on the primary of `shard`, which ran it).
     async fn invoke_acknowledged<T: FromRedisValue>(
         &self,
+        shard: Shard,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StagingError> {
         let mut conn = self.conn.clone();
         let value = self.bounded(invocation.invoke_async(&mut conn)).await?;
         if let Some(replication) = &self.replication {
-            replication.confirm().await?;
+            replication.confirm(shard).await?;
         }
         Ok(value)
     }
 
-    /// Stages messages in one script call, one round trip: an outcome per message, in
-    /// order. `create` says, per message, what to do when Redis does not know its dialog
-    /// (see the module's "Redis forgetting a dialog").
-    pub async fn stage(&self, messages: &[NewMessage<'_>]) -> Result<Vec<IngestOutcome>, StagingError> {
+    /// Waits until the keys of an older release are where this one looks for them (once
+    /// per process; see `upgrade`).
+    async fn layout_ready(&self) -> Result<(), StagingError> {
+        self.layout
+            .get_or_try_init(|| async {
+                let moved = self.upgrade_layout().await?;
+                if moved.dialog_keys > 0 || moved.entries > 0 {
+                    tracing::info!(
+                        keys = moved.dialog_keys,
+                        entries = moved.entries,
+                        conflicts = moved.conflicts,
+                        "moved the staged dialogs of an older release to the sharded layout"
+                    );
+                }
+                Ok::<_, StagingError>(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Stages messages: one script call per slot group (one for everything on one Redis,
+    /// one per shard on a cluster), the groups at once, an outcome per message, in order.
+    /// `create` says, per message, what to do when Redis does not know its dialog (see
+    /// the module's "Redis forgetting a dialog"). `Err` when nothing was staged; a group
+    /// that failed while others were staged answers its messages with the error
+    /// ([`StagingError::Interrupted`], or [`StagingError::NotReplicated`]).
+    pub async fn stage(
+        &self,
+        messages: &[NewMessage<'_>],
+    ) -> Result<Vec<Result<IngestOutcome, StagingError>>, StagingError> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        self.layout_ready().await?;
+        let groups = by_slot_group(&self.keys, messages, |m| m.dialog.get());
+        if let [(_, _)] = groups.as_slice() {
+            let shard = Keyspace::shard_of(messages[0].dialog.get());
+            return Ok(self
+                .stage_group(shard, messages.iter())
+                .await?
+                .into_iter()
+                .map(Ok)
+                .collect());
+        }
+        let calls = groups.iter().map(|(_, members)| {
+            let shard = Keyspace::shard_of(messages[members[0]].dialog.get());
+            self.stage_group(shard, members.iter().map(|&i| &messages[i]))
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        if answers.iter().all(Result::is_err) {
+            return Err(answers
+                .into_iter()
+                .find_map(Result::err)
+                .unwrap_or(StagingError::Interrupted));
+        }
+        let mut outcomes: Vec<Option<Result<IngestOutcome, StagingError>>> = messages.iter().map(|_| None).collect();
+        for ((_, members), answer) in groups.iter().zip(answers) {
+            match answer {
+                Ok(staged) => {
+                    for (&i, outcome) in members.iter().zip(staged) {
+                        outcomes[i] = Some(Ok(outcome));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::telemetry::chain(&e), "Redis failed for part of a batch");
+                    for &i in members {
+                        outcomes[i] = Some(Err(match e {
+                            StagingError::NotReplicated { acked, wanted } => {
+                                StagingError::NotReplicated { acked, wanted }
+                            }
+                            _ => StagingError::Interrupted,
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(Err(StagingError::Corrupt("no outcome"))))
+            .collect())
+    }
+
+    /// One script call for messages of one slot group (`shard`: any of its shards, for
+    /// the replicas' confirmation).
+    async fn stage_group<'m>(
+        &self,
+        shard: Shard,
+        messages: impl ExactSizeIterator<Item = &'m NewMessage<'m>>,
+    ) -> Result<Vec<IngestOutcome>, StagingError> {
+        let count = messages.len();
         let mut invocation = self.scripts.ingest.prepare_invoke();
-        invocation
-            .key(self.keys.flush_stream())
-            .arg(self.ttl_ms)
-            .arg(self.idempotency_window_ms);
+        invocation.arg(self.ttl_ms).arg(self.idempotency_window_ms);
         for m in messages {
             let d = m.dialog.get();
             let (mode, last_seq) = match m.create {
@@ -371,6 +415,7 @@ impl Staging {
                 .key(self.keys.meta(d))
                 .key(self.keys.msgs(d))
                 .key(self.keys.ids(d))
+                .key(self.keys.flush_stream_of(d))
                 .arg(m.customer.get())
                 .arg(d)
                 .arg(m.message.language.as_str())
@@ -379,8 +424,8 @@ impl Staging {
                 .arg(mode)
                 .arg(last_seq);
         }
-        let replies: Vec<(String, i64, String)> = self.invoke_acknowledged(&invocation).await?;
-        if replies.len() != messages.len() {
+        let replies: Vec<(String, i64, String)> = self.invoke_acknowledged(shard, &invocation).await?;
+        if replies.len() != count {
             return Err(StagingError::Corrupt("ingest reply has the wrong length"));
         }
         replies
@@ -421,12 +466,13 @@ impl Staging {
         approved: bool,
         revival: Option<Revival>,
     ) -> Result<Option<Recorded>, StagingError> {
+        self.layout_ready().await?;
         let d = dialog.get();
         let mut invocation = self.scripts.consent.prepare_invoke();
         invocation
             .key(self.keys.meta(d))
             .key(self.keys.msgs(d))
-            .key(self.keys.flush_stream())
+            .key(self.keys.flush_stream_of(d))
             .key(self.keys.ids(d))
             .key(self.keys.quarantined_msgs(d))
             .arg(d)
@@ -437,7 +483,7 @@ impl Staging {
             None => invocation.arg("").arg(0),
         };
         let (status, epoch, customer, decided_at_us): (String, i64, i64, i64) =
-            self.invoke_acknowledged(&invocation).await?;
+            self.invoke_acknowledged(Keyspace::shard_of(d), &invocation).await?;
         Ok((status == "ok").then_some(Recorded {
             epoch,
             customer: CustomerId::from_stored(customer),
@@ -452,10 +498,11 @@ impl Staging {
         let d = dialog.get();
         let mut invocation = self.scripts.finish.prepare_invoke();
         invocation
-            .key(self.keys.flush_stream())
             .key(self.keys.meta(d))
             .key(self.keys.msgs(d))
             .key(self.keys.ids(d))
+            .key(self.keys.quarantined_msgs(d))
+            .key(self.keys.flush_stream_of(d))
             .arg(GROUP)
             .arg(1)
             .arg(self.ttl_ms)
@@ -469,112 +516,62 @@ impl Staging {
         Ok(())
     }
 
-    /// Gives every dialog's keys that an older release left without expiry their
-    /// `DAPI_STAGING_TTL`, from now (Guarantee 5: bounded staging). dapi's first release
-    /// kept a granted dialog's keys for ever; a Redis upgraded from it would keep every
-    /// granted dialog that never gets another message. Walks the dialogs with `SCAN`
-    /// (1000 at a time, one pipelined script call per dialog: each call stays within one
-    /// dialog's keys), skips refusals awaiting their erasure and dialogs set aside, and
-    /// then sets a marker so that later starts skip the walk. Safe to run from several
-    /// processes at once. Returns how many dialogs it gave an expiry.
-    pub async fn expire_keys_older_releases_kept(&self) -> Result<u64, StagingError> {
-        let mut conn = self.conn.clone();
-        let marker = self.keys.expiry_sweep_marker();
-        let done: bool = self
-            .bounded(redis::cmd("EXISTS").arg(&marker).query_async(&mut conn))
-            .await?;
-        if done {
-            return Ok(0);
-        }
-        let (pattern, prefix) = (self.keys.meta_pattern(), format!("{}:{{d", self.keys.prefix));
-        let mut cursor: u64 = 0;
-        let mut expired = 0;
-        loop {
-            let (next, metas): (u64, Vec<String>) = self
-                .bounded(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn),
-                )
-                .await?;
-            let dialogs: Vec<i64> = metas
-                .iter()
-                .filter_map(|key| key.strip_prefix(&prefix)?.strip_suffix("}:meta")?.parse().ok())
-                .collect();
-            if !dialogs.is_empty() {
-                let mut pipe = redis::pipe();
-                for &d in &dialogs {
-                    let mut invocation = self.scripts.expire.prepare_invoke();
-                    invocation
-                        .key(self.keys.meta(d))
-                        .key(self.keys.msgs(d))
-                        .arg(self.ttl_ms);
-                    pipe.invoke_script(&invocation);
-                }
-                // Loaded first: a pipeline cannot load a script on NOSCRIPT half-way.
-                let _: String = self.bounded(self.scripts.expire.load_async(&mut conn)).await?;
-                let set: Vec<u64> = self.bounded(pipe.query_async(&mut conn)).await?;
-                expired += set.iter().sum::<u64>();
-            }
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
-        let _: () = self
-            .bounded(redis::cmd("SET").arg(&marker).arg(1).query_async(&mut conn))
-            .await?;
-        Ok(expired)
-    }
-
-    /// The flush queue's length, entries delivered but not acknowledged, and the age of
-    /// its oldest entry (by Redis's clock), for `/metrics`.
+    /// The flush queue over every shard: entries in all streams, entries delivered but
+    /// not acknowledged, and the age of the oldest entry (by Redis's clock), for
+    /// `/metrics`. One pipeline per shard (a pipeline stays in one slot on a cluster).
     pub async fn queue_stats(&self) -> Result<QueueStats, StagingError> {
-        let stream = self.keys.flush_stream();
         let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.cmd("TIME")
-            .cmd("XLEN")
-            .arg(&stream)
-            .cmd("XRANGE")
-            .arg(&stream)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        let ((seconds, micros), length, first): ((u64, u64), u64, Vec<StreamEntry>) =
-            self.bounded(pipe.query_async(&mut conn)).await?;
-        let now_ms = seconds * 1000 + micros / 1000;
-        let oldest_ms = first
-            .first()
-            .and_then(|(id, _)| id.split('-').next())
-            .and_then(|ms| ms.parse::<u64>().ok());
-        // The pending count needs the group, which exists once a flusher has started.
-        let mut summary = redis::cmd("XPENDING");
-        summary.arg(&stream).arg(GROUP);
-        let pending = match self.bounded(summary.query_async::<Vec<redis::Value>>(&mut conn)).await {
-            Ok(summary) => summary
-                .first()
-                .and_then(|count| redis::from_redis_value_ref::<u64>(count).ok())
-                .unwrap_or_default(),
-            Err(StagingError::Redis(e)) if e.code() == Some("NOGROUP") => 0,
-            Err(e) => return Err(e),
+        let mut stats = QueueStats {
+            length: 0,
+            pending: 0,
+            oldest_age: Duration::ZERO,
         };
-        Ok(QueueStats {
-            length,
-            pending,
-            oldest_age: Duration::from_millis(oldest_ms.map_or(0, |ms| now_ms.saturating_sub(ms))),
-        })
+        for shard in 0..SHARDS {
+            let stream = self.keys.flush_stream(shard);
+            let mut pipe = redis::pipe();
+            pipe.cmd("TIME")
+                .cmd("XLEN")
+                .arg(&stream)
+                .cmd("XRANGE")
+                .arg(&stream)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
+            let ((seconds, micros), length, first): ((u64, u64), u64, Vec<StreamEntry>) =
+                self.bounded(pipe.query_async(&mut conn)).await?;
+            stats.length += length;
+            if length == 0 {
+                continue;
+            }
+            let now_ms = seconds * 1000 + micros / 1000;
+            let oldest_ms = first
+                .first()
+                .and_then(|(id, _)| id.split('-').next())
+                .and_then(|ms| ms.parse::<u64>().ok());
+            let age = Duration::from_millis(oldest_ms.map_or(0, |ms| now_ms.saturating_sub(ms)));
+            stats.oldest_age = stats.oldest_age.max(age);
+            // The pending count needs the group, which exists once a flusher has started.
+            let mut summary = redis::cmd("XPENDING");
+            summary.arg(&stream).arg(GROUP);
+            stats.pending += match self.bounded(summary.query_async::<Vec<redis::Value>>(&mut conn)).await {
+                Ok(summary) => summary
+                    .first()
+                    .and_then(|count| redis::from_redis_value_ref::<u64>(count).ok())
+                    .unwrap_or_default(),
+                Err(StagingError::Redis(e)) if e.code() == Some("NOGROUP") => 0,
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(stats)
     }
 
-    /// Answers whether Redis responds.
+    /// Answers whether Redis responds (on a cluster: the node of shard 0's slot).
     pub async fn ping(&self) -> Result<(), StagingError> {
         let mut conn = self.conn.clone();
-        let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
+        let mut ping = redis::cmd("EXISTS");
+        ping.arg(self.keys.flush_stream(0));
+        let _: i64 = self.bounded(ping.query_async(&mut conn)).await?;
         Ok(())
     }
 

@@ -1,5 +1,6 @@
-//! The flush queue: a Redis Stream of "this dialog has something for PostgreSQL" entries,
-//! read through the consumer group [`GROUP`](super::GROUP).
+//! The flush queue: a Redis Stream per shard of "this dialog has something for
+//! PostgreSQL" entries, each read through the consumer group [`GROUP`](super::GROUP).
+//! Flushers own no shards: every flusher reads every shard's stream (see "Rounds").
 //!
 //! # Delivery
 //!
@@ -28,8 +29,13 @@
 //! [`FlushQueue::next_entries`] first re-reads this consumer's own pending entries (after
 //! a failed batch, so nothing waits for the claim timeout), then claims entries idle past
 //! the timeout from other consumers (walking the pending list with `XAUTOCLAIM`'s cursor),
-//! then blocks for new ones. A lost consumer group (a Redis restart without persistence)
-//! is created again on the `NOGROUP` answer.
+//! then reads new ones. On one Redis that is one `XREADGROUP` over every shard's stream,
+//! blocking up to the block time; on a cluster a read cannot span slots, so the flusher
+//! sweeps the shards without blocking, one after the other from where its last sweep
+//! stopped, and rests briefly after a sweep that found nothing. A batch may hold entries
+//! of several shards; its snapshot and finish run one script call per slot group. A lost
+//! consumer group (a Redis restart without persistence) is created again on the
+//! `NOGROUP` answer.
 //!
 //! # Dialogs that cannot be read
 //!
@@ -38,24 +44,27 @@
 //! [`Unreadable`]; the flusher sets it aside with [`FlushQueue::quarantine`] and flushes
 //! the rest of its batch.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamClaimOptions, StreamId, StreamInfoConsumersReply,
     StreamReadOptions, StreamReadReply,
 };
-use redis::{Client, Script, Value};
+use redis::{Script, Value};
 use tokio::time::Instant;
 
-use super::{GROUP, Keyspace, StagingError, ttl_millis};
+use super::{Connector, GROUP, Keyspace, RedisConn, SHARDS, Shard, StagingError, Timeouts, ttl_millis};
 use crate::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage};
 
 /// How often a flusher looks for consumers that are gone.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How long a consumer with nothing pending must have been idle to count as gone.
 pub const CONSUMER_GONE_AFTER: Duration = Duration::from_secs(300);
+/// On a cluster, how long a flusher rests after a sweep over every shard found nothing
+/// (or the block time, if shorter).
+const IDLE_SWEEP_PAUSE: Duration = Duration::from_millis(100);
 
 /// A consumer name unique to this start of this process and this flusher task.
 pub fn unique_consumer_name(host: &str) -> String {
@@ -79,6 +88,8 @@ pub struct QueueEntry {
     /// `None` for an entry that names no dialog (not written by dapi): it is acknowledged
     /// and dropped.
     pub dialog: Option<i64>,
+    /// The shard whose stream holds it.
+    pub shard: Shard,
 }
 
 /// What a batch did for one dialog, for the finish script.
@@ -129,11 +140,11 @@ pub enum Settled {
 }
 
 /// One flusher task's handle on the flush queue, with its own connection (a blocking
-/// read holds a connection; sharing it would stall everyone else). A self-reconnecting
-/// `ConnectionManager` rather than a deadpool-redis pool: each task holds one connection
-/// for its whole life, which is all a pool would give it.
+/// read holds its connection; sharing it would stall everyone else). A self-reconnecting
+/// connection of its own rather than a deadpool-redis pool: each task holds one
+/// connection for its whole life, which is all a pool would give it.
 pub struct FlushQueue {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keyspace,
     consumer: String,
     claim_idle: Duration,
@@ -145,7 +156,14 @@ pub struct FlushQueue {
     settle: Script,
     quarantine: Script,
     read_own_pending: bool,
-    claim_cursor: String,
+    /// Entries read beyond the batch size (a read over many streams answers up to the
+    /// count per stream): delivered to this consumer, handed out before reading more.
+    ready: VecDeque<QueueEntry>,
+    /// `XAUTOCLAIM`'s cursor per shard.
+    claim_cursors: Vec<String>,
+    /// Where the next sweep over the shards starts (on a cluster), so every shard is
+    /// served in turn.
+    sweep_from: usize,
     last_claim: Option<Instant>,
     last_prune: Option<Instant>,
 }
@@ -160,48 +178,67 @@ impl std::fmt::Debug for FlushQueue {
 
 /// Keeps a batch's entries from looking idle while the batch is being worked on: a
 /// cheap `XCLAIM … JUSTID` of the entries to their own consumer resets their idle time.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KeepAlive {
-    conn: ConnectionManager,
-    stream: String,
+    conn: RedisConn,
+    keys: Keyspace,
     consumer: String,
     /// How often to touch the entries: well inside the claim idle time.
     pub every: Duration,
 }
 
+impl std::fmt::Debug for KeepAlive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeepAlive")
+            .field("every", &self.every)
+            .finish_non_exhaustive()
+    }
+}
+
 impl KeepAlive {
-    pub async fn touch(&mut self, ids: &[String]) -> Result<(), StagingError> {
-        if ids.is_empty() {
-            return Ok(());
+    /// One `XCLAIM` per shard the entries are in.
+    pub async fn touch(&mut self, entries: &[QueueEntry]) -> Result<(), StagingError> {
+        for (shard, ids) in ids_by_shard(entries) {
+            let options = StreamClaimOptions::default().with_justid();
+            let _: Value = self
+                .conn
+                .xclaim_options(self.keys.flush_stream(shard), GROUP, &self.consumer, 0, &ids, options)
+                .await?;
         }
-        let options = StreamClaimOptions::default().with_justid();
-        let _: Value = self
-            .conn
-            .xclaim_options(&self.stream, GROUP, &self.consumer, 0, ids, options)
-            .await?;
         Ok(())
     }
 }
 
+/// Entry ids grouped by shard, shards in ascending order.
+fn ids_by_shard(entries: &[QueueEntry]) -> Vec<(Shard, Vec<String>)> {
+    let mut groups: Vec<(Shard, Vec<String>)> = Vec::new();
+    for e in entries {
+        match groups.iter_mut().find(|(s, _)| *s == e.shard) {
+            Some((_, ids)) => ids.push(e.id.clone()),
+            None => groups.push((e.shard, vec![e.id.clone()])),
+        }
+    }
+    groups.sort_by_key(|(s, _)| *s);
+    groups
+}
+
 impl FlushQueue {
     pub fn new(
-        client: Client,
+        connector: &Connector,
         keys: Keyspace,
         consumer: String,
         claim_idle: Duration,
         block: Duration,
         ttl: Duration,
     ) -> Result<Self, StagingError> {
-        // redis-rs times every call out after 500 ms by default; a blocking read must
-        // be allowed to block (redis-rs #1924).
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(block + Duration::from_secs(5)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
+        // A blocking read must be allowed to block (redis-rs #1924).
+        let conn = connector.connect(Timeouts {
+            connect: Duration::from_secs(1),
+            response: block + Duration::from_secs(5),
+        })?;
         Ok(Self {
-            conn: ConnectionManager::new_lazy_with_config(client, config)?,
-            keys,
+            conn,
+            keys: keys.for_cluster(connector.is_cluster()),
             consumer,
             claim_idle,
             block,
@@ -212,7 +249,9 @@ impl FlushQueue {
             settle: Script::new(include_str!("lua/settle.lua")),
             quarantine: Script::new(include_str!("lua/quarantine.lua")),
             read_own_pending: true,
-            claim_cursor: "0-0".into(),
+            ready: VecDeque::new(),
+            claim_cursors: vec!["0-0".into(); usize::from(SHARDS)],
+            sweep_from: 0,
             last_claim: None,
             last_prune: None,
         })
@@ -226,15 +265,16 @@ impl FlushQueue {
     pub fn keep_alive(&self) -> KeepAlive {
         KeepAlive {
             conn: self.conn.clone(),
-            stream: self.keys.flush_stream(),
+            keys: self.keys.clone(),
             consumer: self.consumer.clone(),
             every: (self.claim_idle / 3).max(Duration::from_millis(100)),
         }
     }
 
-    /// The next entries for this consumer: its own pending ones first, then entries of
-    /// other consumers idle past the claim timeout, then new ones (blocking up to the
-    /// block time). An empty answer means nothing arrived in that time.
+    /// The next entries for this consumer, at most `count`, from any shards: its own
+    /// pending ones first, then entries of other consumers idle past the claim timeout,
+    /// then new ones (waiting up to the block time). An empty answer means nothing
+    /// arrived in that time.
     pub async fn next_entries(&mut self, count: usize) -> Result<Vec<QueueEntry>, StagingError> {
         match self.next_entries_once(count).await {
             Err(StagingError::Redis(e)) if e.code() == Some("NOGROUP") => {
@@ -245,14 +285,24 @@ impl FlushQueue {
         }
     }
 
+    /// Up to `count` entries from `ready`.
+    fn take_ready(&mut self, count: usize) -> Vec<QueueEntry> {
+        let n = count.min(self.ready.len());
+        self.ready.drain(..n).collect()
+    }
+
     async fn next_entries_once(&mut self, count: usize) -> Result<Vec<QueueEntry>, StagingError> {
-        let stream = self.keys.flush_stream();
+        let count = count.max(1);
+        if !self.ready.is_empty() {
+            return Ok(self.take_ready(count));
+        }
         if self.read_own_pending {
-            let options = StreamReadOptions::default().group(GROUP, &self.consumer).count(count);
-            let reply: Option<StreamReadReply> = self.conn.xread_options(&[&stream], &["0"], &options).await?;
-            let entries = entries_of(reply);
-            if !entries.is_empty() {
-                return Ok(entries);
+            for group in self.keys.shard_groups() {
+                let read = self.read_group(&group, "0", count, None).await?;
+                self.ready.extend(read);
+            }
+            if !self.ready.is_empty() {
+                return Ok(self.take_ready(count));
             }
             self.read_own_pending = false;
         }
@@ -267,100 +317,187 @@ impl FlushQueue {
         }
 
         if self.last_claim.is_none_or(|at| at.elapsed() >= self.claim_idle / 2) {
+            let claimed = self.claim(count).await?;
+            if !claimed.is_empty() {
+                return Ok(claimed);
+            }
+        }
+
+        let groups = self.keys.shard_groups();
+        if let [group] = groups.as_slice() {
+            // One Redis: one blocking read over every shard's stream.
+            let read = self.read_group(group, ">", count, Some(self.block)).await?;
+            self.ready.extend(read);
+            return Ok(self.take_ready(count));
+        }
+        // A cluster: a read may not span slots, and a blocking read per shard would
+        // hold its node's connection; sweep the shards without blocking, from where the
+        // last sweep stopped, and pause after a sweep that found nothing.
+        let mut taken = Vec::new();
+        for step in 0..groups.len() {
+            let at = (self.sweep_from + step) % groups.len();
+            let read = self.read_group(&groups[at], ">", count - taken.len(), None).await?;
+            taken.extend(read);
+            if taken.len() >= count {
+                self.sweep_from = (at + 1) % groups.len();
+                return Ok(taken);
+            }
+        }
+        if taken.is_empty() {
+            tokio::time::sleep(self.block.min(IDLE_SWEEP_PAUSE)).await;
+        }
+        Ok(taken)
+    }
+
+    /// `XREADGROUP` over the streams of `shards` (one slot group), from `id` (`>` new
+    /// entries, `0` this consumer's pending ones), up to `count` per stream.
+    async fn read_group(
+        &mut self,
+        shards: &[Shard],
+        id: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<QueueEntry>, StagingError> {
+        let streams: Vec<String> = shards.iter().map(|&s| self.keys.flush_stream(s)).collect();
+        let ids = vec![id; streams.len()];
+        let mut options = StreamReadOptions::default().group(GROUP, &self.consumer).count(count);
+        if let Some(block) = block {
+            options = options.block(usize::try_from(block.as_millis()).unwrap_or(1000));
+        }
+        let reply: Option<StreamReadReply> = self.conn.xread_options(&streams, &ids, &options).await?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .filter_map(|k| {
+                let shard = self.keys.shard_of_stream(&k.key)?;
+                Some(k.ids.into_iter().map(move |id| entry_of(shard, &id)))
+            })
+            .flatten()
+            .collect())
+    }
+
+    /// Claims entries idle past the claim timeout from other consumers: walks each
+    /// shard's pending list with `XAUTOCLAIM`'s cursor, and rests until the next claim
+    /// time once every cursor went round.
+    async fn claim(&mut self, count: usize) -> Result<Vec<QueueEntry>, StagingError> {
+        let idle = u64::try_from(self.claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let mut claimed = Vec::new();
+        for shard in 0..SHARDS {
+            let cursor = &mut self.claim_cursors[usize::from(shard)];
+            if claimed.len() >= count {
+                break;
+            }
             let reply: StreamAutoClaimReply = self
                 .conn
                 .xautoclaim_options(
-                    &stream,
+                    self.keys.flush_stream(shard),
                     GROUP,
                     &self.consumer,
-                    u64::try_from(self.claim_idle.as_millis()).unwrap_or(u64::MAX),
-                    &self.claim_cursor,
-                    StreamAutoClaimOptions::default().count(count),
+                    idle,
+                    cursor.as_str(),
+                    StreamAutoClaimOptions::default().count(count - claimed.len()),
                 )
                 .await?;
-            // The cursor walks the pending list; "0-0" means it went round: rest until
-            // the next claim time.
-            let wrapped = reply.next_stream_id == "0-0";
-            self.claim_cursor = reply.next_stream_id;
-            if wrapped {
-                self.last_claim = Some(Instant::now());
-            }
-            if !reply.claimed.is_empty() {
-                return Ok(reply.claimed.iter().map(entry_of).collect());
-            }
+            *cursor = reply.next_stream_id;
+            claimed.extend(reply.claimed.iter().map(|id| entry_of(shard, id)));
         }
-
-        let block = usize::try_from(self.block.as_millis()).unwrap_or(1000);
-        let options = StreamReadOptions::default()
-            .group(GROUP, &self.consumer)
-            .count(count)
-            .block(block);
-        let reply: Option<StreamReadReply> = self.conn.xread_options(&[&stream], &[">"], &options).await?;
-        Ok(entries_of(reply))
+        // "0-0": the cursor went round its pending list.
+        if self.claim_cursors.iter().all(|c| c == "0-0") {
+            self.last_claim = Some(Instant::now());
+        }
+        Ok(claimed)
     }
 
-    /// Creates the consumer group (and the stream) if missing; reading from the start,
-    /// so entries written before the group existed are not skipped.
+    /// Creates the consumer group (and the stream) of every shard where missing;
+    /// reading from the start, so entries written before the group existed are not
+    /// skipped.
     pub async fn create_group(&mut self) -> Result<(), StagingError> {
-        let created: Result<(), _> = self
-            .conn
-            .xgroup_create_mkstream(self.keys.flush_stream(), GROUP, "0")
-            .await;
-        match created {
-            Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
-            _ => Ok(()),
+        for shard in 0..SHARDS {
+            let created: Result<(), _> = self
+                .conn
+                .xgroup_create_mkstream(self.keys.flush_stream(shard), GROUP, "0")
+                .await;
+            match created {
+                Err(e) if e.code() != Some("BUSYGROUP") => return Err(e.into()),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// Deletes other consumers idle for longer than `gone_after` that hold no pending
-    /// entry: each process start adds consumer names, and the group would otherwise keep
-    /// them all. Flushers call it every minute with [`CONSUMER_GONE_AFTER`] (or ten claim
-    /// timeouts, if longer). Returns how many were deleted.
+    /// entry, shard by shard: each process start adds consumer names, and the groups
+    /// would otherwise keep them all. Flushers call it every minute with
+    /// [`CONSUMER_GONE_AFTER`] (or ten claim timeouts, if longer). Returns how many
+    /// consumers were deleted (counted once per shard).
     pub async fn prune_gone_consumers(&mut self, gone_after: Duration) -> Result<usize, StagingError> {
-        let info: StreamInfoConsumersReply = self.conn.xinfo_consumers(self.keys.flush_stream(), GROUP).await?;
-        let gone: Vec<String> = info
-            .consumers
-            .into_iter()
-            .filter(|c| c.pending == 0 && c.name != self.consumer && c.idle as u128 >= gone_after.as_millis())
-            .map(|c| c.name)
-            .collect();
-        if gone.is_empty() {
-            return Ok(0);
+        let mut deleted = 0;
+        for shard in 0..SHARDS {
+            let stream = self.keys.flush_stream(shard);
+            let info: StreamInfoConsumersReply = match self.conn.xinfo_consumers(&stream, GROUP).await {
+                Err(e) if e.code() == Some("NOGROUP") => continue,
+                other => other?,
+            };
+            let gone: Vec<String> = info
+                .consumers
+                .into_iter()
+                .filter(|c| c.pending == 0 && c.name != self.consumer && c.idle as u128 >= gone_after.as_millis())
+                .map(|c| c.name)
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let mut invocation = self.prune.prepare_invoke();
+            invocation.key(&stream).arg(GROUP).arg(&gone);
+            let n: usize = invocation.invoke_async(&mut self.conn).await?;
+            deleted += n;
         }
-        let mut invocation = self.prune.prepare_invoke();
-        invocation.key(self.keys.flush_stream()).arg(GROUP).arg(&gone);
-        let deleted: usize = invocation.invoke_async(&mut self.conn).await?;
         Ok(deleted)
     }
 
-    /// Reads the state of `dialogs` in one atomic round trip (the snapshot script), with
-    /// at most `max_messages` per dialog and about `byte_budget` bytes of messages in all.
-    /// Dialogs Redis no longer knows are left out; every other dialog is answered, as
-    /// ready, unverified, or unreadable.
+    /// Reads the state of `dialogs` atomically per slot group (the snapshot script: one
+    /// call on one Redis, one per shard on a cluster), with at most `max_messages` per
+    /// dialog and about `byte_budget` bytes of messages in all. Dialogs Redis no longer
+    /// knows are left out; every other dialog is answered, as ready, unverified, or
+    /// unreadable.
     pub async fn snapshot(
         &mut self,
         dialogs: &[i64],
         max_messages: usize,
         byte_budget: usize,
     ) -> Result<Vec<Snapshot>, StagingError> {
-        if dialogs.is_empty() {
-            return Ok(Vec::new());
+        let mut out = Vec::with_capacity(dialogs.len());
+        let mut budget = byte_budget;
+        for (_, members) in super::by_slot_group(&self.keys, dialogs, |&d| d) {
+            let mut invocation = self.snapshot.prepare_invoke();
+            for &i in &members {
+                invocation
+                    .key(self.keys.meta(dialogs[i]))
+                    .key(self.keys.msgs(dialogs[i]));
+            }
+            // What an earlier group used is not this one's; the first message of a
+            // call always fits, so a batch always moves on.
+            invocation.arg(max_messages).arg(budget.max(1));
+            // Raw values: one dialog's bad field must not fail the whole answer's decoding.
+            let replies: Vec<Vec<Value>> = invocation.invoke_async(&mut self.conn).await?;
+            if replies.len() != members.len() {
+                return Err(StagingError::Corrupt("snapshot reply has the wrong length"));
+            }
+            for (&i, fields) in members.iter().zip(replies) {
+                if let Some(snapshot) = read_snapshot(dialogs[i], &fields) {
+                    if let Snapshot::Ready(state) = &snapshot {
+                        let used: usize = state
+                            .messages
+                            .iter()
+                            .map(|m| m.text.len() + m.language.len() + 32)
+                            .sum();
+                        budget = budget.saturating_sub(used);
+                    }
+                    out.push(snapshot);
+                }
+            }
         }
-        let mut invocation = self.snapshot.prepare_invoke();
-        for &d in dialogs {
-            invocation.key(self.keys.meta(d)).key(self.keys.msgs(d));
-        }
-        invocation.arg(max_messages).arg(byte_budget);
-        // Raw values: one dialog's bad field must not fail the whole answer's decoding.
-        let replies: Vec<Vec<Value>> = invocation.invoke_async(&mut self.conn).await?;
-        if replies.len() != dialogs.len() {
-            return Err(StagingError::Corrupt("snapshot reply has the wrong length"));
-        }
-        Ok(dialogs
-            .iter()
-            .zip(replies)
-            .filter_map(|(&d, fields)| read_snapshot(d, &fields))
-            .collect())
+        Ok(out)
     }
 
     /// Settles an unverified dialog with what PostgreSQL holds of it: `granted` is its
@@ -384,8 +521,8 @@ impl FlushQueue {
     }
 
     /// Sets a dialog aside: its messages (and, unless `messages_only`, its state) move,
-    /// unchanged, to the quarantine names and the reason is recorded (see README,
-    /// "Quarantine").
+    /// unchanged, to the quarantine names and the reason is recorded in its shard's
+    /// quarantine index (see README, "Quarantine").
     pub async fn quarantine(&mut self, dialog: i64, reason: &str, messages_only: bool) -> Result<(), StagingError> {
         let mut invocation = self.quarantine.prepare_invoke();
         invocation
@@ -393,7 +530,7 @@ impl FlushQueue {
             .key(self.keys.msgs(dialog))
             .key(self.keys.quarantined_meta(dialog))
             .key(self.keys.quarantined_msgs(dialog))
-            .key(self.keys.quarantine_index())
+            .key(self.keys.quarantine_index(Keyspace::shard_of(dialog)))
             .arg(dialog)
             .arg(reason)
             .arg(if messages_only { "msgs" } else { "all" });
@@ -403,30 +540,51 @@ impl FlushQueue {
 
     /// After the PostgreSQL commit: trims what was written, forgets refusals that are now
     /// erased, re-queues dialogs that still have messages, and acknowledges and deletes
-    /// the entries. One script call.
-    pub async fn finish(&mut self, done: &[Finished], entry_ids: &[String]) -> Result<(), StagingError> {
-        let mut invocation = self.finish.prepare_invoke();
-        invocation.key(self.keys.flush_stream());
-        for f in done {
-            invocation
-                .key(self.keys.meta(f.dialog))
-                .key(self.keys.msgs(f.dialog))
-                .key(self.keys.ids(f.dialog))
-                .key(self.keys.quarantined_msgs(f.dialog));
+    /// the entries. One script call per slot group (one on one Redis); a group that
+    /// fails leaves its entries pending, to be run again (harmless: see the module doc).
+    pub async fn finish(&mut self, done: &[Finished], entries: &[QueueEntry]) -> Result<(), StagingError> {
+        let mut groups: Vec<Shard> = done
+            .iter()
+            .map(|f| self.keys.slot_group(Keyspace::shard_of(f.dialog)))
+            .chain(entries.iter().map(|e| self.keys.slot_group(e.shard)))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        for group in groups {
+            let dialogs: Vec<&Finished> = done
+                .iter()
+                .filter(|f| self.keys.slot_group(Keyspace::shard_of(f.dialog)) == group)
+                .collect();
+            let streams: Vec<(Shard, Vec<String>)> = ids_by_shard(entries)
+                .into_iter()
+                .filter(|(shard, _)| self.keys.slot_group(*shard) == group)
+                .collect();
+            let mut invocation = self.finish.prepare_invoke();
+            for f in &dialogs {
+                invocation
+                    .key(self.keys.meta(f.dialog))
+                    .key(self.keys.msgs(f.dialog))
+                    .key(self.keys.ids(f.dialog))
+                    .key(self.keys.quarantined_msgs(f.dialog))
+                    .key(self.keys.flush_stream_of(f.dialog));
+            }
+            for (shard, _) in &streams {
+                invocation.key(self.keys.flush_stream(*shard));
+            }
+            invocation.arg(GROUP).arg(dialogs.len()).arg(self.ttl_ms);
+            for f in &dialogs {
+                invocation
+                    .arg(f.dialog)
+                    .arg(f.last_seq)
+                    .arg(f.read)
+                    .arg(f.erased_refusal)
+                    .arg(f.store_refusal);
+            }
+            for (_, ids) in &streams {
+                invocation.arg(ids.len()).arg(ids);
+            }
+            let _: i64 = invocation.invoke_async(&mut self.conn).await?;
         }
-        invocation.arg(GROUP).arg(done.len()).arg(self.ttl_ms);
-        for f in done {
-            invocation
-                .arg(f.dialog)
-                .arg(f.last_seq)
-                .arg(f.read)
-                .arg(f.erased_refusal)
-                .arg(f.store_refusal);
-        }
-        for id in entry_ids {
-            invocation.arg(id);
-        }
-        let _: i64 = invocation.invoke_async(&mut self.conn).await?;
         Ok(())
     }
 
@@ -434,6 +592,8 @@ impl FlushQueue {
     /// next round retries them at once.
     pub fn retry_own_pending(&mut self) {
         self.read_own_pending = true;
+        // They are among the pending entries the next round reads.
+        self.ready.clear();
     }
 }
 
@@ -555,19 +715,11 @@ fn decode_message(raw: &[u8]) -> Option<StagedMessage> {
     })
 }
 
-fn entries_of(reply: Option<StreamReadReply>) -> Vec<QueueEntry> {
-    reply
-        .into_iter()
-        .flat_map(|r| r.keys)
-        .flat_map(|k| k.ids)
-        .map(|id| entry_of(&id))
-        .collect()
-}
-
-fn entry_of(id: &StreamId) -> QueueEntry {
+fn entry_of(shard: Shard, id: &StreamId) -> QueueEntry {
     QueueEntry {
         id: id.id.clone(),
         dialog: id.get::<i64>("d"),
+        shard,
     }
 }
 

@@ -10,7 +10,9 @@
 //! the primary took before it — among them every waiter's write, which had been answered
 //! before the waiter asked. A waiter is only ever answered by a round begun after it
 //! asked. Fence and `WAIT` go in one pipeline, on one connection, so a reconnect cannot
-//! split them.
+//! split them. On a Redis Cluster each primary replicates on its own: a round fences and
+//! waits on the primary of each shard its waiters wrote to (the fence is a key of that
+//! shard, and the pipeline is routed by it).
 //!
 //! What this does not cover (a review's finding, left open): the write and the fence go
 //! on different connections. If, between a write and its round, the primary behind the
@@ -21,11 +23,9 @@
 
 use std::time::Duration;
 
-use redis::Client;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, oneshot};
 
-use super::StagingError;
+use super::{Connector, Keyspace, RedisConn, Shard, StagingError, Timeouts};
 
 /// How long a round waits for the replicas before the writes it covers are answered 503
 /// `replication_timeout`.
@@ -34,32 +34,36 @@ const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// One round's answer: how many replicas confirmed, or why Redis could not be asked.
 type Confirmed = Result<usize, String>;
 
+/// A waiter: the shard its write went to, and where to answer.
+type Waiter = (Shard, oneshot::Sender<Confirmed>);
+
 /// A handle on the waiting task; the task ends when every handle is dropped.
 #[derive(Debug, Clone)]
 pub(super) struct Replication {
-    queue: mpsc::UnboundedSender<oneshot::Sender<Confirmed>>,
+    queue: mpsc::UnboundedSender<Waiter>,
     wanted: usize,
 }
 
 impl Replication {
     /// Starts the task on the current tokio runtime, with a connection of its own.
-    pub(super) fn start(client: Client, fence: String, wanted: usize) -> Result<Self, StagingError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(WAIT_TIMEOUT + Duration::from_secs(1)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+    pub(super) fn start(connector: &Connector, keys: Keyspace, wanted: usize) -> Result<Self, StagingError> {
+        let conn = connector.connect(Timeouts {
+            connect: Duration::from_secs(1),
+            response: WAIT_TIMEOUT + Duration::from_secs(1),
+        })?;
         let (queue, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(run(conn, fence, wanted, waiting));
+        tokio::spawn(run(conn, keys, wanted, waiting));
         Ok(Self { queue, wanted })
     }
 
     /// Returns once the replicas asked for hold every write this process had answered
-    /// before the call; [`StagingError::NotReplicated`] when they did not confirm in time.
-    pub(super) async fn confirm(&self) -> Result<(), StagingError> {
+    /// on `shard`'s primary before the call; [`StagingError::NotReplicated`] when they
+    /// did not confirm in time.
+    pub(super) async fn confirm(&self, shard: Shard) -> Result<(), StagingError> {
         let (answer, answered) = oneshot::channel();
-        self.queue.send(answer).map_err(|_| StagingError::Interrupted)?;
+        self.queue
+            .send((shard, answer))
+            .map_err(|_| StagingError::Interrupted)?;
         match answered.await {
             Ok(Ok(acked)) if acked >= self.wanted => Ok(()),
             Ok(Ok(acked)) => Err(StagingError::NotReplicated {
@@ -74,36 +78,51 @@ impl Replication {
     }
 }
 
-async fn run(
-    mut conn: ConnectionManager,
-    fence: String,
-    wanted: usize,
-    mut waiting: mpsc::UnboundedReceiver<oneshot::Sender<Confirmed>>,
-) {
-    let wait_ms = u64::try_from(WAIT_TIMEOUT.as_millis()).unwrap_or(1000);
+/// Answers waiters in rounds; a round asks each slot group its waiters wrote to (one on
+/// one Redis, one per shard on a cluster) at once.
+async fn run(conn: RedisConn, keys: Keyspace, wanted: usize, mut waiting: mpsc::UnboundedReceiver<Waiter>) {
     while let Some(first) = waiting.recv().await {
         let mut round = vec![first];
         while let Ok(next) = waiting.try_recv() {
             round.push(next);
         }
-        let mut pipe = redis::pipe();
-        pipe.cmd("INCR")
-            .arg(&fence)
-            .ignore()
-            .cmd("WAIT")
-            .arg(wanted)
-            .arg(wait_ms);
-        let asked = pipe.query_async::<(usize,)>(&mut conn);
-        let confirmed: Confirmed = match tokio::time::timeout(WAIT_TIMEOUT + Duration::from_secs(1), asked).await {
-            Ok(Ok((acked,))) => Ok(acked),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("Redis did not answer WAIT in time".to_owned()),
-        };
-        if let Err(e) = &confirmed {
-            tracing::debug!(error = %e, "could not ask Redis's replicas");
-        }
-        for waiter in round {
-            let _ = waiter.send(confirmed.clone());
+        let mut groups: Vec<Shard> = round.iter().map(|(shard, _)| keys.slot_group(*shard)).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let asks = groups.iter().map(|&group| {
+            // Any shard of the group names its primary; the group's own number is one.
+            let fence = keys.replication_fence(group);
+            ask(conn.clone(), fence, wanted)
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        for (shard, waiter) in round {
+            let group = keys.slot_group(shard);
+            let at = groups.iter().position(|&g| g == group).unwrap_or_default();
+            let _ = waiter.send(answers.get(at).cloned().unwrap_or(Err("no answer".into())));
         }
     }
+}
+
+/// One fence and `WAIT` on the primary of `fence`'s slot: in one pipeline, so both go on
+/// one connection to that node (on a cluster the pipeline is routed by the fence's key;
+/// `WAIT` alone would go to every primary).
+async fn ask(mut conn: RedisConn, fence: String, wanted: usize) -> Confirmed {
+    let wait_ms = u64::try_from(WAIT_TIMEOUT.as_millis()).unwrap_or(1000);
+    let mut pipe = redis::pipe();
+    pipe.cmd("INCR")
+        .arg(&fence)
+        .ignore()
+        .cmd("WAIT")
+        .arg(wanted)
+        .arg(wait_ms);
+    let asked = pipe.query_async::<(usize,)>(&mut conn);
+    let confirmed: Confirmed = match tokio::time::timeout(WAIT_TIMEOUT + Duration::from_secs(1), asked).await {
+        Ok(Ok((acked,))) => Ok(acked),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("Redis did not answer WAIT in time".to_owned()),
+    };
+    if let Err(e) = &confirmed {
+        tracing::debug!(error = %e, "could not ask Redis's replicas");
+    }
+    confirmed
 }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dapi::config::Settings;
-use dapi::staging::Keyspace;
+use dapi::staging::{Connector, Keyspace, Timeouts};
 
 /// Drops the database of `settings.database_url` and deletes every key under
 /// `settings.redis_prefix` on `settings.redis_url` when dropped. Make it before pointing
@@ -14,6 +14,7 @@ use dapi::staging::Keyspace;
 pub struct Cleanup {
     database_url: String,
     redis_url: String,
+    cluster: bool,
     pattern: String,
 }
 
@@ -26,6 +27,7 @@ impl Cleanup {
         Self {
             database_url: settings.database_url.clone(),
             redis_url: settings.redis_url.clone(),
+            cluster: settings.redis_cluster,
             pattern: Keyspace::new(&settings.redis_prefix).pattern(),
         }
     }
@@ -35,27 +37,33 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         // On a thread of its own: Drop cannot await, and the caller's runtime may be
         // shutting down.
-        let (database_url, redis_url, pattern) =
-            (self.database_url.clone(), self.redis_url.clone(), self.pattern.clone());
+        let (database_url, redis_url, cluster, pattern) = (
+            self.database_url.clone(),
+            self.redis_url.clone(),
+            self.cluster,
+            self.pattern.clone(),
+        );
         let cleanup = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
                 return;
             };
             runtime.block_on(async move {
-                let _ = tokio::time::timeout(BOUND, remove(&database_url, &redis_url, &pattern)).await;
+                let _ = tokio::time::timeout(BOUND, remove(&database_url, &redis_url, cluster, &pattern)).await;
             });
         });
         let _ = cleanup.join();
     }
 }
 
-async fn remove(database_url: &str, redis_url: &str, pattern: &str) {
+async fn remove(database_url: &str, redis_url: &str, cluster: bool, pattern: &str) {
     use sqlx::migrate::MigrateDatabase;
     let _ = sqlx::Postgres::force_drop_database(database_url).await;
-    let Ok(client) = redis::Client::open(redis_url) else {
-        return;
+    let timeouts = Timeouts {
+        connect: Duration::from_secs(1),
+        response: Duration::from_secs(5),
     };
-    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+    // On a cluster, KEYS asks every primary and DEL is split by slot (redis-rs routes both).
+    let Ok(mut conn) = Connector::new(redis_url, cluster).and_then(|c| c.connect(timeouts)) else {
         return;
     };
     let keys: Vec<String> = redis::cmd("KEYS")

@@ -5,8 +5,9 @@
 use std::process::{Command, Output};
 
 /// Every variable of SPEC's environment table that dapi implements, and dapi's own.
-const VARIABLES: [&str; 32] = [
+const VARIABLES: [&str; 33] = [
     "DAPI_REDIS_WAIT_REPLICAS",
+    "DAPI_REDIS_CLUSTER",
     "DATABASE_URL",
     "DATABASE_READ_URL",
     "DAPI_REPLICA_WAIT",
@@ -118,6 +119,7 @@ fn an_invalid_value_exits_2_with_one_line_naming_its_variable() {
         ("DAPI_PUBLIC_URL", "api.example.com"),
         ("DAPI_STAGING_TTL", "soon"),
         ("DAPI_RETENTION", "12h"),
+        ("DAPI_REDIS_CLUSTER", "maybe"),
         ("DAPI_FAILPOINT", "crash-sometimes"),
     ] {
         // Act

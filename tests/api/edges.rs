@@ -7,17 +7,16 @@ use std::time::Duration;
 
 use dapi::domain::{CustomerId, Decision, DialogId, DialogState};
 use dapi::flusher::{Flusher, Outcome};
-use dapi::staging::{FlushQueue, Staging, unique_consumer_name};
+use dapi::staging::{FlushQueue, unique_consumer_name};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
+use crate::helpers::{TestApp, assert_problem, connector, spawn_api_only, test_settings};
 use crate::outage::without_postgres;
 
 fn flusher(app: &TestApp) -> Flusher {
-    let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
     let queue = FlushQueue::new(
-        client,
+        &connector(&app.settings),
         app.keys.clone(),
         unique_consumer_name("edges"),
         Duration::from_secs(60),
@@ -325,7 +324,10 @@ async fn hole_6_every_key_dapi_writes_expires_except_the_flush_stream() {
         .unwrap();
     assert!(keys.len() > 5, "{keys:?}");
     for key in keys {
-        if key == app.keys.flush_stream() || key == app.keys.expiry_sweep_marker() {
+        if app.keys.shard_of_stream(&key).is_some()
+            || key == app.keys.expiry_sweep_marker()
+            || key == app.keys.layout_marker()
+        {
             continue;
         }
         assert!(pttl(&app, &key).await > 0, "{key} never expires");
@@ -383,11 +385,7 @@ async fn hole_7_an_unreadable_dialog_is_set_aside_and_the_rest_of_its_batch_flus
     drain(&mut flusher(&app)).await;
 
     assert_eq!(app.stored_seqs(70).await, [1]);
-    let index: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(app.keys.quarantine_index())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let index = app.quarantine_index().await;
     assert_eq!(index.len(), 2, "{index:?}");
     assert!(index["71"].contains("decision"), "{index:?}");
     assert!(index["72"].contains("message"), "{index:?}");
@@ -428,9 +426,8 @@ async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_ru
     settings.flush_claim_idle = Duration::from_millis(300);
     let app = spawn_api_only(settings).await;
     let queue = |name: &str| {
-        let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
         let queue = FlushQueue::new(
-            client,
+            &connector(&app.settings),
             app.keys.clone(),
             name.to_owned(),
             app.settings.flush_claim_idle,
@@ -545,11 +542,7 @@ async fn a_key_of_the_wrong_type_spoils_only_its_own_dialog() {
     drain(&mut flusher(&app)).await;
 
     assert_eq!(app.stored_seqs(102).await, [1]);
-    let index: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(app.keys.quarantine_index())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let index = app.quarantine_index().await;
     assert!(index.contains_key("103"), "{index:?}");
     assert_eq!(
         meta_field(&app, 103, "d").await.as_deref(),
@@ -610,58 +603,6 @@ async fn a_refusal_redis_lost_in_a_failover_is_taken_back_from_postgresql_not_fl
         .await;
     assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
     assert!(app.stored_seqs(60).await.is_empty());
-}
-
-#[tokio::test]
-async fn keys_an_older_release_kept_without_expiry_get_their_ttl_once() {
-    let app = spawn_api_only(test_settings()).await;
-    let mut conn = app.redis.clone();
-    // (An API-only app: processes with flushers run the sweep at start.)
-    // Dialog 70 as dapi's first release left a granted dialog: keys without expiry.
-    app.stage(1, 70, "a", "EN").await;
-    app.consent(70, true).await;
-    // Dialog 71: a refusal awaiting its erasure, which must not expire.
-    app.stage(1, 71, "b", "EN").await;
-    for key in [app.keys.meta(70), app.keys.msgs(70), app.keys.meta(71)] {
-        let _: i64 = redis::cmd("PERSIST").arg(key).query_async(&mut conn).await.unwrap();
-    }
-    let _: i64 = redis::cmd("HSET")
-        .arg(app.keys.meta(71))
-        .arg("x")
-        .arg(5)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let staging = Staging::new(
-        redis::Client::open(app.settings.redis_url.as_str()).unwrap(),
-        &app.settings.redis_prefix,
-        app.settings.staging_ttl,
-    )
-    .unwrap();
-
-    let expired = staging.expire_keys_older_releases_kept().await.unwrap();
-
-    assert_eq!(expired, 1);
-    let ttl = app.settings.staging_ttl.as_millis() as i64;
-    for key in [app.keys.meta(70), app.keys.msgs(70)] {
-        let left = pttl(&app, &key).await;
-        assert!(left > ttl - 60_000 && left <= ttl, "{key}: {left} ms left");
-    }
-    assert_eq!(
-        pttl(&app, &app.keys.meta(71)).await,
-        -1,
-        "an unerased refusal keeps no expiry"
-    );
-    let _: i64 = redis::cmd("PERSIST")
-        .arg(app.keys.meta(70))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        staging.expire_keys_older_releases_kept().await.unwrap(),
-        0,
-        "once per Redis: its marker makes later starts skip the walk"
-    );
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use dapi::flusher::{Flusher, Outcome};
-use dapi::staging::{FlushQueue, GROUP};
+use dapi::staging::{FlushQueue, GROUP, Keyspace, SHARDS};
 use futures_util::future::join_all;
 use redis::AsyncCommands;
 use reqwest::StatusCode;
@@ -17,9 +17,8 @@ fn flusher(app: &TestApp, consumer: &str) -> Flusher {
 }
 
 fn queue(app: &TestApp, consumer: &str, claim_idle: Duration) -> FlushQueue {
-    let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
     FlushQueue::new(
-        client,
+        &crate::helpers::connector(&app.settings),
         app.keys.clone(),
         consumer.to_owned(),
         claim_idle,
@@ -132,17 +131,26 @@ async fn gone_consumers_are_pruned_but_never_one_holding_entries() {
 
     let deleted = pruner.prune_gone_consumers(Duration::ZERO).await.unwrap();
 
-    assert_eq!(deleted, 1);
+    // Every consumer that read a shard is in its group: "idle" goes from every group,
+    // "holder" from every group but the one of the entry it holds.
+    let holding = Keyspace::shard_of(1);
     let mut conn = app.redis.clone();
-    let info: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(app.keys.flush_stream())
-        .arg(GROUP)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let names: Vec<String> = info.consumers.into_iter().map(|c| c.name).collect();
-    assert_eq!(names, ["holder"]);
+    let mut seen = 0;
+    for shard in 0..SHARDS {
+        let info: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(app.keys.flush_stream(shard))
+            .arg(GROUP)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let names: Vec<String> = info.consumers.into_iter().map(|c| c.name).collect();
+        let expected: &[&str] = if shard == holding { &["holder"] } else { &[] };
+        assert_eq!(names, expected, "shard {shard}");
+        seen += 1;
+    }
+    assert_eq!(seen, SHARDS);
+    assert!(deleted >= usize::from(SHARDS), "{deleted} deletions");
 }
 
 /// Keeps tokio's clock still for as long as it lives: paused, and not auto-advancing.
@@ -193,7 +201,7 @@ async fn an_entry_idle_past_the_claim_time_is_claimed_at_the_next_claim_round_ha
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let pending: redis::streams::StreamPendingCountReply = conn
-            .xpending_count(app.keys.flush_stream(), GROUP, "-", "+", 1)
+            .xpending_count(app.keys.flush_stream_of(1), GROUP, "-", "+", 1)
             .await
             .unwrap();
         let idle = pending.ids.first().map(|entry| entry.last_delivered_ms as u128);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dapi::app::{self, Roles, Running};
 use dapi::config::Settings;
-use dapi::staging::Keyspace;
+use dapi::staging::{Connector, Keyspace, RedisConn, SHARDS, Timeouts};
 use dapi::store::Store;
 use reqwest::{Response, StatusCode};
 use serde_json::Value;
@@ -21,6 +21,29 @@ pub fn postgres_base() -> String {
 
 pub fn redis_url() -> String {
     std::env::var("DAPI_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// `DAPI_TEST_REDIS_CLUSTER=true`: `DAPI_TEST_REDIS_URL` lists seeds of a Redis Cluster
+/// (scripts/redis-cluster), and the suite runs against it.
+pub fn redis_cluster() -> bool {
+    std::env::var("DAPI_TEST_REDIS_CLUSTER").is_ok_and(|v| v == "true")
+}
+
+/// A connection of the test's own to the suite's Redis (or cluster): not through the
+/// proxies or to the other servers some tests point dapi at.
+pub fn redis_conn() -> RedisConn {
+    Connector::new(&redis_url(), redis_cluster())
+        .expect("redis url")
+        .connect(Timeouts {
+            connect: Duration::from_secs(2),
+            response: Duration::from_secs(10),
+        })
+        .expect("redis")
+}
+
+/// The connector `settings` name, for handles the test makes itself.
+pub fn connector(settings: &Settings) -> Connector {
+    Connector::new(&settings.redis_url, settings.redis_cluster).expect("redis url")
 }
 
 /// A name no other test of any run shares.
@@ -42,6 +65,7 @@ pub fn test_settings() -> Settings {
     let mut settings = Settings::from_lookup(|_| None).expect("defaults are valid");
     settings.database_url = format!("{}/{}", postgres_base(), unique("dapi_test"));
     settings.redis_url = redis_url();
+    settings.redis_cluster = redis_cluster();
     settings.redis_prefix = unique("dapitest");
     settings.bind = "127.0.0.1:0".parse().unwrap();
     settings.flush_claim_idle = Duration::from_millis(500);
@@ -54,7 +78,7 @@ pub struct TestApp {
     pub store: Store,
     pub settings: Settings,
     pub keys: Keyspace,
-    pub redis: redis::aio::MultiplexedConnection,
+    pub redis: RedisConn,
     running: Option<Running>,
     // Last field: dropped after the app is told to stop.
     _cleanup: Cleanup,
@@ -100,16 +124,12 @@ pub async fn spawn_app_with(settings: Settings, roles: Roles) -> TestApp {
     let running = app::start(settings.clone(), roles).await.expect("the app starts");
     let addr = running.local_addr;
     let store = Store::connect(&settings.database_url).await.expect("store");
-    let redis = redis::Client::open(redis_url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let redis = redis_conn();
     TestApp {
         base: format!("http://{addr}"),
         http: reqwest::Client::new(),
         store,
-        keys: Keyspace::new(&settings.redis_prefix),
+        keys: Keyspace::new(&settings.redis_prefix).for_cluster(settings.redis_cluster),
         settings,
         redis,
         running: Some(running),
@@ -198,18 +218,43 @@ impl TestApp {
 
     /// Waits (bounded) until the flush queue is empty: every entry acknowledged.
     pub async fn wait_for_empty_queue(&self) {
-        let mut conn = self.redis.clone();
         wait_until(Duration::from_secs(20), async || {
-            let len: usize = redis::cmd("XLEN")
-                .arg(self.keys.flush_stream())
-                .query_async(&mut conn)
-                .await
-                .expect("xlen");
+            let len = self.queue_len().await;
             (len == 0)
                 .then_some(())
                 .ok_or_else(|| format!("the flush queue still holds {len} entries"))
         })
         .await;
+    }
+
+    /// Every shard's quarantine index, together: dialog id → `<unix seconds> <reason>`.
+    pub async fn quarantine_index(&self) -> std::collections::HashMap<String, String> {
+        let mut conn = self.redis.clone();
+        let mut all = std::collections::HashMap::new();
+        for shard in 0..SHARDS {
+            let index: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.keys.quarantine_index(shard))
+                .query_async(&mut conn)
+                .await
+                .expect("hgetall");
+            all.extend(index);
+        }
+        all
+    }
+
+    /// Entries in every shard's flush stream.
+    pub async fn queue_len(&self) -> usize {
+        let mut conn = self.redis.clone();
+        let mut len = 0;
+        for shard in 0..SHARDS {
+            let n: usize = redis::cmd("XLEN")
+                .arg(self.keys.flush_stream(shard))
+                .query_async(&mut conn)
+                .await
+                .expect("xlen");
+            len += n;
+        }
+        len
     }
 
     /// Stops the app gracefully; true when everything finished within the timeout.

@@ -16,6 +16,7 @@ mod fuzz;
 mod harness;
 mod helpers;
 mod ingest;
+mod layout;
 mod limits;
 mod observe;
 mod ops;

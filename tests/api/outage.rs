@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app};
+use crate::helpers::{TestApp, assert_problem, connector, spawn_app};
 
 /// Serves the API of `app`'s Redis prefix with a PostgreSQL that cannot be reached.
 pub async fn without_postgres(app: &TestApp) -> String {
@@ -20,9 +20,13 @@ pub async fn without_postgres(app: &TestApp) -> String {
         .acquire_timeout(Duration::from_millis(500))
         .connect_lazy("postgres://postgres@127.0.0.1:1/unreachable")
         .unwrap();
-    let client = redis::Client::open(app.settings.redis_url.as_str()).unwrap();
     let state = AppState::new(
-        Staging::new(client, &app.settings.redis_prefix, app.settings.staging_ttl).unwrap(),
+        Staging::new(
+            connector(&app.settings),
+            &app.settings.redis_prefix,
+            app.settings.staging_ttl,
+        )
+        .unwrap(),
         Store::from_pool(pool),
         Arc::new(app.settings.clone()),
     );

@@ -9,14 +9,16 @@
 -- epoch, its staged and quarantined messages and its messageIds deleted (PostgreSQL
 -- erased the dialog when it took the refusal; a refusal erases all three, consent.lua) —
 -- unless Redis has moved past that epoch meanwhile.
--- KEYS: 1 flush stream, then per dialog: meta, msgs, ids, quarantined msgs
+-- KEYS: per dialog: meta, msgs, ids, quarantined msgs, its shard's flush stream; then
+--       the flush streams whose entries to acknowledge
 -- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n quintuples (dialog id, last seq
 --       written, how many messages the batch read, epoch of the refusal erased or 0,
---       epoch of the refusal PostgreSQL holds that Redis must take back or 0), then the
---       entry ids
+--       epoch of the refusal PostgreSQL holds that Redis must take back or 0), then per
+--       stream after the dialogs' keys: how many of its entries, and their ids
 local n = tonumber(ARGV[2])
 for i = 1, n do
-  local meta, msgs, ids, quarantined = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1]
+  local k = 5 * i - 4
+  local meta, msgs, ids, quarantined, stream = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local base = 5 * i - 1
   local dialog, last, read, erased = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3]
   local adopt = tonumber(ARGV[base + 4])
@@ -46,15 +48,19 @@ for i = 1, n do
   end
   if state[1] == 'g' and redis.call('LLEN', msgs) > 0 then
     redis.call('HSET', meta, 'q', 1)
-    redis.call('XADD', KEYS[1], '*', 'd', dialog)
+    redis.call('XADD', stream, '*', 'd', dialog)
   elseif state[1] then
     redis.call('HSET', meta, 'q', 0)
   end
 end
-local entries = {}
-for i = 4 + 5 * n, #ARGV do entries[#entries + 1] = ARGV[i] end
-if #entries > 0 then
-  redis.call('XACK', KEYS[1], ARGV[1], unpack(entries))
-  redis.call('XDEL', KEYS[1], unpack(entries))
+local acked, a = 0, 4 + 5 * n
+for k = 5 * n + 1, #KEYS do
+  local count = tonumber(ARGV[a])
+  if count > 0 then
+    local entries = {unpack(ARGV, a + 1, a + count)}
+    redis.call('XACK', KEYS[k], ARGV[1], unpack(entries))
+    redis.call('XDEL', KEYS[k], unpack(entries))
+  end
+  acked, a = acked + count, a + 1 + count
 end
-return #entries
+return acked

@@ -3,7 +3,7 @@
 -- decision, answer a repeated messageId with the first answer, take the next seq,
 -- append, refresh the TTL, queue a flush when the dialog is granted (or must be
 -- settled). Items of one dialog get consecutive seqs in the order given.
--- KEYS: 1 flush stream, then per item: meta, msgs, ids (messageId → "seq:decision")
+-- KEYS: per item: meta, msgs, ids (messageId → "seq:decision"), its shard's flush stream
 -- ARGV: 1 ttl (ms), 2 idempotency window (ms), then per item 7 values:
 --       customer id, dialog id, language, text, messageId ('' = none),
 --       what to do when Redis does not know the dialog:
@@ -23,7 +23,7 @@ local ttl, window = ARGV[1], ARGV[2]
 local now = redis.call('TIME')
 local now_us = string.format('%d', now[1] * 1000000 + now[2])
 
-local function stage(meta, msgs, ids, customer, dialog, language, text, mid, mode, last)
+local function stage(meta, msgs, ids, stream, customer, dialog, language, text, mid, mode, last)
   local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u')
   local decision, queued, unerased, unverified = m[2], m[3], m[4], m[5]
   if m[1] then
@@ -68,7 +68,7 @@ local function stage(meta, msgs, ids, customer, dialog, language, text, mid, mod
   redis.call('RPUSH', msgs, head .. ':' .. text)
   if (decision == 'g' or unverified == '1') and queued ~= '1' then
     redis.call('HSET', meta, 'q', 1)
-    redis.call('XADD', KEYS[1], '*', 'd', dialog)
+    redis.call('XADD', stream, '*', 'd', dialog)
   end
   -- Every dialog's keys expire DAPI_STAGING_TTL after its last write, except while a
   -- refusal's erasure is unconfirmed: that must outlive any PostgreSQL outage.
@@ -80,9 +80,9 @@ local function stage(meta, msgs, ids, customer, dialog, language, text, mid, mod
 end
 
 local out = {}
-for i = 1, (#KEYS - 1) / 3 do
-  local k, a = 3 * i - 1, 2 + 7 * (i - 1)
-  out[i] = stage(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
+for i = 1, #KEYS / 4 do
+  local k, a = 4 * i - 3, 2 + 7 * (i - 1)
+  out[i] = stage(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
     ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
 end
 return out

@@ -1,0 +1,273 @@
+//! Every Redis key dapi uses, in one place: see the key layout in the module above.
+//!
+//! # Shards
+//!
+//! Dialogs are spread over [`SHARDS`] fixed virtual shards by a hash of their id. Every
+//! key of a dialog and its shard's flush stream carry the shard's hash tag, so that on a
+//! Redis Cluster each script call stays inside one slot: a message's append and its
+//! queue entry, a batch's snapshot and its finish. One Redis holds the same keys; there
+//! is one layout and one code path, and only [`Keyspace::slot_group`] differs: on one
+//! Redis every shard is in one group (one script call for a whole batch, one blocking
+//! read over every stream), on a cluster each shard is its own group.
+//!
+//! The shard count and the tags are fixed for every deployment: a dialog's shard must
+//! never change while it has keys. The tags are chosen so that their slots lie evenly
+//! over the cluster's 16384 (shard k's tag in the k-th 64th of the slot range), so any
+//! even split of slots between primaries gets an even share of shards.
+
+use std::sync::Arc;
+
+/// How many virtual shards the dialogs are spread over. Fixed: see the module doc.
+pub const SHARDS: u16 = 64;
+
+/// A shard's index, `0..SHARDS`.
+pub type Shard = u16;
+
+/// Redis Cluster's slot count.
+const SLOTS: u16 = 16384;
+
+/// Builds every Redis key dapi uses.
+#[derive(Debug, Clone)]
+pub struct Keyspace {
+    prefix: Arc<str>,
+    /// `<prefix>:{<tag>}` per shard.
+    shard_prefixes: Arc<[String]>,
+    cluster: bool,
+}
+
+impl Keyspace {
+    pub fn new(prefix: &str) -> Self {
+        let shard_prefixes = (0..SHARDS).map(|k| format!("{prefix}:{{{}}}", shard_tag(k))).collect();
+        Self {
+            prefix: prefix.into(),
+            shard_prefixes,
+            cluster: false,
+        }
+    }
+
+    /// The same keys, grouped for a Redis Cluster: one slot group per shard.
+    pub fn for_cluster(mut self, cluster: bool) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The shard a dialog's keys live in: Fibonacci hashing of the id, so that ids with
+    /// a common stride (every tenth, every even one) still spread evenly.
+    pub fn shard_of(dialog: i64) -> Shard {
+        // The top 6 bits of the product: 64 shards.
+        const _: () = assert!(SHARDS == 64);
+        ((dialog as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as Shard
+    }
+
+    /// Which script calls may share keys: every shard on one Redis, one shard per call
+    /// on a cluster (a script must stay within one slot there).
+    pub fn slot_group(&self, shard: Shard) -> Shard {
+        if self.cluster { shard } else { 0 }
+    }
+
+    /// The shards, grouped as [`Keyspace::slot_group`] groups them.
+    pub fn shard_groups(&self) -> Vec<Vec<Shard>> {
+        if self.cluster {
+            (0..SHARDS).map(|k| vec![k]).collect()
+        } else {
+            vec![(0..SHARDS).collect()]
+        }
+    }
+
+    /// A key of a dialog: `<prefix>:{<tag>}:d<id>:<suffix>`.
+    pub fn dialog_key(&self, dialog: i64, suffix: &str) -> String {
+        format!(
+            "{}:d{dialog}:{suffix}",
+            self.shard_prefixes[usize::from(Self::shard_of(dialog))]
+        )
+    }
+
+    pub fn meta(&self, dialog: i64) -> String {
+        self.dialog_key(dialog, "meta")
+    }
+
+    pub fn msgs(&self, dialog: i64) -> String {
+        self.dialog_key(dialog, "msgs")
+    }
+
+    pub fn ids(&self, dialog: i64) -> String {
+        self.dialog_key(dialog, "ids")
+    }
+
+    pub fn quarantined_meta(&self, dialog: i64) -> String {
+        self.dialog_key(dialog, "quarantined:meta")
+    }
+
+    pub fn quarantined_msgs(&self, dialog: i64) -> String {
+        self.dialog_key(dialog, "quarantined:msgs")
+    }
+
+    /// A shard's flush stream.
+    pub fn flush_stream(&self, shard: Shard) -> String {
+        format!("{}:flush", self.shard_prefixes[usize::from(shard)])
+    }
+
+    /// The flush stream of a dialog's shard.
+    pub fn flush_stream_of(&self, dialog: i64) -> String {
+        self.flush_stream(Self::shard_of(dialog))
+    }
+
+    /// Which shard a flush stream's name belongs to.
+    pub fn shard_of_stream(&self, stream: &str) -> Option<Shard> {
+        let prefix = stream.strip_suffix(":flush")?;
+        self.shard_prefixes
+            .iter()
+            .position(|p| p == prefix)
+            .and_then(|k| Shard::try_from(k).ok())
+    }
+
+    /// Dialog id → `<unix seconds> <reason>` of every dialog of the shard set aside.
+    pub fn quarantine_index(&self, shard: Shard) -> String {
+        format!("{}:quarantine", self.shard_prefixes[usize::from(shard)])
+    }
+
+    /// The marker that [`Staging::expire_keys_older_releases_kept`](super::Staging) has
+    /// run: one fixed key per prefix, which does not expire.
+    pub fn expiry_sweep_marker(&self) -> String {
+        format!("{}:upgrade:expiry-v1", self.prefix)
+    }
+
+    /// The marker that the keys of releases before the shards were moved (see
+    /// `upgrade`): one fixed key per prefix, which does not expire.
+    pub fn layout_marker(&self) -> String {
+        format!("{}:upgrade:layout-v2", self.prefix)
+    }
+
+    /// The key a replication round increments before its `WAIT`, on the shard's primary.
+    pub fn replication_fence(&self, shard: Shard) -> String {
+        format!("{}:replication-fence", self.shard_prefixes[usize::from(shard)])
+    }
+
+    /// A pattern matching every key of this prefix (for tests and operators' `SCAN`).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
+}
+
+/// The keys of releases before the shards: `<prefix>:{d<id>}:<suffix>` per dialog, one
+/// flush stream and one quarantine index. Read only by the upgrade that moves them.
+pub mod legacy {
+    pub fn dialog_key(prefix: &str, dialog: i64, suffix: &str) -> String {
+        format!("{prefix}:{{d{dialog}}}:{suffix}")
+    }
+
+    /// Every dialog key of the old layout (for `SCAN`).
+    pub fn dialog_pattern(prefix: &str) -> String {
+        format!("{prefix}:{{d*}}:*")
+    }
+
+    /// The dialog id and suffix of an old-layout dialog key.
+    pub fn parse<'k>(prefix: &str, key: &'k str) -> Option<(i64, &'k str)> {
+        let rest = key.strip_prefix(prefix)?.strip_prefix(":{d")?;
+        let (id, suffix) = rest.split_once("}:")?;
+        Some((id.parse().ok()?, suffix))
+    }
+
+    pub fn flush_stream(prefix: &str) -> String {
+        format!("{prefix}:flush")
+    }
+
+    pub fn quarantine_index(prefix: &str) -> String {
+        format!("{prefix}:quarantine")
+    }
+}
+
+/// Shard k's hash tag: `s<k>.<j>` with the smallest j whose slot falls in the k-th
+/// `SHARDS`th of the slot range.
+fn shard_tag(shard: Shard) -> String {
+    let width = SLOTS / SHARDS;
+    let wanted = shard * width..(shard + 1) * width;
+    (0u32..)
+        .map(|j| format!("s{shard}.{j}"))
+        .find(|tag| wanted.contains(&key_slot(tag.as_bytes())))
+        .unwrap_or_else(|| format!("s{shard}"))
+}
+
+/// Redis Cluster's slot of a key's hash tag (or of the whole key when it has none):
+/// CRC16/XMODEM modulo 16384, as `CLUSTER KEYSLOT` computes it.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let hashed = match key.iter().position(|&b| b == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    let mut crc: u16 = 0;
+    for &byte in hashed {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis() {
+        // `CLUSTER KEYSLOT` answers, from Redis's documentation and a Redis 7.0 here.
+        assert_eq!(key_slot(b"somekey"), 11058);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+    }
+
+    #[test]
+    fn every_shard_tag_lies_in_its_own_slot_range() {
+        let keys = Keyspace::new("p");
+        for k in 0..SHARDS {
+            let slot = key_slot(keys.flush_stream(k).as_bytes());
+            assert_eq!(slot / (SLOTS / SHARDS), k, "shard {k}");
+            assert_eq!(
+                key_slot(keys.meta(i64::from(k)).as_bytes()),
+                key_slot(keys.flush_stream_of(i64::from(k)).as_bytes())
+            );
+        }
+    }
+
+    #[test]
+    fn dialogs_spread_evenly_over_shards_even_with_a_stride() {
+        for stride in [1, 2, 10, 64, 1000] {
+            let mut counts = [0u32; SHARDS as usize];
+            for i in 0..64_000i64 {
+                counts[usize::from(Keyspace::shard_of(i * stride))] += 1;
+            }
+            let (min, max) = (counts.iter().min().copied(), counts.iter().max().copied());
+            assert!(min > Some(800) && max < Some(1200), "stride {stride}: {min:?}..{max:?}");
+        }
+    }
+
+    #[test]
+    fn old_layout_keys_parse() {
+        assert_eq!(legacy::parse("dapi", "dapi:{d42}:meta"), Some((42, "meta")));
+        assert_eq!(
+            legacy::parse("dapi", "dapi:{d42}:quarantined:msgs"),
+            Some((42, "quarantined:msgs"))
+        );
+        assert_eq!(legacy::parse("dapi", "dapi:flush"), None);
+        assert_eq!(legacy::dialog_key("dapi", 42, "ids"), "dapi:{d42}:ids");
+    }
+
+    #[test]
+    fn stream_names_give_back_their_shard() {
+        let keys = Keyspace::new("p");
+        assert_eq!(keys.shard_of_stream(&keys.flush_stream(17)), Some(17));
+        assert_eq!(keys.shard_of_stream("p:flush"), None);
+    }
+}
