@@ -109,6 +109,9 @@ impl StagingError {
                     || e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
+                    // A cluster with no node reachable, or redirecting while a slot moves.
+                    || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+                    || e.is_cluster_error()
                     // Out of memory under `noeviction`, loading its data set after a
                     // restart, a failover in progress: Redis is there but cannot take
                     // writes now.

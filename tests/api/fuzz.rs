@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use reqwest::StatusCode;
 
-use crate::helpers::{TestApp, postgres_base, redis_url, spawn_full, test_settings};
+use crate::helpers::{TestApp, postgres_base, redis_conn, spawn_full, test_settings};
 
 /// One app and runtime for all cases of a test process (proptest drives cases
 /// synchronously; nextest runs each test in a process of its own). A static is never
@@ -54,13 +54,7 @@ async fn remove_leftovers_of_dead_runs() {
         let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
         let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(store.pool()).await;
     }
-    let Ok(mut redis) = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-    else {
-        return;
-    };
+    let mut redis = redis_conn();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{FUZZ}_*"))
         .query_async(&mut redis)

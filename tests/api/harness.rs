@@ -175,6 +175,7 @@ impl Dapi {
             .args(args)
             .env("DATABASE_URL", &settings.database_url)
             .env("REDIS_URL", &settings.redis_url)
+            .env("DAPI_REDIS_CLUSTER", settings.redis_cluster.to_string())
             .env("DAPI_REDIS_PREFIX", &settings.redis_prefix)
             .env("DAPI_BIND", "127.0.0.1:0")
             .env(
@@ -315,9 +316,10 @@ impl Ledger {
     }
 
     /// Checks the stores against the ledger: every acknowledged message of a granted
-    /// dialog is in PostgreSQL under the seq it was acknowledged with, nothing of a
-    /// refused dialog is, and the exact count agrees with the rows (a batch applied
-    /// twice would count twice; a row twice is the primary key's to prevent).
+    /// dialog is in PostgreSQL under the seq it was acknowledged with, and only once (no
+    /// text twice: a retry stored again would be), nothing of a refused dialog is, and
+    /// the exact count agrees with the rows (a batch applied twice would count twice; a
+    /// row twice is the primary key's to prevent).
     pub async fn verify(&self, store: &Store) {
         let granted = self.granted.lock().unwrap().clone();
         let refused = self.refused.lock().unwrap().clone();
@@ -346,6 +348,12 @@ impl Ledger {
             assert!(
                 swapped.is_empty(),
                 "dialog {dialog}: (seq, text acknowledged, text stored) {swapped:?}"
+            );
+            let texts: BTreeSet<&String> = have.values().collect();
+            assert_eq!(
+                texts.len(),
+                have.len(),
+                "dialog {dialog}: a message stored twice: {have:?}"
             );
         }
         for dialog in &refused {
@@ -389,7 +397,10 @@ pub async fn drive(
                     return;
                 }
                 let text = format!("message {i} of {dialog}");
-                let body = json!({"text": text, "language": "EN"});
+                // Every retry carries the same messageId, as a client's would: a message
+                // that was staged but answered 503 (its replicas did not confirm it, or
+                // the answer was lost) is answered with its first seq, never stored twice.
+                let body = json!({"text": text, "language": "EN", "messageId": format!("m{i}")});
                 let answer = send(&http, &bases, &format!("/data/{customer}/{dialog}"), &body, 200).await;
                 if let Some((StatusCode::ACCEPTED, reply)) = answer {
                     let seq = reply["seq"].as_i64().unwrap();

@@ -1,5 +1,6 @@
 //! Keys of older releases (staging/upgrade.rs): written here as those releases wrote
-//! them, then met by this one. Only on one Redis: no older release ran on a cluster.
+//! them, then met by this one. Only on one Redis: no older release ran on a cluster
+//! (scripts/test-cluster leaves these out).
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use dapi::staging::{Keyspace, RedisConn, Staging};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{assert_problem, connector, redis_cluster, redis_conn, spawn_api_only, spawn_full, test_settings};
+use crate::helpers::{assert_problem, connector, redis_conn, spawn_api_only, spawn_full, test_settings};
 
 async fn run(conn: &mut RedisConn, cmd: &mut redis::Cmd) {
     let _: redis::Value = cmd.query_async(conn).await.unwrap();
@@ -65,9 +66,6 @@ async fn legacy_dialog(
 
 #[tokio::test]
 async fn keys_of_a_release_before_the_shards_move_and_nothing_staged_is_lost() {
-    if redis_cluster() {
-        return; // no release before the shards ran on a cluster
-    }
     let settings = test_settings();
     let prefix = settings.redis_prefix.clone();
     let mut conn = redis_conn();
@@ -171,9 +169,6 @@ async fn keys_of_a_release_before_the_shards_move_and_nothing_staged_is_lost() {
 
 #[tokio::test]
 async fn an_api_process_moves_old_keys_before_it_stages_anything() {
-    if redis_cluster() {
-        return; // no release before the shards ran on a cluster
-    }
     let settings = test_settings();
     let prefix = settings.redis_prefix.clone();
     let mut conn = redis_conn();
@@ -192,9 +187,6 @@ async fn an_api_process_moves_old_keys_before_it_stages_anything() {
 
 #[tokio::test]
 async fn keys_the_first_release_kept_without_expiry_get_their_ttl_once() {
-    if redis_cluster() {
-        return; // no release before the shards ran on a cluster
-    }
     let settings = test_settings();
     let prefix = settings.redis_prefix.clone();
     let mut conn = redis_conn();
@@ -236,9 +228,6 @@ async fn keys_the_first_release_kept_without_expiry_get_their_ttl_once() {
 
 #[tokio::test]
 async fn a_move_that_meets_a_key_already_under_its_new_name_keeps_both() {
-    if redis_cluster() {
-        return; // no release before the shards ran on a cluster
-    }
     let settings = test_settings();
     // No app here: this removes the keys (`<prefix>:*`, both layouts) at the end.
     let _cleanup = crate::cleanup::Cleanup::new(&settings);

@@ -6,6 +6,7 @@ mod access;
 mod batch;
 mod binary;
 mod cleanup;
+mod cluster;
 mod config;
 mod consent;
 mod edges;
