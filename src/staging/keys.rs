@@ -51,6 +51,11 @@ impl Keyspace {
         self
     }
 
+    /// Whether the keys are grouped for a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

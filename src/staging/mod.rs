@@ -348,8 +348,8 @@ impl Staging {
             return Ok(Vec::new());
         }
         self.layout_ready().await?;
-        let groups = by_slot_group(&self.keys, messages, |m| m.dialog.get());
-        if let [(_, _)] = groups.as_slice() {
+        // One slot group (one Redis, or a single message): one call, nothing to sort.
+        if !self.keys.is_cluster() || messages.len() == 1 {
             let shard = Keyspace::shard_of(messages[0].dialog.get());
             return Ok(self
                 .stage_group(shard, messages.iter())
@@ -358,6 +358,7 @@ impl Staging {
                 .map(Ok)
                 .collect());
         }
+        let groups = by_slot_group(&self.keys, messages, |m| m.dialog.get());
         let calls = groups.iter().map(|(_, members)| {
             let shard = Keyspace::shard_of(messages[members[0]].dialog.get());
             self.stage_group(shard, members.iter().map(|&i| &messages[i]))

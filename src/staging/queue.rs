@@ -161,9 +161,6 @@ pub struct FlushQueue {
     ready: VecDeque<QueueEntry>,
     /// `XAUTOCLAIM`'s cursor per shard.
     claim_cursors: Vec<String>,
-    /// Where the next sweep over the shards starts (on a cluster), so every shard is
-    /// served in turn.
-    sweep_from: usize,
     last_claim: Option<Instant>,
     last_prune: Option<Instant>,
 }
@@ -173,6 +170,40 @@ impl std::fmt::Debug for FlushQueue {
         f.debug_struct("FlushQueue")
             .field("consumer", &self.consumer)
             .finish_non_exhaustive()
+    }
+}
+
+/// What one `XREADGROUP` needs: a clone of the queue's connection, for reads made at once.
+struct Reader {
+    conn: RedisConn,
+    keys: Keyspace,
+    consumer: String,
+}
+
+impl Reader {
+    async fn read(
+        &mut self,
+        shards: &[Shard],
+        id: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<QueueEntry>, StagingError> {
+        let streams: Vec<String> = shards.iter().map(|&s| self.keys.flush_stream(s)).collect();
+        let ids = vec![id; streams.len()];
+        let mut options = StreamReadOptions::default().group(GROUP, &self.consumer).count(count);
+        if let Some(block) = block {
+            options = options.block(usize::try_from(block.as_millis()).unwrap_or(1000));
+        }
+        let reply: Option<StreamReadReply> = self.conn.xread_options(&streams, &ids, &options).await?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .filter_map(|k| {
+                let shard = self.keys.shard_of_stream(&k.key)?;
+                Some(k.ids.into_iter().map(move |id| entry_of(shard, &id)))
+            })
+            .flatten()
+            .collect())
     }
 }
 
@@ -251,7 +282,6 @@ impl FlushQueue {
             read_own_pending: true,
             ready: VecDeque::new(),
             claim_cursors: vec!["0-0".into(); usize::from(SHARDS)],
-            sweep_from: 0,
             last_claim: None,
             last_prune: None,
         })
@@ -324,29 +354,41 @@ impl FlushQueue {
         }
 
         let groups = self.keys.shard_groups();
+        // A read answers up to its count per stream: a sixteenth of the batch from each
+        // shard keeps a round's read within a few batches (the rest waits in `ready`,
+        // delivered to this consumer but not kept alive) however many shards have work.
+        let per_shard = count.div_ceil(16);
         if let [group] = groups.as_slice() {
             // One Redis: one blocking read over every shard's stream.
-            let read = self.read_group(group, ">", count, Some(self.block)).await?;
+            let read = self.read_group(group, ">", per_shard, Some(self.block)).await?;
             self.ready.extend(read);
             return Ok(self.take_ready(count));
         }
         // A cluster: a read may not span slots, and a blocking read per shard would
-        // hold its node's connection; sweep the shards without blocking, from where the
-        // last sweep stopped, and pause after a sweep that found nothing.
-        let mut taken = Vec::new();
-        for step in 0..groups.len() {
-            let at = (self.sweep_from + step) % groups.len();
-            let read = self.read_group(&groups[at], ">", count - taken.len(), None).await?;
-            taken.extend(read);
-            if taken.len() >= count {
-                self.sweep_from = (at + 1) % groups.len();
-                return Ok(taken);
-            }
+        // hold its node's connection. Read every shard at once without blocking (the
+        // calls go to their nodes concurrently), and rest after a sweep that found
+        // nothing.
+        let reads = groups.iter().map(|group| {
+            let mut queue = self.reader();
+            let group = group.clone();
+            async move { queue.read(&group, ">", per_shard, None).await }
+        });
+        for read in futures_util::future::join_all(reads).await {
+            self.ready.extend(read?);
         }
-        if taken.is_empty() {
+        if self.ready.is_empty() {
             tokio::time::sleep(self.block.min(IDLE_SWEEP_PAUSE)).await;
         }
-        Ok(taken)
+        Ok(self.take_ready(count))
+    }
+
+    /// A handle for one read of its own, for reads made at once.
+    fn reader(&self) -> Reader {
+        Reader {
+            conn: self.conn.clone(),
+            keys: self.keys.clone(),
+            consumer: self.consumer.clone(),
+        }
     }
 
     /// `XREADGROUP` over the streams of `shards` (one slot group), from `id` (`>` new
@@ -358,22 +400,7 @@ impl FlushQueue {
         count: usize,
         block: Option<Duration>,
     ) -> Result<Vec<QueueEntry>, StagingError> {
-        let streams: Vec<String> = shards.iter().map(|&s| self.keys.flush_stream(s)).collect();
-        let ids = vec![id; streams.len()];
-        let mut options = StreamReadOptions::default().group(GROUP, &self.consumer).count(count);
-        if let Some(block) = block {
-            options = options.block(usize::try_from(block.as_millis()).unwrap_or(1000));
-        }
-        let reply: Option<StreamReadReply> = self.conn.xread_options(&streams, &ids, &options).await?;
-        Ok(reply
-            .into_iter()
-            .flat_map(|r| r.keys)
-            .filter_map(|k| {
-                let shard = self.keys.shard_of_stream(&k.key)?;
-                Some(k.ids.into_iter().map(move |id| entry_of(shard, &id)))
-            })
-            .flatten()
-            .collect())
+        self.reader().read(shards, id, count, block).await
     }
 
     /// Claims entries idle past the claim timeout from other consumers: walks each
@@ -466,36 +493,35 @@ impl FlushQueue {
         max_messages: usize,
         byte_budget: usize,
     ) -> Result<Vec<Snapshot>, StagingError> {
-        let mut out = Vec::with_capacity(dialogs.len());
-        let mut budget = byte_budget;
-        for (_, members) in super::by_slot_group(&self.keys, dialogs, |&d| d) {
+        let groups = super::by_slot_group(&self.keys, dialogs, |&d| d);
+        // The budget is shared out between the calls, which run at once; the first
+        // message of each call always fits, so a batch always moves on.
+        let budget = (byte_budget / groups.len().max(1)).max(1);
+        let calls = groups.iter().map(|(_, members)| {
             let mut invocation = self.snapshot.prepare_invoke();
-            for &i in &members {
+            for &i in members {
                 invocation
                     .key(self.keys.meta(dialogs[i]))
                     .key(self.keys.msgs(dialogs[i]));
             }
-            // What an earlier group used is not this one's; the first message of a
-            // call always fits, so a batch always moves on.
-            invocation.arg(max_messages).arg(budget.max(1));
+            invocation.arg(max_messages).arg(budget);
+            let mut conn = self.conn.clone();
             // Raw values: one dialog's bad field must not fail the whole answer's decoding.
-            let replies: Vec<Vec<Value>> = invocation.invoke_async(&mut self.conn).await?;
+            async move { invocation.invoke_async::<Vec<Vec<Value>>>(&mut conn).await }
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        let mut out = Vec::with_capacity(dialogs.len());
+        for ((_, members), replies) in groups.iter().zip(answers) {
+            let replies = replies?;
             if replies.len() != members.len() {
                 return Err(StagingError::Corrupt("snapshot reply has the wrong length"));
             }
-            for (&i, fields) in members.iter().zip(replies) {
-                if let Some(snapshot) = read_snapshot(dialogs[i], &fields) {
-                    if let Snapshot::Ready(state) = &snapshot {
-                        let used: usize = state
-                            .messages
-                            .iter()
-                            .map(|m| m.text.len() + m.language.len() + 32)
-                            .sum();
-                        budget = budget.saturating_sub(used);
-                    }
-                    out.push(snapshot);
-                }
-            }
+            out.extend(
+                members
+                    .iter()
+                    .zip(replies)
+                    .filter_map(|(&i, fields)| read_snapshot(dialogs[i], &fields)),
+            );
         }
         Ok(out)
     }
@@ -540,8 +566,9 @@ impl FlushQueue {
 
     /// After the PostgreSQL commit: trims what was written, forgets refusals that are now
     /// erased, re-queues dialogs that still have messages, and acknowledges and deletes
-    /// the entries. One script call per slot group (one on one Redis); a group that
-    /// fails leaves its entries pending, to be run again (harmless: see the module doc).
+    /// the entries. One script call per slot group (one on one Redis; the calls at
+    /// once); a group that fails leaves its entries pending, to be run again (harmless:
+    /// see the module doc).
     pub async fn finish(&mut self, done: &[Finished], entries: &[QueueEntry]) -> Result<(), StagingError> {
         let mut groups: Vec<Shard> = done
             .iter()
@@ -550,13 +577,14 @@ impl FlushQueue {
             .collect();
         groups.sort_unstable();
         groups.dedup();
-        for group in groups {
+        let by_shard = ids_by_shard(entries);
+        let calls = groups.into_iter().map(|group| {
             let dialogs: Vec<&Finished> = done
                 .iter()
                 .filter(|f| self.keys.slot_group(Keyspace::shard_of(f.dialog)) == group)
                 .collect();
-            let streams: Vec<(Shard, Vec<String>)> = ids_by_shard(entries)
-                .into_iter()
+            let streams: Vec<&(Shard, Vec<String>)> = by_shard
+                .iter()
                 .filter(|(shard, _)| self.keys.slot_group(*shard) == group)
                 .collect();
             let mut invocation = self.finish.prepare_invoke();
@@ -583,7 +611,11 @@ impl FlushQueue {
             for (_, ids) in &streams {
                 invocation.arg(ids.len()).arg(ids);
             }
-            let _: i64 = invocation.invoke_async(&mut self.conn).await?;
+            let mut conn = self.conn.clone();
+            async move { invocation.invoke_async::<i64>(&mut conn).await }
+        });
+        for finished in futures_util::future::join_all(calls).await {
+            finished?;
         }
         Ok(())
     }
