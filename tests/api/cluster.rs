@@ -111,3 +111,50 @@ async fn a_primary_killed_during_traffic_loses_nothing_acknowledged_with_wait_re
     })
     .await;
 }
+
+#[tokio::test]
+async fn scripts_flushed_from_every_node_are_loaded_again_by_the_next_call() {
+    // A replica promoted after a restart has an empty script cache: every node's cache
+    // emptied at once is the same for every shard.
+    assert!(
+        redis_cluster(),
+        "run by scripts/test-cluster, against scripts/redis-cluster"
+    );
+    let app = spawn_full(test_settings()).await;
+    assert_eq!(app.stage(1, 7201, "before", "EN").await, 1);
+
+    for port in 7000..=7005 {
+        let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut node).await.unwrap();
+    }
+
+    let ingest = redis::Script::new(include_str!("../../src/staging/lua/ingest.lua"));
+    let primary = primary_of(&app.keys.meta(7201)).await;
+    let mut node = redis::Client::open(format!("redis://127.0.0.1:{primary}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut loaded = async || -> Vec<i64> {
+        redis::cmd("SCRIPT")
+            .arg("EXISTS")
+            .arg(ingest.get_hash())
+            .query_async(&mut node)
+            .await
+            .unwrap()
+    };
+    assert_eq!(loaded().await, [0], "the cache was emptied");
+
+    assert_eq!(
+        app.stage(1, 7201, "after", "EN").await,
+        2,
+        "ingest loaded its script again"
+    );
+    assert_eq!(loaded().await, [1]);
+    assert_eq!(app.consent(7201, true).await.status(), reqwest::StatusCode::ACCEPTED);
+    app.wait_for_seqs(7201, &[1, 2]).await; // and the flusher its scripts
+}
