@@ -165,6 +165,11 @@ pub mod legacy {
         format!("{prefix}:{{d{dialog}}}:{suffix}")
     }
 
+    /// Every dialog's meta key of the old layout (for `SCAN`).
+    pub fn meta_pattern(prefix: &str) -> String {
+        format!("{prefix}:{{d*}}:meta")
+    }
+
     /// Every dialog key of the old layout (for `SCAN`).
     pub fn dialog_pattern(prefix: &str) -> String {
         format!("{prefix}:{{d*}}:*")

@@ -174,7 +174,7 @@ impl Staging {
             return Ok(0);
         }
         let prefix = self.keys.prefix().to_owned();
-        let pattern = legacy::dialog_key(&prefix, 0, "meta").replace("{d0}", "{d*}");
+        let pattern = legacy::meta_pattern(&prefix);
         let mut cursor: u64 = 0;
         let mut expired = 0;
         loop {
