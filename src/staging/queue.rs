@@ -173,7 +173,9 @@ impl std::fmt::Debug for FlushQueue {
     }
 }
 
-/// What one `XREADGROUP` needs: a clone of the queue's connection, for reads made at once.
+/// One `XREADGROUP` over the streams of a slot group's shards, from an id (`>` new
+/// entries, `0` this consumer's pending ones), up to a count per stream; with a clone of
+/// the queue's connection, so that reads can be made at once.
 struct Reader {
     conn: RedisConn,
     keys: Keyspace,
@@ -328,7 +330,7 @@ impl FlushQueue {
         }
         if self.read_own_pending {
             for group in self.keys.shard_groups() {
-                let read = self.read_group(&group, "0", count, None).await?;
+                let read = self.reader().read(&group, "0", count, None).await?;
                 self.ready.extend(read);
             }
             if !self.ready.is_empty() {
@@ -360,7 +362,7 @@ impl FlushQueue {
         let per_shard = count.div_ceil(16);
         if let [group] = groups.as_slice() {
             // One Redis: one blocking read over every shard's stream.
-            let read = self.read_group(group, ">", per_shard, Some(self.block)).await?;
+            let read = self.reader().read(group, ">", per_shard, Some(self.block)).await?;
             self.ready.extend(read);
             return Ok(self.take_ready(count));
         }
@@ -389,18 +391,6 @@ impl FlushQueue {
             keys: self.keys.clone(),
             consumer: self.consumer.clone(),
         }
-    }
-
-    /// `XREADGROUP` over the streams of `shards` (one slot group), from `id` (`>` new
-    /// entries, `0` this consumer's pending ones), up to `count` per stream.
-    async fn read_group(
-        &mut self,
-        shards: &[Shard],
-        id: &str,
-        count: usize,
-        block: Option<Duration>,
-    ) -> Result<Vec<QueueEntry>, StagingError> {
-        self.reader().read(shards, id, count, block).await
     }
 
     /// Claims entries idle past the claim timeout from other consumers: walks each

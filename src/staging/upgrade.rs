@@ -18,7 +18,7 @@
 use redis::AsyncCommands;
 
 use super::keys::legacy;
-use super::{Keyspace, Staging, StagingError};
+use super::{Keyspace, RedisConn, Staging, StagingError};
 
 /// Keys per `SCAN` page and per relocation script call.
 const PAGE: usize = 1000;
@@ -64,17 +64,7 @@ impl Staging {
         let pattern = legacy::dialog_pattern(&prefix);
         let mut cursor: u64 = 0;
         loop {
-            let (next, found): (u64, Vec<String>) = self
-                .bounded(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(PAGE)
-                        .query_async(&mut conn),
-                )
-                .await?;
+            let (next, found) = self.scan(&mut conn, cursor, &pattern).await?;
             let pairs: Vec<(String, String)> = found
                 .into_iter()
                 .filter_map(|old| {
@@ -155,6 +145,20 @@ impl Staging {
         Ok(moved)
     }
 
+    /// One `SCAN` step: the next cursor and up to about [`PAGE`] keys matching `pattern`.
+    async fn scan(&self, conn: &mut RedisConn, cursor: u64, pattern: &str) -> Result<(u64, Vec<String>), StagingError> {
+        self.bounded(
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(conn),
+        )
+        .await
+    }
+
     /// Gives every dialog's keys that dapi's first release left without expiry their
     /// `DAPI_STAGING_TTL`, from now (Guarantee 5: bounded staging); those keys have the
     /// layout of releases before the shards, and [`Staging::upgrade_layout`] runs this
@@ -178,17 +182,7 @@ impl Staging {
         let mut cursor: u64 = 0;
         let mut expired = 0;
         loop {
-            let (next, metas): (u64, Vec<String>) = self
-                .bounded(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(PAGE)
-                        .query_async(&mut conn),
-                )
-                .await?;
+            let (next, metas) = self.scan(&mut conn, cursor, &pattern).await?;
             let dialogs: Vec<i64> = metas
                 .iter()
                 .filter_map(|key| match legacy::parse(&prefix, key)? {
