@@ -314,6 +314,29 @@ impl Staging {
         Ok(value)
     }
 
+    /// [`Self::invoke_acknowledged`] for a script call built as a command (`EVALSHA` of
+    /// `script`'s hash): loaded first when Redis does not know it, as
+    /// `ScriptInvocation::invoke_async` does.
+    async fn run_acknowledged<T: FromRedisValue>(
+        &self,
+        shard: Shard,
+        script: &Script,
+        cmd: &redis::Cmd,
+    ) -> Result<T, StagingError> {
+        let mut conn = self.conn.clone();
+        let value = match self.bounded(cmd.query_async(&mut conn)).await {
+            Err(StagingError::Redis(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.bounded(script.load_async(&mut conn)).await?;
+                self.bounded(cmd.query_async(&mut conn)).await?
+            }
+            other => other?,
+        };
+        if let Some(replication) = &self.replication {
+            replication.confirm(shard).await?;
+        }
+        Ok(value)
+    }
+
     /// Waits until the keys of an older release are where this one looks for them (once
     /// per process; see `upgrade`).
     async fn layout_ready(&self) -> Result<(), StagingError> {
@@ -404,56 +427,41 @@ impl Staging {
         shard: Shard,
         messages: impl ExactSizeIterator<Item = &'m NewMessage<'m>>,
     ) -> Result<Vec<IngestOutcome>, StagingError> {
-        let count = messages.len();
-        let mut invocation = self.scripts.ingest.prepare_invoke();
-        invocation.arg(self.ttl_ms).arg(self.idempotency_window_ms);
-        for m in messages {
+        let messages: Vec<&NewMessage<'_>> = messages.collect();
+        // EVALSHA built by hand rather than through redis-rs's `ScriptInvocation`: keys
+        // and arguments go straight into the command's one buffer (`ScriptInvocation`
+        // allocates each, then copies them all into a command).
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.scripts.ingest.get_hash()).arg(4 * messages.len());
+        for m in &messages {
             let d = m.dialog.get();
+            cmd.arg(self.keys.dialog_key_arg(d, "meta"))
+                .arg(self.keys.dialog_key_arg(d, "msgs"))
+                .arg(self.keys.dialog_key_arg(d, "ids"))
+                .arg(self.keys.flush_stream_arg(Keyspace::shard_of(d)));
+        }
+        cmd.arg(self.ttl_ms).arg(self.idempotency_window_ms);
+        for m in &messages {
             let (mode, last_seq) = match m.create {
                 Create::Not => ("", 0),
                 Create::New => ("new", 0),
                 Create::Revive { last_seq } => ("revive", last_seq),
                 Create::Unverified => ("unverified", 0),
             };
-            invocation
-                .key(self.keys.meta(d))
-                .key(self.keys.msgs(d))
-                .key(self.keys.ids(d))
-                .key(self.keys.flush_stream_of(d))
-                .arg(m.customer.get())
-                .arg(d)
+            cmd.arg(m.customer.get())
+                .arg(m.dialog.get())
                 .arg(m.message.language.as_str())
                 .arg(m.message.text.as_str())
                 .arg(m.message.message_id.as_ref().map_or("", |id| id.as_str()))
                 .arg(mode)
                 .arg(last_seq);
         }
-        let replies: Vec<(String, i64, String)> = self.invoke_acknowledged(shard, &invocation).await?;
-        if replies.len() != count {
+        let reply: Vec<u8> = self.run_acknowledged(shard, &self.scripts.ingest, &cmd).await?;
+        let outcomes = parse_ingest_reply(&reply)?;
+        if outcomes.len() != messages.len() {
             return Err(StagingError::Corrupt("ingest reply has the wrong length"));
         }
-        replies
-            .into_iter()
-            .map(|(status, seq, decision)| {
-                let decision = || Decision::from_letter(decision.as_bytes()).ok_or(StagingError::Corrupt("decision"));
-                Ok(match status.as_str() {
-                    "ok" => IngestOutcome::Accepted {
-                        seq,
-                        decision: decision()?,
-                        duplicate: false,
-                    },
-                    "dup" => IngestOutcome::Accepted {
-                        seq,
-                        decision: decision()?,
-                        duplicate: true,
-                    },
-                    "mismatch" => IngestOutcome::CustomerMismatch,
-                    "refused" => IngestOutcome::ConsentRefused,
-                    "unknown" => IngestOutcome::Unknown,
-                    _ => return Err(StagingError::Corrupt("unknown ingest status")),
-                })
-            })
-            .collect()
+        Ok(outcomes)
     }
 
     /// How long a `messageId` is remembered per dialog (`DAPI_IDEMPOTENCY_WINDOW`).
@@ -586,4 +594,41 @@ impl Staging {
             Err(_) => Err(StagingError::Timeout),
         }
     }
+}
+
+/// The ingest script's answer: per message `status seq decision`, separated by `,` (one
+/// string rather than a nested array: cheaper to build in Lua and to parse here).
+fn parse_ingest_reply(reply: &[u8]) -> Result<Vec<IngestOutcome>, StagingError> {
+    reply
+        .split(|&b| b == b',')
+        .map(|item| {
+            let mut fields = item.split(|&b| b == b' ');
+            let (Some(status), Some(seq), Some(decision), None) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                return Err(StagingError::Corrupt("ingest reply"));
+            };
+            let seq = std::str::from_utf8(seq)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .ok_or(StagingError::Corrupt("ingest reply seq"))?;
+            let decision = || Decision::from_letter(decision).ok_or(StagingError::Corrupt("decision"));
+            Ok(match status {
+                b"ok" => IngestOutcome::Accepted {
+                    seq,
+                    decision: decision()?,
+                    duplicate: false,
+                },
+                b"dup" => IngestOutcome::Accepted {
+                    seq,
+                    decision: decision()?,
+                    duplicate: true,
+                },
+                b"mismatch" => IngestOutcome::CustomerMismatch,
+                b"refused" => IngestOutcome::ConsentRefused,
+                b"unknown" => IngestOutcome::Unknown,
+                _ => return Err(StagingError::Corrupt("unknown ingest status")),
+            })
+        })
+        .collect()
 }

@@ -14,8 +14,10 @@
 --          'unverified'  PostgreSQL could not be asked: pending, marked `u`, and queued
 --                    so that the flusher settles it against PostgreSQL later
 --       and the last seq stored in PostgreSQL (for 'revive')
--- Returns per item {status, seq, decision}: status 'ok' (staged), 'dup' (a repeat: the
--- first answer's seq and decision), 'mismatch', 'refused' or 'unknown' (seq 0, '').
+-- Returns one string, per item `status seq decision` joined by ',': status 'ok' (staged),
+-- 'dup' (a repeat: the first answer's seq and decision), 'mismatch', 'refused' or
+-- 'unknown' (seq 0, decision '-'). One string, not a table of tables: converting nested
+-- tables to a reply was a measurable part of a call.
 -- A staged message is `seq:receivedAt_µs:language:text`, or with a messageId
 -- `seq:receivedAt_µs:language|messageId|:text` (neither a language nor a messageId can
 -- hold `|`).
@@ -29,11 +31,11 @@ local function stage(meta, msgs, ids, stream, customer, dialog, language, text, 
   if m[1] then
     -- '-1': refused while PostgreSQL could not name the customer; the refusal holds
     -- for anyone, and a later grant's messages belong to whoever posts first.
-    if m[1] ~= customer and m[1] ~= '-1' then return {'mismatch', 0, ''} end
-    if decision == 'r' then return {'refused', 0, ''} end
+    if m[1] ~= customer and m[1] ~= '-1' then return 'mismatch 0 -' end
+    if decision == 'r' then return 'refused 0 -' end
     if m[1] == '-1' then redis.call('HSET', meta, 'c', customer) end
   elseif mode == '' then
-    return {'unknown', 0, ''}
+    return 'unknown 0 -'
   elseif mid ~= '' and redis.call('HEXISTS', ids, mid) == 1 then
     -- A repeat of a message of a life of the dialog Redis forgot: answered below,
     -- without creating a dialog that nothing would expire.
@@ -52,10 +54,10 @@ local function stage(meta, msgs, ids, stream, customer, dialog, language, text, 
   end
   if mid ~= '' then
     local first = redis.call('HGET', ids, mid)
-    if not first and not decision then return {'unknown', 0, ''} end
+    if not first and not decision then return 'unknown 0 -' end
     if first then
       local seq, was = string.match(first, '^(%d+):(%a)$')
-      return {'dup', tonumber(seq), was}
+      return 'dup ' .. seq .. ' ' .. was
     end
   end
   local seq = redis.call('HINCRBY', meta, 'n', 1)
@@ -76,7 +78,7 @@ local function stage(meta, msgs, ids, stream, customer, dialog, language, text, 
     redis.call('PEXPIRE', meta, ttl)
     redis.call('PEXPIRE', msgs, ttl)
   end
-  return {'ok', seq, decision}
+  return string.format('ok %d %s', seq, decision)
 end
 
 local out = {}
@@ -85,4 +87,4 @@ for i = 1, #KEYS / 4 do
   out[i] = stage(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
     ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
 end
-return out
+return table.concat(out, ',')
