@@ -23,6 +23,7 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::{Extension, Router};
+use tower::ServiceBuilder;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::router::UtoipaMethodRouter;
@@ -84,19 +85,25 @@ fn routes(
     let batch = OpenApiRouter::new()
         .routes(routes!(ingest::ingest_batch))
         .layer(DefaultBodyLimit::max(batch_bytes));
-    // Layers run outside in, the last added first: the guard (limits, token), then the
-    // check of the body's encoding, then its decoding.
+    // Layers run outside in, as listed: the guard (limits, token), then the check of the
+    // body's encoding, then its decoding. One `ServiceBuilder` rather than a
+    // `route_layer` each: axum boxes every layer added on its own and clones the boxes
+    // on every request (~9 % of a single POST's instructions with six).
     let ingest = OpenApiRouter::new()
         .routes(ingest)
         .routes(routes!(consents::decide))
         .merge(batch)
-        .route_layer(encoding::decoding())
-        .route_layer(from_fn(encoding::accept_encodings))
-        .route_layer(from_fn_with_state(guard(Role::Ingest), limits::guard));
-    let read = OpenApiRouter::new()
-        .routes(routes!(data::list))
-        .route_layer(encoding::encoding())
-        .route_layer(from_fn_with_state(guard(Role::Read), limits::guard));
+        .route_layer(
+            ServiceBuilder::new()
+                .layer(from_fn_with_state(guard(Role::Ingest), limits::guard))
+                .layer(from_fn(encoding::accept_encodings))
+                .layer(encoding::decoding()),
+        );
+    let read = OpenApiRouter::new().routes(routes!(data::list)).route_layer(
+        ServiceBuilder::new()
+            .layer(from_fn_with_state(guard(Role::Read), limits::guard))
+            .layer(encoding::encoding()),
+    );
     let api = ingest.merge(read);
     let operations = operations().routes(routes!(ops::openapi));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
@@ -150,9 +157,12 @@ fn build(state: AppState, ingest: UtoipaMethodRouter<AppState>) -> Router {
         .merge(SwaggerUi::new("/docs").config(Config::new(["/openapi.json"])))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(from_fn(observe))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(Extension(document))
+        .layer(
+            ServiceBuilder::new()
+                .layer(Extension(document))
+                .layer(DefaultBodyLimit::max(body_limit))
+                .layer(from_fn(observe)),
+        )
         .with_state(state);
     without_trailing_slash(inner)
 }
