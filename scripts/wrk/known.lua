@@ -1,10 +1,7 @@
--- wrk: POST /data/{customerId}/{dialogId}, dialogs of 5 messages over 100 customers,
--- fresh dialog IDs per run and per wrk thread. Used by scripts/bench-ingest.
---
--- As bots post: a dialog's messages come one after another, not at once. Each wrk
--- thread keeps 256 dialogs open and sends to them in turn, so a dialog's next message
--- follows its previous one by 256 requests (its first, which makes it known to Redis,
--- has been answered by then); each dialog gets 5 messages, 1 in 5 requests starts one.
+-- wrk: POST /data/{customerId}/{dialogId} to dialogs Redis already knows: as single.lua,
+-- but 1000 messages a dialog, so after each thread's first 256 requests only 1 request
+-- in 1000 starts a dialog (no second script call, no PostgreSQL lookup). For
+-- diagnosis: BENCHMARKS.md's "only known dialogs" row (scripts/cpu-per-request PORT known.lua).
 local threads = 0
 function setup(thread)
   threads = threads + 1
