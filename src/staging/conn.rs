@@ -16,7 +16,8 @@
 //!   makes a repeat harmless, and a message without one could be staged twice on
 //!   such a retry (as with any client retry);
 //! - a script missing on a newly promoted primary (`NOSCRIPT`) is loaded by
-//!   `ScriptInvocation::invoke_async`, which sends `SCRIPT LOAD` to every node;
+//!   `ScriptInvocation::invoke_async` (the ingest command: `Script::load_async`, the same
+//!   way), which sends `SCRIPT LOAD` to every node;
 //! - a connection that answers nothing at all for [`WEDGED_AFTER`] while requests go out
 //!   is replaced by a new one. Measured here (redis-rs 1.8.1, Redis 7.0, a primary
 //!   killed under 32 concurrent requests): in some runs the connection never answered
