@@ -285,8 +285,9 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt;
 
-    let service =
-        app.map_request(|request: axum::http::Request<hyper::body::Incoming>| request.map(axum::body::Body::new));
+    let service = app.map_request(|request: axum::http::Request<hyper::body::Incoming>| {
+        crate::http::before_routing(request.map(axum::body::Body::new))
+    });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();

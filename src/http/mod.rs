@@ -20,7 +20,7 @@ pub use error::{ApiError, problem};
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, OriginalUri, Request};
 use axum::middleware::{from_fn, from_fn_with_state};
 use axum::{Extension, Router};
 use tower::ServiceBuilder;
@@ -138,12 +138,11 @@ pub fn router_with_ingest(state: AppState, ingest: UtoipaMethodRouter<AppState>)
 /// role the same way. Anything else answers 404 `not_found`.
 pub fn ops_router(state: AppState) -> Router {
     let (operations, _) = operations().split_for_parts();
-    let inner = operations
+    operations
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(from_fn(observe))
-        .with_state(state);
-    without_trailing_slash(inner)
+        .with_state(state)
 }
 
 fn build(state: AppState, ingest: UtoipaMethodRouter<AppState>) -> Router {
@@ -153,8 +152,7 @@ fn build(state: AppState, ingest: UtoipaMethodRouter<AppState>) -> Router {
     let limits = Limits::new(settings.max_in_flight, settings.request_timeout);
     let (api, document) = routes(access, limits, settings.max_batch_bytes, ingest).split_for_parts();
     let document = Arc::new(serde_json::to_value(&document).unwrap_or_default());
-    let inner = api
-        .merge(SwaggerUi::new("/docs").config(Config::new(["/openapi.json"])))
+    api.merge(SwaggerUi::new("/docs").config(Config::new(["/openapi.json"])))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(
@@ -163,22 +161,25 @@ fn build(state: AppState, ingest: UtoipaMethodRouter<AppState>) -> Router {
                 .layer(DefaultBodyLimit::max(body_limit))
                 .layer(from_fn(observe)),
         )
-        .with_state(state);
-    without_trailing_slash(inner)
+        .with_state(state)
 }
 
-/// Answers `/data/` and `/data/1/2/` as their routes without the slash, as the
-/// predecessor's clients expect (`/docs/` keeps its own: the page lives there). The
-/// outer router records the URI as sent (`OriginalUri`, for `next`/`previous` links)
-/// before the slash is dropped and the inner router matches.
-fn without_trailing_slash(inner: Router) -> Router {
-    use tower::Layer;
-    // The layer wraps the inner router as a whole (`Router::layer` would run after its
-    // routing, too late to change the path it matches).
-    Router::new().fallback_service(axum::middleware::map_request(drop_trailing_slash).layer(inner))
+/// What every request goes through before the router (`app::serve` applies it): records
+/// the URI as sent (`OriginalUri`, for `next`/`previous` links), then answers `/data/`
+/// and `/data/1/2/` as their routes without the slash, as the predecessor's clients
+/// expect (`/docs/` keeps its own: the page lives there). A plain function in `serve`'s
+/// `map_request` rather than a router around the router: that one was a second routing
+/// pass and three boxed futures on every request (`Router::layer` cannot do it: it runs
+/// after routing, too late to change the path matched).
+pub fn before_routing(mut request: Request) -> Request {
+    if request.extensions().get::<OriginalUri>().is_none() {
+        let original = OriginalUri(request.uri().clone());
+        request.extensions_mut().insert(original);
+    }
+    drop_trailing_slash(request)
 }
 
-async fn drop_trailing_slash(mut request: Request) -> Request {
+fn drop_trailing_slash(mut request: Request) -> Request {
     let path = request.uri().path();
     if path.len() > 1 && path.ends_with('/') && !path.starts_with("/docs") {
         let trimmed = path.trim_end_matches('/');
