@@ -442,19 +442,16 @@ impl Staging {
         }
         cmd.arg(self.ttl_ms).arg(self.idempotency_window_ms);
         for m in &messages {
-            let (mode, last_seq) = match m.create {
-                Create::Not => ("", 0),
-                Create::New => ("new", 0),
-                Create::Revive { last_seq } => ("revive", last_seq),
-                Create::Unverified => ("unverified", 0),
-            };
             cmd.arg(m.customer.get())
-                .arg(m.dialog.get())
                 .arg(m.message.language.as_str())
                 .arg(m.message.text.as_str())
-                .arg(m.message.message_id.as_ref().map_or("", |id| id.as_str()))
-                .arg(mode)
-                .arg(last_seq);
+                .arg(m.message.message_id.as_ref().map_or("", |id| id.as_str()));
+            match m.create {
+                Create::Not => cmd.arg(""),
+                Create::New => cmd.arg("n"),
+                Create::Revive { last_seq } => cmd.arg(last_seq),
+                Create::Unverified => cmd.arg("u"),
+            };
         }
         let reply: Vec<u8> = self.run_acknowledged(shard, &self.scripts.ingest, &cmd).await?;
         let outcomes = parse_ingest_reply(&reply)?;

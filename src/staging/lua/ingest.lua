@@ -13,16 +13,17 @@
 -- these keys' expiry otherwise zeroes `r` and `ri` (consent.lua, finish.lua); a list that
 -- RPUSH creates anew (emptied by a flush) is refreshed at once.
 -- KEYS: per item: meta, msgs, ids (messageId → "seq:decision"), its shard's flush stream
--- ARGV: 1 ttl (ms), 2 idempotency window (ms), then per item 7 values:
---       customer id, dialog id, language, text, messageId ('' = none),
+-- ARGV: 1 ttl (ms), 2 idempotency window (ms), then per item 5 values:
+--       customer id, language, text, messageId ('' = none),
 --       what to do when Redis does not know the dialog:
 --          ''        stage nothing, answer 'unknown' (the caller asks PostgreSQL first)
---          'new'     PostgreSQL holds no grant for it: a new pending dialog
---          'revive'  PostgreSQL holds it as granted with the last seq given next: granted
---                    again, its seq continuing
---          'unverified'  PostgreSQL could not be asked: pending, marked `u`, and queued
+--          'n'       PostgreSQL holds no grant for it: a new pending dialog
+--          a number  PostgreSQL holds it as granted with this last seq: granted again,
+--                    its seq continuing
+--          'u'       PostgreSQL could not be asked: pending, marked `u`, and queued
 --                    so that the flusher settles it against PostgreSQL later
---       and the last seq stored in PostgreSQL (for 'revive')
+--       (Each argument costs Redis ~1.3k instructions: the dialog id, needed only to
+--       queue a flush, is read from the meta key's name then.)
 -- Returns one string, per item `status seq decision` joined by ',': status 'ok' (staged),
 -- 'dup' (a repeat: the first answer's seq and decision), 'mismatch', 'refused' or
 -- 'unknown' (seq 0, decision '-'). One string, not a table of tables: converting nested
@@ -41,7 +42,7 @@ local now_ms = sec * 1000 + math.floor(usec / 1000)
 local refresh = string.format('%d', now_ms + ttl)
 local window, refresh_ids
 
-local function stage(meta, msgs, ids, stream, customer, dialog, language, text, mid, mode, last)
+local function stage(meta, msgs, ids, stream, customer, language, text, mid, mode)
   local m
   if mid == '' then
     m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r')
@@ -65,11 +66,12 @@ local function stage(meta, msgs, ids, stream, customer, dialog, language, text, 
   else
     -- The epoch starts at the clock, so that a dialog started again after Redis forgot
     -- it carries a newer epoch than anything PostgreSQL holds of it.
-    decision = mode == 'revive' and 'g' or 'p'
+    local revive = mode ~= 'n' and mode ~= 'u'
+    decision = revive and 'g' or 'p'
     redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us,
-      'n', mode == 'revive' and last or '0', 'q', 0, 't', now_us, 'r', 0, 'ri', 0)
+      'n', revive and mode or '0', 'q', 0, 't', now_us, 'r', 0, 'ri', 0)
     queued, lives, ids_live = '0', '0', '0'
-    if mode == 'unverified' then
+    if mode == 'u' then
       redis.call('HSET', meta, 'u', 1)
       unverified = '1'
     end
@@ -100,7 +102,7 @@ local function stage(meta, msgs, ids, stream, customer, dialog, language, text, 
   local length = redis.call('RPUSH', msgs, head .. ':' .. text)
   if (decision == 'g' or unverified == '1') and queued ~= '1' then
     redis.call('HSET', meta, 'q', 1)
-    redis.call('XADD', stream, '*', 'd', dialog)
+    redis.call('XADD', stream, '*', 'd', string.match(meta, ':d(%d+):meta$'))
   end
   -- Every dialog's keys expire DAPI_STAGING_TTL after its last write, except while a
   -- refusal's erasure is unconfirmed: that must outlive any PostgreSQL outage.
@@ -115,8 +117,8 @@ end
 
 local out = {}
 for i = 1, #KEYS / 4 do
-  local k, a = 4 * i - 3, 2 + 7 * (i - 1)
-  out[i] = stage(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3],
-    ARGV[a + 4], ARGV[a + 5], ARGV[a + 6], ARGV[a + 7])
+  local k, a = 4 * i - 3, 5 * i - 2
+  out[i] = stage(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a], ARGV[a + 1], ARGV[a + 2],
+    ARGV[a + 3], ARGV[a + 4])
 end
 return table.concat(out, ',')
