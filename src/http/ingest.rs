@@ -1,7 +1,9 @@
 //! Staging messages: `POST /data/{customerId}/{dialogId}` (one) and `POST /data` (a
 //! batch). Both go through [`stage`]: one script call for everything Redis knows, then —
 //! only if some dialog is new to Redis — one PostgreSQL lookup for those dialogs (bounded;
-//! never waited on during an outage) and one more script call that creates them.
+//! never waited on during an outage) and one more script call that creates them. Dialogs
+//! this process has not staged lately are looked up *before* the first call, whose answer
+//! then creates them at once (`super::recent`).
 
 use axum::Json;
 use axum::extract::State;
@@ -27,16 +29,29 @@ struct Offer {
 /// `Err` when Redis failed before anything was staged; otherwise one outcome per offer,
 /// an `Err` for the offers a later failure left unstaged.
 async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOutcome, StagingError>>, StagingError> {
+    let creates = ask_first(state, offers).await;
     let first: Vec<NewMessage<'_>> = offers
         .iter()
-        .map(|o| NewMessage {
+        .zip(&creates)
+        .map(|(o, create)| NewMessage {
             customer: o.customer,
             dialog: o.dialog,
             message: &o.message,
-            create: Create::Not,
+            create: create.unwrap_or(Create::Not),
         })
         .collect();
     let mut outcomes = state.staging.stage(&first).await?;
+    for (create, outcome) in creates.iter().zip(&outcomes) {
+        // Did asking first save a call? Yes when the script created the dialog.
+        let new = match (create, outcome) {
+            (Some(Create::New), Ok(IngestOutcome::Accepted { seq, duplicate, .. })) => !duplicate && *seq == 1,
+            (Some(Create::Revive { last_seq }), Ok(IngestOutcome::Accepted { seq, duplicate, .. })) => {
+                !duplicate && *seq == last_seq + 1
+            }
+            _ => continue,
+        };
+        state.recent.record(new);
+    }
     let unknown: Vec<usize> = (0..offers.len())
         .filter(|&i| matches!(outcomes[i], Ok(IngestOutcome::Unknown)))
         .collect();
@@ -97,6 +112,41 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
         }
     }
     Ok(outcomes)
+}
+
+/// For each offer, how the first script call creates its dialog should Redis not know it:
+/// `None` (don't: answer 'unknown') for dialogs this process staged lately, else what
+/// PostgreSQL says of the dialog now — asked here, before the call, while that pays off
+/// (`super::recent`). A dialog PostgreSQL holds under another customer is left to the
+/// usual path (`None`), so that Redis's own record decides when it has one.
+async fn ask_first(state: &AppState, offers: &[Offer]) -> Vec<Option<Create>> {
+    let mut creates = vec![None; offers.len()];
+    if !state.recent.ask_first() {
+        for offer in offers {
+            state.recent.first_sighting(offer.dialog);
+        }
+        return creates;
+    }
+    let unseen: Vec<usize> = (0..offers.len())
+        .filter(|&i| state.recent.first_sighting(offers[i].dialog))
+        .collect();
+    if unseen.is_empty() {
+        return creates;
+    }
+    let dialogs: Vec<DialogId> = unseen.iter().map(|&i| offers[i].dialog).collect();
+    let granted = state.store.granted_dialogs_quickly(&dialogs).await;
+    for i in unseen {
+        let offer = &offers[i];
+        creates[i] = match &granted {
+            Ok(granted) => match granted.get(&offer.dialog) {
+                Some(g) if g.customer != offer.customer => None,
+                Some(g) => Some(Create::Revive { last_seq: g.last_seq }),
+                None => Some(Create::New),
+            },
+            Err(_) => Some(Create::Unverified),
+        };
+    }
+    creates
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -14,6 +14,7 @@ mod limits;
 mod observe;
 mod openapi;
 mod ops;
+mod recent;
 
 pub use access::{Access, Role};
 pub use error::{ApiError, problem};
@@ -47,6 +48,8 @@ pub struct Shared {
     pub staging: Staging,
     pub store: Store,
     pub settings: Arc<crate::config::Settings>,
+    /// Dialogs this process staged lately (see [`recent`]).
+    recent: recent::Recent,
 }
 
 impl AppState {
@@ -55,6 +58,7 @@ impl AppState {
             staging,
             store,
             settings,
+            recent: recent::Recent::default(),
         }))
     }
 }

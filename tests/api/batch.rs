@@ -156,12 +156,22 @@ async fn retrying_a_whole_batch_with_the_same_ids_stores_each_message_once() {
 async fn a_batch_cut_off_from_redis_part_way_answers_per_item_and_its_retry_stores_each_once() {
     // dapi's Redis connection goes through a proxy that cuts it right after the batch's
     // first script call has been answered: the item of the known dialog was staged by
-    // that call; the new dialog's item needed the second call, which cannot be made.
+    // that call; the item of the dialog Redis forgot needed the second call (after the
+    // PostgreSQL lookup), which cannot be made. (A dialog this process has never staged
+    // would be looked up first and created by the first call: `http::recent`.)
     let mut settings = test_settings();
     let proxy = Proxy::start(upstream_of(&settings.redis_url)).await;
     settings.redis_url = through(&settings.redis_url, proxy.addr);
     let app = spawn_api_only(settings).await;
     app.stage(1, 30, "the dialog exists", "EN").await; // also loads the ingest script
+    app.stage(1, 31, "Redis will forget this", "EN").await;
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.meta(31))
+        .arg(app.keys.msgs(31))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let batch = json!({"messages": [
         {"customerId": 1, "dialogId": 30, "text": "known dialog", "language": "EN", "messageId": "known-1"},
         {"customerId": 1, "dialogId": 31, "text": "new dialog", "language": "EN", "messageId": "new-1"},
@@ -181,7 +191,7 @@ async fn a_batch_cut_off_from_redis_part_way_answers_per_item_and_its_retry_stor
     assert_eq!(
         (results[1]["status"].as_i64(), results[1]["code"].as_str()),
         (Some(503), Some("redis_unavailable")),
-        "the new dialog's item was not staged: {cut}"
+        "the forgotten dialog's item was not staged: {cut}"
     );
     assert_eq!((app.staged_len(30).await, app.staged_len(31).await), (2, 0));
 

@@ -198,3 +198,46 @@ async fn a_message_to_a_granted_dialog_answers_consent_granted() {
     assert_eq!(body["consent"], "granted");
     assert_eq!(body["seq"], 2);
 }
+
+/// A process asks PostgreSQL before Redis about dialogs it has not staged lately (and the
+/// script creates them in the same call). A dialog that another process staged, or that
+/// Redis forgot after PostgreSQL stored it, must come out exactly as without that: its
+/// seq continued, its customer checked, a grant PostgreSQL holds kept.
+#[tokio::test]
+async fn a_process_new_to_a_dialog_continues_it_as_redis_and_postgresql_hold_it() {
+    let settings = crate::helpers::test_settings();
+    let first = crate::helpers::spawn_full(settings.clone()).await;
+    for text in ["one", "two", "three"] {
+        first.stage(1, 9, text, "EN").await;
+    }
+    first.stage(1, 10, "mine", "EN").await;
+    first.stage(1, 11, "one", "EN").await;
+    first.stage(1, 11, "two", "EN").await;
+    assert!(first.consent(11, true).await.status().is_success());
+    first.wait_for_seqs(11, &[1, 2]).await;
+    // Redis forgets dialog 11; PostgreSQL holds it as granted up to seq 2.
+    let mut conn = first.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(first.keys.meta(11))
+        .arg(first.keys.msgs(11))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let second = crate::helpers::spawn_api_only(settings).await;
+    assert_eq!(second.stage(1, 9, "four", "EN").await, 4, "Redis's seq continues");
+    let response = second
+        .post_json("/data/2/10", &json!({"text": "theirs", "language": "EN"}))
+        .await;
+    assert_problem(response, StatusCode::CONFLICT, "customer_mismatch").await;
+    let response = second
+        .post_json("/data/1/11", &json!({"text": "three", "language": "EN"}))
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["seq"], 3, "PostgreSQL's seq continues: {body}");
+    assert_eq!(body["consent"], "granted", "{body}");
+    first.wait_for_seqs(11, &[1, 2, 3]).await;
+    assert_eq!(second.stage(1, 12, "new", "EN").await, 1);
+    assert_eq!(second.stage(1, 12, "again", "EN").await, 2);
+}
