@@ -338,7 +338,8 @@ async fn hole_6_every_key_dapi_writes_expires_except_the_flush_stream() {
 /// at most 1 % longer (ingest.lua refreshes an expiry only when less than the TTL is left),
 /// however its messages fall (probed after each of a dozen, 70 ms apart against a slack
 /// of 600 ms), after a grant (which sets the expiry itself), after a flush that emptied
-/// the list (RPUSH creates it anew) — and the same for its messageIds and their window.
+/// the list (RPUSH creates it anew) — and the same for its messageIds and their window,
+/// also after their hash vanished.
 #[tokio::test]
 async fn a_dialogs_keys_last_at_least_the_ttl_after_its_last_message() {
     let mut settings = test_settings();
@@ -403,6 +404,15 @@ async fn a_dialogs_keys_last_at_least_the_ttl_after_its_last_message() {
         .await;
         tokio::time::sleep(Duration::from_millis(70)).await;
     }
+    // A messageIds hash that vanished (evicted, deleted by hand) takes its deadline with it.
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.ids(dialog))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let posted = post(true).await;
+    probe("after the messageIds vanished", posted, &app.keys.ids(dialog), window).await;
 }
 
 #[tokio::test]

@@ -22,9 +22,9 @@ end
 -- decision made after a failover lost earlier ones (whose epochs PostgreSQL may hold)
 -- still carries a newer epoch than any of them.
 local epoch = math.max((tonumber(redis.call('HGET', KEYS[1], 'e')) or 0) + 1, now[1] * 1000000 + now[2])
--- `r`/`ri` 0: the expiries set below are not ingest.lua's deadlines; its next message
--- refreshes them (and a refusal deletes the messageIds).
-redis.call('HSET', KEYS[1], 'e', string.format('%d', epoch), 'd', ARGV[2], 't', now_us, 'r', 0, 'ri', 0)
+-- `r` 0: the expiries set below are not ingest.lua's deadline; its next message
+-- refreshes them.
+redis.call('HSET', KEYS[1], 'e', string.format('%d', epoch), 'd', ARGV[2], 't', now_us, 'r', 0)
 if ARGV[2] == 'g' then
   if redis.call('HGET', KEYS[1], 'q') ~= '1' then
     redis.call('HSET', KEYS[1], 'q', 1)

@@ -25,7 +25,7 @@ for i = 1, n do
   if adopt > 0 then
     local m = redis.call('HMGET', meta, 'd', 'e')
     if m[1] and m[1] ~= 'r' and (tonumber(m[2]) or 0) < adopt then
-      redis.call('HSET', meta, 'd', 'r', 'e', string.format('%d', adopt), 'r', 0, 'ri', 0)
+      redis.call('HSET', meta, 'd', 'r', 'e', string.format('%d', adopt), 'r', 0)
       redis.call('DEL', msgs, ids, quarantined)
       redis.call('PEXPIRE', meta, ARGV[3])
     end

@@ -5,13 +5,14 @@
 -- settled). Items of one dialog get consecutive seqs in the order given.
 -- Expiry, with slack: a dialog's keys expire DAPI_STAGING_TTL after its last message (its
 -- messageIds DAPI_IDEMPOTENCY_WINDOW after the last one), at most 1 % later. A message
--- refreshes the expiry to TTL + 1 % only when less than TTL is left, recorded in meta as
--- `r` (`ri` for the messageIds: the deadline set, ms since the epoch, 13 digits until the
--- year 2286), so most messages skip the two or three PEXPIREs: they were ~2 µs of
--- Redis's ~8 µs per staged message. The deadlines are compared as strings: `tonumber` of
--- a 13-digit string costs more than the PEXPIREs it saves. A script that sets
--- these keys' expiry otherwise zeroes `r` and `ri` (consent.lua, finish.lua); a list that
--- RPUSH creates anew (emptied by a flush) is refreshed at once.
+-- refreshes the expiry to TTL + 1 % only when less than TTL is left, recorded as the
+-- deadline set (ms since the epoch, 13 digits until the year 2286): meta's `r`, and the
+-- messageIds hash's own field `~r` (no messageId can hold `~`), so that a hash deleted
+-- or evicted takes its deadline with it. Most messages skip the two or three PEXPIREs:
+-- they were ~2 µs of Redis's ~8 µs per staged message. The deadlines are compared as
+-- strings: `tonumber` of a 13-digit string costs more than the PEXPIREs it saves. A
+-- script that sets meta's or msgs' expiry otherwise zeroes `r` (consent.lua,
+-- finish.lua); a list that RPUSH creates anew (emptied by a flush) is refreshed at once.
 -- KEYS: per item: meta, msgs, ids (messageId → "seq:decision"), its shard's flush stream
 -- ARGV: 1 ttl (ms), 2 idempotency window (ms), then per item 5 values:
 --       customer id, language, text, messageId ('' = none),
@@ -43,14 +44,9 @@ local refresh = string.format('%d', now_ms + ttl)
 local window, refresh_ids
 
 local function stage(meta, msgs, ids, stream, customer, language, text, mid, mode)
-  local m
-  if mid == '' then
-    m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r')
-  else
-    m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r', 'ri')
-  end
+  local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r')
   local decision, queued, unerased, unverified = m[2], m[3], m[4], m[5]
-  local lives, ids_live = m[6] or '0', m[7] or '0'
+  local lives = m[6] or '0'
   if m[1] then
     -- '-1': refused while PostgreSQL could not name the customer; the refusal holds
     -- for anyone, and a later grant's messages belong to whoever posts first.
@@ -69,15 +65,18 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     local revive = mode ~= 'n' and mode ~= 'u'
     decision = revive and 'g' or 'p'
     redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us,
-      'n', revive and mode or '0', 'q', 0, 't', now_us, 'r', 0, 'ri', 0)
-    queued, lives, ids_live = '0', '0', '0'
+      'n', revive and mode or '0', 'q', 0, 't', now_us, 'r', 0)
+    queued, lives = '0', '0'
     if mode == 'u' then
       redis.call('HSET', meta, 'u', 1)
       unverified = '1'
     end
   end
+  local ids_live
   if mid ~= '' then
-    local first = redis.call('HGET', ids, mid)
+    local got = redis.call('HMGET', ids, mid, '~r')
+    local first = got[1]
+    ids_live = got[2] or '0'
     if not first and not decision then return 'unknown 0 -' end
     if first then
       local seq, was = string.match(first, '^(%d+):(%a)$')
@@ -88,15 +87,17 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
   local head = string.format('%d:%s:%s', seq, now_us, language)
   if mid ~= '' then
     head = head .. '|' .. mid .. '|'
-    redis.call('HSET', ids, mid, string.format('%d:%s', seq, decision))
+    local answer = string.format('%d:%s', seq, decision)
     if not window then
       window = tonumber(ARGV[2])
       refresh_ids = string.format('%d', now_ms + window)
     end
     if ids_live < refresh_ids then
       local keep = window + math.floor(window / 100)
+      redis.call('HSET', ids, mid, answer, '~r', string.format('%d', now_ms + keep))
       redis.call('PEXPIRE', ids, keep)
-      redis.call('HSET', meta, 'ri', string.format('%d', now_ms + keep))
+    else
+      redis.call('HSET', ids, mid, answer)
     end
   end
   local length = redis.call('RPUSH', msgs, head .. ':' .. text)
