@@ -5,6 +5,8 @@
 //! this process has not staged lately are looked up *before* the first call, whose answer
 //! then creates them at once (`super::recent`).
 
+use std::collections::HashMap;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,6 +17,7 @@ use super::extract::{BatchBody, DataPath, JsonBody};
 use super::{ApiError, AppState};
 use crate::domain::{CustomerId, DialogId, IncomingMessage, Invalid, parse_message, parse_message_fields};
 use crate::staging::{Create, IngestOutcome, NewMessage, StagingError};
+use crate::store::{GrantedDialog, StoreError};
 use crate::telemetry::{STAGED_DIALOGS, STAGED_MESSAGES};
 
 /// One message offered for staging.
@@ -69,16 +72,9 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
     let mut second_at = Vec::with_capacity(unknown.len());
     for &i in &unknown {
         let offer = &offers[i];
-        let create = match &granted {
-            Ok(granted) => match granted.get(&offer.dialog) {
-                Some(g) if g.customer != offer.customer => {
-                    outcomes[i] = Ok(IngestOutcome::CustomerMismatch);
-                    continue;
-                }
-                Some(g) => Create::Revive { last_seq: g.last_seq },
-                None => Create::New,
-            },
-            Err(_) => Create::Unverified,
+        let Some(create) = create_from(&granted, offer) else {
+            outcomes[i] = Ok(IngestOutcome::CustomerMismatch);
+            continue;
         };
         second.push(NewMessage {
             customer: offer.customer,
@@ -136,17 +132,23 @@ async fn ask_first(state: &AppState, offers: &[Offer]) -> Vec<Option<Create>> {
     let dialogs: Vec<DialogId> = unseen.iter().map(|&i| offers[i].dialog).collect();
     let granted = state.store.granted_dialogs_quickly(&dialogs).await;
     for i in unseen {
-        let offer = &offers[i];
-        creates[i] = match &granted {
-            Ok(granted) => match granted.get(&offer.dialog) {
-                Some(g) if g.customer != offer.customer => None,
-                Some(g) => Some(Create::Revive { last_seq: g.last_seq }),
-                None => Some(Create::New),
-            },
-            Err(_) => Some(Create::Unverified),
-        };
+        creates[i] = create_from(&granted, &offers[i]);
     }
     creates
+}
+
+/// How to create `offer`'s dialog should Redis not know it, from what PostgreSQL said
+/// (`granted`: its granted dialogs among those asked about, or its failure); `None` when
+/// PostgreSQL holds the dialog under another customer.
+fn create_from(granted: &Result<HashMap<DialogId, GrantedDialog>, StoreError>, offer: &Offer) -> Option<Create> {
+    match granted {
+        Ok(granted) => match granted.get(&offer.dialog) {
+            Some(g) if g.customer != offer.customer => None,
+            Some(g) => Some(Create::Revive { last_seq: g.last_seq }),
+            None => Some(Create::New),
+        },
+        Err(_) => Some(Create::Unverified),
+    }
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
