@@ -165,13 +165,7 @@ async fn a_batch_cut_off_from_redis_part_way_answers_per_item_and_its_retry_stor
     let app = spawn_api_only(settings).await;
     app.stage(1, 30, "the dialog exists", "EN").await; // also loads the ingest script
     app.stage(1, 31, "Redis will forget this", "EN").await;
-    let mut conn = app.redis.clone();
-    let _: () = redis::cmd("DEL")
-        .arg(app.keys.meta(31))
-        .arg(app.keys.msgs(31))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    app.forget(31).await;
     let batch = json!({"messages": [
         {"customerId": 1, "dialogId": 30, "text": "known dialog", "language": "EN", "messageId": "known-1"},
         {"customerId": 1, "dialogId": 31, "text": "new dialog", "language": "EN", "messageId": "new-1"},

@@ -78,7 +78,7 @@ async fn replicate(app: &TestApp, dialog: i64) -> Replicated {
 
 /// A failover to that replica: every write to `dialog` since is lost.
 async fn fail_over_to(app: &TestApp, dialog: i64, replica: &Replicated) {
-    forget(app, dialog).await;
+    app.forget(dialog).await;
     let mut conn = app.redis.clone();
     let _: () = redis::cmd("HSET")
         .arg(app.keys.meta(dialog))
@@ -94,17 +94,6 @@ async fn fail_over_to(app: &TestApp, dialog: i64, replica: &Replicated) {
             .await
             .unwrap();
     }
-}
-
-/// Redis forgets the dialog (a restart without persistence, a failover, an expiry).
-async fn forget(app: &TestApp, dialog: i64) {
-    let mut conn = app.redis.clone();
-    let _: () = redis::cmd("DEL")
-        .arg(app.keys.meta(dialog))
-        .arg(app.keys.msgs(dialog))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
 }
 
 async fn stored_texts(app: &TestApp, dialog: i64) -> Vec<String> {
@@ -187,7 +176,7 @@ async fn hole_2_a_refusal_outlives_a_postgresql_outage_longer_than_the_ttl() {
     assert!(pttl(&app, &app.keys.meta(20)).await > 0);
 
     // Once forgotten, the dialog starts again at seq 1 and holds only its new text.
-    forget(&app, 20).await;
+    app.forget(20).await;
     assert_eq!(app.stage(1, 20, "new text", "EN").await, 1);
     app.consent(20, true).await;
     drain(&mut flusher).await;
@@ -211,7 +200,7 @@ async fn hole_3_a_stale_refusal_never_deletes_a_later_incarnations_rows() {
     // The client repeats the refusal (which completes), Redis forgets the dialog, and it
     // lives again: new message, grant, flushed by another flusher.
     assert_eq!(app.consent(30, false).await.status(), StatusCode::OK);
-    forget(&app, 30).await;
+    app.forget(30).await;
     assert_eq!(app.stage(1, 30, "second life", "EN").await, 1);
     app.consent(30, true).await;
     drain(&mut flusher(&app)).await;
@@ -235,7 +224,7 @@ async fn hole_4_a_refusal_erases_the_whole_dialog_not_a_seq_range() {
     app.consent(40, true).await;
     drain(&mut flusher).await;
     // Redis forgets it while PostgreSQL is away: the next message starts over at seq 1.
-    forget(&app, 40).await;
+    app.forget(40).await;
     let broken = without_postgres(&app).await;
     let staged = post_to(&app, &broken, "/data/1/40", json!({"text": "d", "language": "EN"})).await;
     assert_eq!(staged.status(), StatusCode::ACCEPTED);
@@ -254,7 +243,7 @@ async fn hole_5_a_granted_dialog_redis_forgot_continues_its_seq_without_a_new_co
     app.stage(1, 50, "two", "EN").await;
     app.consent(50, true).await;
     drain(&mut flusher).await;
-    forget(&app, 50).await;
+    app.forget(50).await;
 
     let response = app
         .post_json("/data/1/50", &json!({"text": "three", "language": "EN"}))
@@ -282,7 +271,7 @@ async fn hole_5_while_postgresql_is_away_ingest_still_answers_and_the_flusher_se
     app.stage(1, 51, "one", "EN").await;
     app.consent(51, true).await;
     drain(&mut flusher).await;
-    forget(&app, 51).await;
+    app.forget(51).await;
 
     // Ingest never waits on PostgreSQL: the message is staged as unverified.
     let broken = without_postgres(&app).await;
@@ -529,7 +518,7 @@ async fn a_refusal_of_a_dialog_redis_forgot_holds_while_postgresql_is_away() {
     app.stage(7, 100, "granted long ago", "EN").await;
     app.consent(100, true).await;
     drain(&mut flusher).await;
-    forget(&app, 100).await; // its keys expired
+    app.forget(100).await; // its keys expired
 
     let broken = without_postgres(&app).await;
     let refusal = post_to(&app, &broken, "/consents/100", json!(false)).await;
@@ -558,7 +547,7 @@ async fn a_retry_for_a_dialog_redis_forgot_creates_nothing_that_never_expires() 
     let app = spawn_api_only(test_settings()).await;
     let body = json!({"text": "once", "language": "EN", "messageId": "r-1"});
     assert_eq!(app.post_json("/data/1/101", &body).await.status(), StatusCode::ACCEPTED);
-    forget(&app, 101).await; // the dialog's keys, not its messageIds (a shorter TTL)
+    app.forget(101).await; // the dialog's keys, not its messageIds (a shorter TTL)
 
     let retry = app.post_json("/data/1/101", &body).await;
 

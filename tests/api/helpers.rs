@@ -195,6 +195,17 @@ impl TestApp {
             .expect("query")
     }
 
+    /// Redis forgets the dialog (a restart without persistence, a failover, an expiry).
+    pub async fn forget(&self, dialog: i64) {
+        let mut conn = self.redis.clone();
+        let _: () = redis::cmd("DEL")
+            .arg(self.keys.meta(dialog))
+            .arg(self.keys.msgs(dialog))
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    }
+
     /// How many messages of `dialog` are staged in Redis (the length of its list).
     pub async fn staged_len(&self, dialog: i64) -> usize {
         let mut conn = self.redis.clone();

@@ -216,13 +216,7 @@ async fn a_process_new_to_a_dialog_continues_it_as_redis_and_postgresql_hold_it(
     assert!(first.consent(11, true).await.status().is_success());
     first.wait_for_seqs(11, &[1, 2]).await;
     // Redis forgets dialog 11; PostgreSQL holds it as granted up to seq 2.
-    let mut conn = first.redis.clone();
-    let _: () = redis::cmd("DEL")
-        .arg(first.keys.meta(11))
-        .arg(first.keys.msgs(11))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    first.forget(11).await;
 
     let second = crate::helpers::spawn_api_only(settings).await;
     assert_eq!(second.stage(1, 9, "four", "EN").await, 4, "Redis's seq continues");
