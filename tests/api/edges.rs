@@ -404,6 +404,41 @@ async fn a_dialogs_keys_last_at_least_the_ttl_after_its_last_message() {
     probe("after the messageIds vanished", posted, &app.keys.ids(dialog), window).await;
 }
 
+/// A lowered TTL (or messageId window) takes effect at a dialog's next message, though
+/// the expiry set under the longer one is not yet due for a refresh.
+#[tokio::test]
+async fn a_lowered_ttl_takes_effect_at_the_next_message() {
+    let mut long = test_settings();
+    long.staging_ttl = Duration::from_secs(600);
+    long.idempotency_window = Duration::from_secs(1200);
+    let mut short = long.clone();
+    short.staging_ttl = Duration::from_secs(10);
+    short.idempotency_window = Duration::from_secs(20);
+    let before = spawn_api_only(long).await;
+    let after = spawn_api_only(short).await;
+    let body = |id: &str| json!({"text": "hello", "language": "EN", "messageId": id});
+    let dialog = 66;
+    assert_eq!(
+        before
+            .post_json(&format!("/data/1/{dialog}"), &body("a"))
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    assert!(pttl(&before, &before.keys.meta(dialog)).await > 590_000);
+
+    let response = after.post_json(&format!("/data/1/{dialog}"), &body("b")).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    for (key, most) in [
+        (after.keys.meta(dialog), 10_100),
+        (after.keys.msgs(dialog), 10_100),
+        (after.keys.ids(dialog), 20_200),
+    ] {
+        let left = pttl(&after, &key).await;
+        assert!(left > 0 && left <= most, "{key}: {left} ms left, at most {most}");
+    }
+}
+
 #[tokio::test]
 async fn hole_7_an_unreadable_dialog_is_set_aside_and_the_rest_of_its_batch_flushed() {
     let app = spawn_api_only(test_settings()).await;

@@ -39,9 +39,12 @@ local now = redis.call('TIME')
 local sec, usec = tonumber(now[1]), tonumber(now[2])
 local now_us = string.format('%d', sec * 1000000 + usec)
 local now_ms = sec * 1000 + math.floor(usec / 1000)
--- A deadline (fixed width) before this needs a refresh; '0' or none always does.
-local refresh = string.format('%d', now_ms + ttl)
-local window, refresh_ids
+-- A deadline (fixed width) before `refresh` needs a refresh; '0' or none always does;
+-- so does one after `latest`, set under a longer TTL than this process's (a lowered
+-- DAPI_STAGING_TTL takes effect at a dialog's next message).
+local keep = ttl + math.floor(ttl / 100)
+local refresh, latest = string.format('%d', now_ms + ttl), string.format('%d', now_ms + keep)
+local window, keep_ids, refresh_ids, latest_ids
 
 local function stage(meta, msgs, ids, stream, customer, language, text, mid, mode)
   local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r')
@@ -90,12 +93,12 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     local answer = string.format('%d:%s', seq, decision)
     if not window then
       window = tonumber(ARGV[2])
-      refresh_ids = string.format('%d', now_ms + window)
+      keep_ids = window + math.floor(window / 100)
+      refresh_ids, latest_ids = string.format('%d', now_ms + window), string.format('%d', now_ms + keep_ids)
     end
-    if ids_live < refresh_ids then
-      local keep = window + math.floor(window / 100)
-      redis.call('HSET', ids, mid, answer, '~r', string.format('%d', now_ms + keep))
-      redis.call('PEXPIRE', ids, keep)
+    if ids_live < refresh_ids or ids_live > latest_ids then
+      redis.call('HSET', ids, mid, answer, '~r', latest_ids)
+      redis.call('PEXPIRE', ids, keep_ids)
     else
       redis.call('HSET', ids, mid, answer)
     end
@@ -107,11 +110,10 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
   end
   -- Every dialog's keys expire DAPI_STAGING_TTL after its last write, except while a
   -- refusal's erasure is unconfirmed: that must outlive any PostgreSQL outage.
-  if not unerased and (length == 1 or lives < refresh) then
-    local keep = ttl + math.floor(ttl / 100)
+  if not unerased and (length == 1 or lives < refresh or lives > latest) then
     redis.call('PEXPIRE', meta, keep)
     redis.call('PEXPIRE', msgs, keep)
-    redis.call('HSET', meta, 'r', string.format('%d', now_ms + keep))
+    redis.call('HSET', meta, 'r', latest)
   end
   return string.format('ok %d %s', seq, decision)
 end
