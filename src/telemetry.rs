@@ -41,6 +41,7 @@ pub const HTTP_REQUESTS: &str = "dapi_http_requests_total";
 pub const HTTP_DURATION: &str = "dapi_http_request_duration_seconds";
 pub const STAGED_MESSAGES: &str = "dapi_staged_messages_total";
 pub const STAGED_DIALOGS: &str = "dapi_staged_dialogs_total";
+pub const INGEST_CALL_MESSAGES: &str = "dapi_ingest_call_messages";
 pub const FLUSH_QUEUE_LENGTH: &str = "dapi_flush_queue_length";
 pub const FLUSH_QUEUE_PENDING: &str = "dapi_flush_queue_pending";
 pub const FLUSH_QUEUE_OLDEST_AGE: &str = "dapi_flush_queue_oldest_age_seconds";
@@ -65,8 +66,10 @@ pub fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
             let seconds = [
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ];
+            let messages = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(INGEST_CALL_MESSAGES.into()), &messages))
                 .map(PrometheusBuilder::build_recorder);
             match recorder {
                 Ok(recorder) => {
@@ -77,7 +80,7 @@ pub fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
                     describe();
                     handle
                 }
-                // Only reachable with an empty bucket list, which the list above is not.
+                // Only reachable with an empty bucket list, which the lists above are not.
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             }
         })
@@ -94,6 +97,10 @@ fn describe() {
     );
     describe_counter!(STAGED_MESSAGES, "messages accepted into Redis (202) by this process");
     describe_counter!(STAGED_DIALOGS, "dialogs started (first message staged) by this process");
+    describe_histogram!(
+        INGEST_CALL_MESSAGES,
+        "messages per ingest script call: a batch's, or single POSTs staged together under load"
+    );
     describe_gauge!(FLUSH_QUEUE_LENGTH, "entries in the flush queue");
     describe_gauge!(
         FLUSH_QUEUE_PENDING,

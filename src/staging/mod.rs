@@ -45,10 +45,11 @@
 
 //! # Atomicity
 //!
-//! Each request is one call of one Lua script ([`Staging::stage`], [`Staging::decide`]):
-//! Redis runs it alone, so the check of owner and decision, the check of a repeated
-//! `messageId`, the seq, the append and the queueing happen as one step — a retry racing
-//! its original stores once. `receivedAt` and the epoch come from Redis's own clock
+//! Each request is one call of one Lua script ([`Staging::stage`], [`Staging::decide`]),
+//! under load shared with other single POSTs (`coalesce`): Redis runs it alone, so the
+//! check of owner and decision, the check of a repeated `messageId`, the seq, the append
+//! and the queueing happen as one step per message — a retry racing its original stores
+//! once. `receivedAt` and the epoch come from Redis's own clock
 //! (`TIME`), one clock for any number of dapi processes.
 //!
 //! # The epoch
@@ -61,6 +62,7 @@
 //! against a flush, and keeps a stale flush of a forgotten incarnation from touching a
 //! later one.
 
+mod coalesce;
 mod conn;
 pub mod keys;
 mod queue;
@@ -85,7 +87,7 @@ pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 6
 /// The consumer group every flusher reads the flush streams through.
 pub const GROUP: &str = "flushers";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StagingError {
     #[error("Redis did not answer in time")]
     Timeout,
@@ -219,6 +221,9 @@ pub struct Staging {
     /// Set once the keys of releases before the shards have been moved (see `upgrade`):
     /// nothing is staged or decided before.
     layout: Arc<OnceCell<()>>,
+    /// Stages single messages together under load (see `coalesce`); started at the first
+    /// one. `None` in the handle that task itself uses.
+    coalescer: Option<Arc<std::sync::OnceLock<coalesce::Coalescer>>>,
 }
 
 impl std::fmt::Debug for Staging {
@@ -281,6 +286,7 @@ impl Staging {
             connector,
             replication: None,
             layout: Arc::new(OnceCell::new()),
+            coalescer: Some(Arc::new(std::sync::OnceLock::new())),
         })
     }
 
@@ -362,13 +368,23 @@ impl Staging {
     /// `create` says, per message, what to do when Redis does not know its dialog (see
     /// the module's "Redis forgetting a dialog"). `Err` when nothing was staged; a group
     /// that failed while others were staged answers its messages with the error
-    /// ([`StagingError::Interrupted`], or [`StagingError::NotReplicated`]).
+    /// ([`StagingError::Interrupted`], or [`StagingError::NotReplicated`]). A single
+    /// message goes in a call with the other single messages waiting (see `coalesce`).
     pub async fn stage(
         &self,
         messages: &[NewMessage<'_>],
     ) -> Result<Vec<Result<IngestOutcome, StagingError>>, StagingError> {
         if messages.is_empty() {
             return Ok(Vec::new());
+        }
+        if let ([message], Some(coalescer)) = (messages, &self.coalescer) {
+            let coalescer = coalescer.get_or_init(|| {
+                coalesce::Coalescer::start(Staging {
+                    coalescer: None,
+                    ..self.clone()
+                })
+            });
+            return Ok(vec![Ok(coalescer.stage(message).await?)]);
         }
         self.layout_ready().await?;
         // One slot group (one Redis, or a single message): one call, nothing to sort.
@@ -428,6 +444,7 @@ impl Staging {
         messages: impl ExactSizeIterator<Item = &'m NewMessage<'m>>,
     ) -> Result<Vec<IngestOutcome>, StagingError> {
         let messages: Vec<&NewMessage<'_>> = messages.collect();
+        metrics::histogram!(crate::telemetry::INGEST_CALL_MESSAGES).record(messages.len() as f64);
         // EVALSHA built by hand rather than through redis-rs's `ScriptInvocation`: keys
         // and arguments go straight into the command's one buffer (`ScriptInvocation`
         // allocates each, then copies them all into a command).

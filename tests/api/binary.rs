@@ -174,3 +174,50 @@ async fn a_shutdown_that_times_out_exits_non_zero_and_says_how_much_it_abandoned
     assert!(logs.contains("shutdown timed out"), "{logs}");
     assert!(logs.contains("still_running=1"), "{logs}");
 }
+
+#[tokio::test]
+async fn single_posts_in_flight_together_share_ingest_calls_and_each_gets_its_own_seq() {
+    // Arrange: 40 dialogs Redis knows (one message each), and a process of its own, so
+    // that its /metrics counts only these calls.
+    let settings = test_settings();
+    let _cleanup = Cleanup::new(&settings);
+    let dapi = Dapi::start(&settings, &["serve", "--no-flusher"], &[]).await;
+    let base = dapi.base.clone();
+    let http = reqwest::Client::new();
+    let post = |dialog: i64, text: String| {
+        http.post(format!("{base}/data/7/{dialog}"))
+            .json(&json!({"text": text, "language": "EN"}))
+            .send()
+    };
+    for dialog in 0..40 {
+        assert_eq!(
+            post(dialog, "first".into()).await.unwrap().status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    let series = |text: &str, suffix: &str| metric(text, &format!("dapi_ingest_call_messages_{suffix}")).unwrap_or(0.0);
+    let before = dapi.metrics().await;
+
+    // Act: 200 single POSTs at once, five to each dialog.
+    let posts = (0..200).map(|i| post(i % 40, format!("m{i}")));
+    let answers = futures_util::future::join_all(posts).await;
+
+    // Assert: each answered 202 with a seq of its own, 2 … 6 per dialog …
+    let mut seqs = vec![Vec::new(); 40];
+    for answer in answers {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status(), StatusCode::ACCEPTED);
+        let body: serde_json::Value = answer.json().await.unwrap();
+        seqs[body["dialogId"].as_u64().unwrap() as usize].push(body["seq"].as_i64().unwrap());
+    }
+    for (dialog, mut got) in seqs.into_iter().enumerate() {
+        got.sort_unstable();
+        assert_eq!(got, vec![2, 3, 4, 5, 6], "dialog {dialog}");
+    }
+    // … and the 200 messages went to Redis in fewer than 200 script calls.
+    let after = dapi.metrics().await;
+    let messages = series(&after, "sum") - series(&before, "sum");
+    let calls = series(&after, "count") - series(&before, "count");
+    assert_eq!(messages, 200.0, "{after}");
+    assert!(calls < 200.0, "{calls} calls for 200 messages in flight together");
+}
