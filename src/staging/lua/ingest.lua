@@ -13,6 +13,9 @@
 -- strings: `tonumber` of a 13-digit string costs more than the PEXPIREs it saves. A
 -- script that sets meta's or msgs' expiry otherwise zeroes `r` (consent.lua,
 -- finish.lua); a list that RPUSH creates anew (emptied by a flush) is refreshed at once.
+-- A new dialog's meta is written once, after its first message is appended: its first
+-- seq, flush flag and deadline in the one HSET (no HINCRBY, no second HSET: ~two of a
+-- first message's ten commands).
 -- KEYS: per item: meta, msgs, ids (messageId → "seq:decision"), its shard's flush stream
 -- ARGV: 1 ttl (ms), 2 idempotency window (ms), then per item 5 values:
 --       customer id, language, text, messageId ('' = none),
@@ -48,6 +51,7 @@ local window, keep_ids, refresh_ids, latest_ids
 
 local function stage(meta, msgs, ids, stream, customer, language, text, mid, mode)
   local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r')
+  local created = false
   local decision, queued, unerased, unverified = m[2], m[3], m[4], m[5]
   local lives = m[6] or '0'
   if m[1] then
@@ -63,17 +67,11 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     -- without creating a dialog that nothing would expire.
     decision = nil
   else
-    -- The epoch starts at the clock, so that a dialog started again after Redis forgot
-    -- it carries a newer epoch than anything PostgreSQL holds of it.
-    local revive = mode ~= 'n' and mode ~= 'u'
-    decision = revive and 'g' or 'p'
-    redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us,
-      'n', revive and mode or '0', 'q', 0, 't', now_us, 'r', 0)
-    queued, lives = '0', '0'
-    if mode == 'u' then
-      redis.call('HSET', meta, 'u', 1)
-      unverified = '1'
-    end
+    -- Created below, in one HSET with its first seq (no HINCRBY, no second HSET).
+    created = true
+    decision = (mode ~= 'n' and mode ~= 'u') and 'g' or 'p'
+    queued = '0'
+    if mode == 'u' then unverified = '1' end
   end
   local ids_live
   if mid ~= '' then
@@ -86,7 +84,12 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
       return 'dup ' .. seq .. ' ' .. was
     end
   end
-  local seq = redis.call('HINCRBY', meta, 'n', 1)
+  local seq
+  if created then
+    seq = decision == 'g' and tonumber(mode) + 1 or 1
+  else
+    seq = redis.call('HINCRBY', meta, 'n', 1)
+  end
   local head = string.format('%d:%s:%s', seq, now_us, language)
   if mid ~= '' then
     head = head .. '|' .. mid .. '|'
@@ -104,9 +107,29 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     end
   end
   local length = redis.call('RPUSH', msgs, head .. ':' .. text)
-  if (decision == 'g' or unverified == '1') and queued ~= '1' then
+  local queue = (decision == 'g' or unverified == '1') and queued ~= '1'
+  if created then
+    -- The epoch starts at the clock, so that a dialog started again after Redis forgot
+    -- it carries a newer epoch than anything PostgreSQL holds of it. Its keys' expiry
+    -- is set here, its deadline `r` with the rest.
+    local n, q = string.format('%d', seq), queue and 1 or 0
+    if unverified then
+      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'n', n, 'q', q, 't', now_us,
+        'r', latest, 'u', 1)
+    else
+      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'n', n, 'q', q, 't', now_us,
+        'r', latest)
+    end
+    redis.call('PEXPIRE', meta, keep)
+    redis.call('PEXPIRE', msgs, keep)
+  elseif queue then
     redis.call('HSET', meta, 'q', 1)
+  end
+  if queue then
     redis.call('XADD', stream, '*', 'd', string.match(meta, ':d(%d+):meta$'))
+  end
+  if created then
+    return string.format('ok %d %s', seq, decision)
   end
   -- Every dialog's keys expire DAPI_STAGING_TTL after its last write, except while a
   -- refusal's erasure is unconfirmed: that must outlive any PostgreSQL outage.
