@@ -53,7 +53,7 @@ impl Coalescer {
 
     /// Stages one message, in a call with whatever else is waiting. The queue is
     /// unbounded: what waits is bounded by the requests dapi takes at once
-    /// (`DAPI_MAX_CONCURRENT_REQUESTS`).
+    /// (`DAPI_MAX_IN_FLIGHT`).
     pub(super) async fn stage(&self, message: &NewMessage<'_>) -> Result<IngestOutcome, StagingError> {
         let (answer, answered) = oneshot::channel();
         let pending = Pending {
