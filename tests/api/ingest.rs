@@ -235,3 +235,74 @@ async fn a_process_new_to_a_dialog_continues_it_as_redis_and_postgresql_hold_it(
     assert_eq!(second.stage(1, 12, "new", "EN").await, 1);
     assert_eq!(second.stage(1, 12, "again", "EN").await, 2);
 }
+
+#[tokio::test]
+async fn single_posts_cut_off_from_redis_together_answer_truthfully_and_retries_store_each_once() {
+    // dapi's Redis connection goes through a proxy that cuts it right after the first
+    // script call's answer. 60 single POSTs (10 known dialogs, each message with a
+    // messageId) are sent at once: the first call carries the first arrivals, the rest
+    // wait for the next call (one call in flight, `staging::coalesce`), which is cut.
+    let mut settings = crate::helpers::test_settings();
+    let proxy = crate::harness::Proxy::start(crate::harness::upstream_of(&settings.redis_url)).await;
+    settings.redis_url = crate::harness::through(&settings.redis_url, proxy.addr);
+    let app = crate::helpers::spawn_api_only(settings).await;
+    for dialog in 40..50 {
+        app.stage(1, dialog, "known", "EN").await;
+    }
+    let path = |i: usize| format!("/data/1/{}", 40 + i % 10);
+    let body = |i: usize| json!({"text": format!("m{i}"), "language": "EN", "messageId": format!("id-{i}")});
+
+    proxy.cut_after_answers(1);
+    let requests: Vec<(String, Value)> = (0..60).map(|i| (path(i), body(i))).collect();
+    let first = join_all(requests.iter().map(|(path, body)| app.post_json(path, body))).await;
+
+    // Each answer is a 202 or a 503, none a 500; both kinds occur.
+    let mut accepted = std::collections::HashMap::new();
+    let mut refused = 0;
+    for (i, answer) in first.into_iter().enumerate() {
+        match answer.status() {
+            StatusCode::ACCEPTED => {
+                let answer: Value = answer.json().await.unwrap();
+                accepted.insert(i, answer["seq"].as_i64().unwrap());
+            }
+            _ => {
+                assert_problem(answer, StatusCode::SERVICE_UNAVAILABLE, "redis_unavailable").await;
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        !accepted.is_empty() && refused > 0,
+        "{} accepted, {refused} refused",
+        accepted.len()
+    );
+
+    // The retry of all 60: a 202 of the first round was staged (a duplicate now, same
+    // seq); every message is stored exactly once.
+    proxy.restore();
+    let mut seqs = vec![Vec::new(); 10];
+    for i in 0..60 {
+        let answer: Value = crate::helpers::wait_until(std::time::Duration::from_secs(20), async || {
+            let answer = app.post_json(&path(i), &body(i)).await;
+            match answer.status() {
+                StatusCode::ACCEPTED => Ok(answer.json().await.unwrap()),
+                status => Err(format!("the retry answered {status}")),
+            }
+        })
+        .await;
+        let seq = answer["seq"].as_i64().unwrap();
+        if let Some(&first_seq) = accepted.get(&i) {
+            assert_eq!(
+                (seq, answer["duplicate"].as_bool()),
+                (first_seq, Some(true)),
+                "message {i}"
+            );
+        }
+        seqs[i % 10].push(seq);
+    }
+    for (k, mut got) in seqs.into_iter().enumerate() {
+        got.sort_unstable();
+        assert_eq!(got, (2..=7).collect::<Vec<i64>>(), "dialog {}", 40 + k);
+        assert_eq!(app.staged_len(40 + k as i64).await, 7, "dialog {}", 40 + k);
+    }
+}
