@@ -9,7 +9,11 @@
 //! Nothing changes for a message's outcome: a call stages its items in arrival order, as
 //! separate calls would have, each item with its own answer; a failed call fails each of
 //! its items with the same error. The call runs on a task of its own, so a request that
-//! goes away (a client's timeout) cancels nothing that other requests wait for.
+//! goes away (a client's timeout) cancels nothing that other requests wait for; a message
+//! whose request went away before its call is not staged (its client was answered 503
+//! `request_timeout`, "may or may not have taken effect", or nothing).
+//!
+//! `store::lookup` does the same for the PostgreSQL lookups of dialogs new to Redis.
 
 use std::sync::Arc;
 
@@ -83,6 +87,10 @@ async fn run(staging: Staging, mut waiting: mpsc::UnboundedReceiver<Pending>) {
                 Ok(pending) => items.push(pending),
                 Err(_) => break,
             }
+        }
+        items.retain(|pending| !pending.answer.is_closed());
+        if items.is_empty() {
+            continue;
         }
         let staging = staging.clone();
         tokio::spawn(async move {
