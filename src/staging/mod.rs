@@ -470,7 +470,7 @@ impl Staging {
                 Create::Unverified => cmd.arg("u"),
             };
         }
-        let reply: Vec<u8> = self.run_acknowledged(shard, &self.scripts.ingest, &cmd).await?;
+        let reply: Vec<i64> = self.run_acknowledged(shard, &self.scripts.ingest, &cmd).await?;
         let outcomes = parse_ingest_reply(&reply)?;
         if outcomes.len() != messages.len() {
             return Err(StagingError::Corrupt("ingest reply has the wrong length"));
@@ -610,38 +610,29 @@ impl Staging {
     }
 }
 
-/// The ingest script's answer: per message `status seq decision`, separated by `,` (one
-/// string rather than a nested array: cheaper to build in Lua and to parse here).
-fn parse_ingest_reply(reply: &[u8]) -> Result<Vec<IngestOutcome>, StagingError> {
+/// The ingest script's answer: one integer per message, `seq * 32 + status * 4 +
+/// decision` (ingest.lua says why integers).
+fn parse_ingest_reply(reply: &[i64]) -> Result<Vec<IngestOutcome>, StagingError> {
     reply
-        .split(|&b| b == b',')
-        .map(|item| {
-            let mut fields = item.split(|&b| b == b' ');
-            let (Some(status), Some(seq), Some(decision), None) =
-                (fields.next(), fields.next(), fields.next(), fields.next())
-            else {
-                return Err(StagingError::Corrupt("ingest reply"));
+        .iter()
+        .map(|&item| {
+            let (seq, status, decision) = (item >> 5, (item >> 2) & 7, item & 3);
+            let decision = || match decision {
+                0 => Ok(Decision::Pending),
+                1 => Ok(Decision::Granted),
+                2 => Ok(Decision::Refused),
+                _ => Err(StagingError::Corrupt("decision")),
             };
-            let seq = std::str::from_utf8(seq)
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-                .ok_or(StagingError::Corrupt("ingest reply seq"))?;
-            let decision = || Decision::from_letter(decision).ok_or(StagingError::Corrupt("decision"));
             Ok(match status {
-                b"ok" => IngestOutcome::Accepted {
+                0 | 1 if seq > 0 => IngestOutcome::Accepted {
                     seq,
                     decision: decision()?,
-                    duplicate: false,
+                    duplicate: status == 1,
                 },
-                b"dup" => IngestOutcome::Accepted {
-                    seq,
-                    decision: decision()?,
-                    duplicate: true,
-                },
-                b"mismatch" => IngestOutcome::CustomerMismatch,
-                b"refused" => IngestOutcome::ConsentRefused,
-                b"unknown" => IngestOutcome::Unknown,
-                _ => return Err(StagingError::Corrupt("unknown ingest status")),
+                2 => IngestOutcome::CustomerMismatch,
+                3 => IngestOutcome::ConsentRefused,
+                4 => IngestOutcome::Unknown,
+                _ => return Err(StagingError::Corrupt("ingest reply")),
             })
         })
         .collect()

@@ -28,15 +28,20 @@
 --                    so that the flusher settles it against PostgreSQL later
 --       (Each argument costs Redis ~1.3k instructions: the dialog id, needed only to
 --       queue a flush, is read from the meta key's name then.)
--- Returns one string, per item `status seq decision` joined by ',': status 'ok' (staged),
--- 'dup' (a repeat: the first answer's seq and decision), 'mismatch', 'refused' or
--- 'unknown' (seq 0, decision '-'). One string, not a table of tables: converting nested
--- tables to a reply was a measurable part of a call.
+-- Returns one integer per item, seq * 32 + status * 4 + decision: status 0 staged,
+-- 1 a repeat (the first answer's seq and decision), 2 'mismatch', 3 'refused',
+-- 4 'unknown' (those three with seq and decision 0); decision 0 'p', 1 'g', 2 'r'.
+-- Integers, not strings: Redis turns a Lua number into a reply without formatting it
+-- (a string per item cost ~2.3k of ~54k instructions per message), and a table of
+-- tables was dearer still.
 -- A staged message is `seq:receivedAt_µs:language:text`, or with a messageId
 -- `seq:receivedAt_µs:language|messageId|:text` (neither a language nor a messageId can
 -- hold `|`).
 -- Each string → number conversion is a strtod (~700 instructions): done once, and the
--- messageIds' only when a message has one.
+-- messageIds' only when a message has one. Numbers go to redis.call as strings: Redis
+-- formats a Lua number argument with snprintf('%.17g'), ~2k instructions each, and a
+-- Lua concatenation of a number does the same ('%.14g'); string.format('%d') is cheaper,
+-- and used once per message.
 local ttl = tonumber(ARGV[1])
 local now = redis.call('TIME')
 local sec, usec = tonumber(now[1]), tonumber(now[2])
@@ -47,7 +52,10 @@ local now_ms = sec * 1000 + math.floor(usec / 1000)
 -- DAPI_STAGING_TTL takes effect at a dialog's next message).
 local keep = ttl + math.floor(ttl / 100)
 local refresh, latest = string.format('%d', now_ms + ttl), string.format('%d', now_ms + keep)
-local window, keep_ids, refresh_ids, latest_ids
+local keep_arg = string.format('%d', keep)
+local stamp = ':' .. now_us .. ':'
+local window, keep_ids, keep_ids_arg, refresh_ids, latest_ids
+local DECISION = { p = 0, g = 1, r = 2 }
 
 local function stage(meta, msgs, ids, stream, customer, language, text, mid, mode)
   local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r')
@@ -57,11 +65,11 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
   if m[1] then
     -- '-1': refused while PostgreSQL could not name the customer; the refusal holds
     -- for anyone, and a later grant's messages belong to whoever posts first.
-    if m[1] ~= customer and m[1] ~= '-1' then return 'mismatch 0 -' end
-    if decision == 'r' then return 'refused 0 -' end
+    if m[1] ~= customer and m[1] ~= '-1' then return 8 end
+    if decision == 'r' then return 12 end
     if m[1] == '-1' then redis.call('HSET', meta, 'c', customer) end
   elseif mode == '' then
-    return 'unknown 0 -'
+    return 16
   elseif mid ~= '' and redis.call('HEXISTS', ids, mid) == 1 then
     -- A repeat of a message of a life of the dialog Redis forgot: answered below,
     -- without creating a dialog that nothing would expire.
@@ -78,67 +86,72 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     local got = redis.call('HMGET', ids, mid, '~r')
     local first = got[1]
     ids_live = got[2] or '0'
-    if not first and not decision then return 'unknown 0 -' end
+    if not first and not decision then return 16 end
     if first then
       local seq, was = string.match(first, '^(%d+):(%a)$')
-      return 'dup ' .. seq .. ' ' .. was
+      return tonumber(seq) * 32 + 4 + DECISION[was]
     end
   end
   local seq
   if created then
     seq = decision == 'g' and tonumber(mode) + 1 or 1
   else
-    seq = redis.call('HINCRBY', meta, 'n', 1)
+    seq = redis.call('HINCRBY', meta, 'n', '1')
   end
-  local head = string.format('%d:%s:%s', seq, now_us, language)
+  local seq_arg = string.format('%d', seq)
+  local staged
   if mid ~= '' then
-    head = head .. '|' .. mid .. '|'
-    local answer = string.format('%d:%s', seq, decision)
+    staged = seq_arg .. stamp .. language .. '|' .. mid .. '|:' .. text
+    local answer = seq_arg .. ':' .. decision
     if not window then
       window = tonumber(ARGV[2])
       keep_ids = window + math.floor(window / 100)
+      keep_ids_arg = string.format('%d', keep_ids)
       refresh_ids, latest_ids = string.format('%d', now_ms + window), string.format('%d', now_ms + keep_ids)
     end
     if ids_live < refresh_ids or ids_live > latest_ids then
       redis.call('HSET', ids, mid, answer, '~r', latest_ids)
-      redis.call('PEXPIRE', ids, keep_ids)
+      redis.call('PEXPIRE', ids, keep_ids_arg)
     else
       redis.call('HSET', ids, mid, answer)
     end
+  else
+    staged = seq_arg .. stamp .. language .. ':' .. text
   end
-  local length = redis.call('RPUSH', msgs, head .. ':' .. text)
+  local length = redis.call('RPUSH', msgs, staged)
   local queue = (decision == 'g' or unverified == '1') and queued ~= '1'
   if created then
     -- The epoch starts at the clock, so that a dialog started again after Redis forgot
     -- it carries a newer epoch than anything PostgreSQL holds of it. Its keys' expiry
     -- is set here, its deadline `r` with the rest.
-    local n, q = string.format('%d', seq), queue and 1 or 0
+    local q = queue and '1' or '0'
     if unverified then
-      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'n', n, 'q', q, 't', now_us,
-        'r', latest, 'u', 1)
+      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'n', seq_arg, 'q', q, 't', now_us,
+        'r', latest, 'u', '1')
     else
-      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'n', n, 'q', q, 't', now_us,
+      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'n', seq_arg, 'q', q, 't', now_us,
         'r', latest)
     end
-    redis.call('PEXPIRE', meta, keep)
-    redis.call('PEXPIRE', msgs, keep)
+    redis.call('PEXPIRE', meta, keep_arg)
+    redis.call('PEXPIRE', msgs, keep_arg)
   elseif queue then
-    redis.call('HSET', meta, 'q', 1)
+    redis.call('HSET', meta, 'q', '1')
   end
   if queue then
     redis.call('XADD', stream, '*', 'd', string.match(meta, ':d(%d+):meta$'))
   end
+  local answer = seq * 32 + DECISION[decision]
   if created then
-    return string.format('ok %d %s', seq, decision)
+    return answer
   end
   -- Every dialog's keys expire DAPI_STAGING_TTL after its last write, except while a
   -- refusal's erasure is unconfirmed: that must outlive any PostgreSQL outage.
   if not unerased and (length == 1 or lives < refresh or lives > latest) then
-    redis.call('PEXPIRE', meta, keep)
-    redis.call('PEXPIRE', msgs, keep)
+    redis.call('PEXPIRE', meta, keep_arg)
+    redis.call('PEXPIRE', msgs, keep_arg)
     redis.call('HSET', meta, 'r', latest)
   end
-  return string.format('ok %d %s', seq, decision)
+  return answer
 end
 
 local out = {}
@@ -147,4 +160,4 @@ for i = 1, #KEYS / 4 do
   out[i] = stage(KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[a], ARGV[a + 1], ARGV[a + 2],
     ARGV[a + 3], ARGV[a + 4])
 end
-return table.concat(out, ',')
+return out
