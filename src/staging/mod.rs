@@ -592,12 +592,20 @@ impl Staging {
         Ok(stats)
     }
 
-    /// Answers whether Redis responds (on a cluster: the node of shard 0's slot).
+    /// Answers whether Redis responds: on a cluster, whether every shard's slot does (a
+    /// node down, or a slot no primary serves, fails the POSTs of that shard's dialogs
+    /// while the others go on: readiness says so rather than ask one node).
     pub async fn ping(&self) -> Result<(), StagingError> {
-        let mut conn = self.conn.clone();
-        let mut ping = redis::cmd("EXISTS");
-        ping.arg(self.keys.flush_stream(0));
-        let _: i64 = self.bounded(ping.query_async(&mut conn)).await?;
+        let shards = if self.connector.is_cluster() { SHARDS } else { 1 };
+        let pings = (0..shards).map(|shard| async move {
+            let mut conn = self.conn.clone();
+            let mut ping = redis::cmd("EXISTS");
+            ping.arg(self.keys.flush_stream(shard));
+            self.bounded(ping.query_async::<i64>(&mut conn)).await
+        });
+        for answer in futures_util::future::join_all(pings).await {
+            answer?;
+        }
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use dapi::staging::keys::key_slot;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Ledger, drive};
-use crate::helpers::{redis_cluster, spawn_full, test_settings, wait_until};
+use crate::helpers::{assert_problem, redis_cluster, spawn_full, test_settings, wait_until};
 
 /// The port of the primary that serves `key`'s slot, asked of the cluster itself.
 async fn primary_of(key: &str) -> u16 {
@@ -157,4 +157,57 @@ async fn scripts_flushed_from_every_node_are_loaded_again_by_the_next_call() {
     assert_eq!(loaded().await, [1]);
     assert_eq!(app.consent(7201, true).await.status(), reqwest::StatusCode::ACCEPTED);
     app.wait_for_seqs(7201, &[1, 2]).await; // and the flusher its scripts
+}
+
+#[tokio::test]
+async fn readiness_fails_while_the_primary_of_any_shard_does_not_answer() {
+    assert!(
+        redis_cluster(),
+        "run by scripts/test-cluster, against scripts/redis-cluster"
+    );
+    let app = spawn_full(test_settings()).await;
+    assert_eq!(app.get("/readyz").await.status(), reqwest::StatusCode::OK);
+
+    // A primary that serves some shard but not shard 0 (the one node readiness asked
+    // before), made to stop answering clients for a while: the cluster bus goes on, so no
+    // failover replaces it, as with a node stuck on a slow disk.
+    let first = primary_of(&app.keys.flush_stream(0)).await;
+    let mut other = None;
+    for shard in 1..dapi::staging::keys::SHARDS {
+        let port = primary_of(&app.keys.flush_stream(shard)).await;
+        if port != first {
+            other = Some(port);
+            break;
+        }
+    }
+    let stuck = other.expect("the shards span more than one primary");
+    let mut node = redis::Client::open(format!("redis://127.0.0.1:{stuck}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .arg("ALL")
+        .query_async(&mut node)
+        .await
+        .unwrap();
+
+    let during = assert_problem(
+        app.get("/readyz").await,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        "not_ready",
+    )
+    .await;
+    assert!(during["detail"].as_str().unwrap().contains("Redis"), "{during}");
+
+    // Ready again once the node answers.
+    wait_until(Duration::from_secs(15), async || {
+        let status = app.get("/readyz").await.status();
+        (status == reqwest::StatusCode::OK)
+            .then_some(())
+            .ok_or_else(|| status.to_string())
+    })
+    .await;
 }
