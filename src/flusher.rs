@@ -180,11 +180,12 @@ impl Flusher {
         Ok(())
     }
 
-    /// Step 3: one PostgreSQL transaction for the whole batch. Its entries are kept
-    /// alive meanwhile (their idle time reset), so however long PostgreSQL takes, no
-    /// other flusher claims and runs the same batch.
+    /// Step 3: one PostgreSQL transaction for the whole batch. Its entries, and those
+    /// read for the next batches, are kept alive meanwhile (their idle time reset), so
+    /// however long PostgreSQL takes, no other flusher claims and runs them.
     pub async fn store_batch(&self, batch: &Batch) -> Result<Applied, FlushError> {
         let mut keep_alive = self.queue.keep_alive();
+        let held: Vec<QueueEntry> = batch.entries.iter().chain(self.queue.buffered()).cloned().collect();
         let write = self.store.apply(&batch.states);
         tokio::pin!(write);
         loop {
@@ -193,7 +194,7 @@ impl Flusher {
                 () = tokio::time::sleep(keep_alive.every) => {
                     // Best effort: at worst another flusher runs the batch again, which
                     // the (dialog, seq) key and the fence make harmless.
-                    if let Err(e) = keep_alive.touch(&batch.entries).await {
+                    if let Err(e) = keep_alive.touch(&held).await {
                         tracing::debug!(error = %telemetry::chain(&e), "could not keep the batch's entries alive");
                     }
                 }

@@ -293,6 +293,13 @@ impl FlushQueue {
         &self.consumer
     }
 
+    /// Entries read and delivered to this consumer that wait for a later batch: a batch
+    /// keeps them alive with its own, or a long batch would let another flusher claim
+    /// them meanwhile.
+    pub fn buffered(&self) -> impl Iterator<Item = &QueueEntry> {
+        self.ready.iter()
+    }
+
     /// A handle that keeps entries of this consumer alive while a batch runs.
     pub fn keep_alive(&self) -> KeepAlive {
         KeepAlive {
@@ -358,7 +365,8 @@ impl FlushQueue {
         let groups = self.keys.shard_groups();
         // A read answers up to its count per stream: a sixteenth of the batch from each
         // shard keeps a round's read within a few batches (the rest waits in `ready`,
-        // delivered to this consumer but not kept alive) however many shards have work.
+        // delivered to this consumer and kept alive with each batch) however many shards
+        // have work.
         let per_shard = count.div_ceil(16);
         if let [group] = groups.as_slice() {
             // One Redis: one blocking read over every shard's stream.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dapi::domain::{CustomerId, Decision, DialogId, DialogState};
 use dapi::flusher::{Flusher, Outcome};
-use dapi::staging::{FlushQueue, unique_consumer_name};
+use dapi::staging::{FlushQueue, Keyspace, unique_consumer_name};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -544,6 +544,66 @@ async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_ru
     let (mut slow, batch, applied) = write.await.unwrap();
     slow.finish_batch(&batch, &applied).await.unwrap();
     assert_eq!(app.stored_seqs(90).await, [1, 2]);
+}
+
+#[tokio::test]
+async fn entries_read_for_later_batches_are_kept_alive_while_a_long_batch_runs() {
+    let mut settings = test_settings();
+    settings.flush_claim_idle = Duration::from_millis(300);
+    let app = spawn_api_only(settings).await;
+    let queue = |name: &str| {
+        FlushQueue::new(
+            &connector(&app.settings),
+            app.keys.clone(),
+            name.to_owned(),
+            app.settings.flush_claim_idle,
+            Duration::from_millis(50),
+            app.settings.staging_ttl,
+        )
+        .unwrap()
+    };
+    // Batches of one: a read takes one entry a shard, so with two dialogs of different
+    // shards queued, one goes in the batch and the other waits, read, for the next.
+    let (first, second) = (
+        93,
+        (94..)
+            .find(|&d| Keyspace::shard_of(d) != Keyspace::shard_of(93))
+            .unwrap(),
+    );
+    let mut slow = Flusher::new(queue("slow"), app.store.clone(), 1);
+    for dialog in [first, second] {
+        app.stage(1, dialog, "a", "EN").await;
+        app.consent(dialog, true).await;
+    }
+    drain(&mut slow).await;
+    for dialog in [first, second] {
+        app.stage(1, dialog, "b", "EN").await;
+    }
+    let batch = slow.next_batch().await.unwrap().unwrap();
+    assert_eq!(batch.entries.len(), 1);
+
+    // PostgreSQL is slow: both dialogs' rows are locked for four claim idle times.
+    let mut lock = app.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM dialogs WHERE dialog_id IN ($1, $2) FOR UPDATE")
+        .bind(first)
+        .bind(second)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let write = tokio::spawn(async move {
+        let applied = slow.store_batch(&batch).await.unwrap();
+        (slow, batch, applied)
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await; // Redis measures the idle time
+    let claimed = queue("other").next_entries(10).await.unwrap();
+    assert!(claimed.is_empty(), "claimed from the slow flusher: {claimed:?}");
+    lock.rollback().await.unwrap();
+
+    let (mut slow, batch, applied) = write.await.unwrap();
+    slow.finish_batch(&batch, &applied).await.unwrap();
+    drain(&mut slow).await;
+    assert_eq!(app.stored_seqs(first).await, [1, 2]);
+    assert_eq!(app.stored_seqs(second).await, [1, 2]);
 }
 
 #[tokio::test]
