@@ -13,13 +13,18 @@
 //! whose request went away before its call is not staged (its client was answered 503
 //! `request_timeout`, "may or may not have taken effect", or nothing).
 //!
+//! With `DAPI_REDIS_WAIT_REPLICAS`, a call's slot is given back once Redis has answered,
+//! before the replicas confirm: the next call goes while this one's messages wait for
+//! their replication round (a slow replica must not make single POSTs one call a round).
+//!
 //! `store::lookup` does the same for the PostgreSQL lookups of dialogs new to Redis.
 
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{Create, IngestOutcome, NewMessage, Staging, StagingError};
+use super::replication::Replication;
+use super::{Create, IngestOutcome, Keyspace, NewMessage, Staging, StagingError, by_slot_group};
 use crate::domain::{CustomerId, DialogId, IncomingMessage};
 
 /// Single-message ingest calls in flight at once from one process; messages that arrive
@@ -74,7 +79,9 @@ impl Coalescer {
     }
 }
 
-async fn run(staging: Staging, mut waiting: mpsc::UnboundedReceiver<Pending>) {
+async fn run(mut staging: Staging, mut waiting: mpsc::UnboundedReceiver<Pending>) {
+    // The calls do not wait for the replicas: `confirmed` does, after the slot is back.
+    let replication = staging.replication.take();
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = waiting.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -93,6 +100,7 @@ async fn run(staging: Staging, mut waiting: mpsc::UnboundedReceiver<Pending>) {
             continue;
         }
         let staging = staging.clone();
+        let replication = replication.clone();
         tokio::spawn(async move {
             let messages: Vec<NewMessage<'_>> = items
                 .iter()
@@ -105,6 +113,12 @@ async fn run(staging: Staging, mut waiting: mpsc::UnboundedReceiver<Pending>) {
                 .collect();
             let staged = staging.stage(&messages).await;
             drop(slot);
+            let staged = match (staged, &replication) {
+                (Ok(outcomes), Some(replication)) => {
+                    Ok(confirmed(&staging.keys, replication, &messages, outcomes).await)
+                }
+                (staged, _) => staged,
+            };
             drop(messages);
             match staged {
                 Ok(outcomes) => {
@@ -120,4 +134,29 @@ async fn run(staging: Staging, mut waiting: mpsc::UnboundedReceiver<Pending>) {
             }
         });
     }
+}
+
+/// Waits for the replicas to confirm a call's writes, one round per slot group (as
+/// `Staging::stage` does for a call of its own); the messages of a group they do not
+/// confirm get its error instead of their outcome.
+async fn confirmed(
+    keys: &Keyspace,
+    replication: &Replication,
+    messages: &[NewMessage<'_>],
+    mut outcomes: Vec<Result<IngestOutcome, StagingError>>,
+) -> Vec<Result<IngestOutcome, StagingError>> {
+    let groups = by_slot_group(keys, messages, |m| m.dialog.get());
+    let rounds = groups
+        .iter()
+        .map(|(_, members)| replication.confirm(Keyspace::shard_of(messages[members[0]].dialog.get())));
+    for ((_, members), round) in groups.iter().zip(futures_util::future::join_all(rounds).await) {
+        if let Err(e) = round {
+            for &i in members {
+                if outcomes[i].is_ok() {
+                    outcomes[i] = Err(e.clone());
+                }
+            }
+        }
+    }
+    outcomes
 }

@@ -162,3 +162,55 @@ async fn when_no_replica_confirms_writes_answer_503_replication_timeout_and_a_re
     // r-1, r-2 and the batch's r-3: each once.
     assert_eq!(replica_len(&waiting.keys, 50).await, 3);
 }
+
+#[tokio::test]
+async fn a_single_post_waiting_for_the_replicas_holds_up_no_other_single_posts_call() {
+    let app = spawn(1).await;
+    let dialogs = [56, 57, 58];
+    for dialog in dialogs {
+        let first = app
+            .post_json(
+                &format!("/data/1/{dialog}"),
+                &json!({"text": "first", "language": "EN"}),
+            )
+            .await;
+        assert_eq!(first.status(), StatusCode::ACCEPTED);
+    }
+    let primary_len = async |dialog: i64| -> usize {
+        redis::cmd("LLEN")
+            .arg(app.keys.msgs(dialog))
+            .query_async(&mut redis(PRIMARY).await)
+            .await
+            .unwrap()
+    };
+
+    // With the replica stopped, every write waits for the replicas' 1 s bound. Single
+    // POSTs are staged one script call at a time; each next one is sent once the one
+    // before is staged, and must not wait for that one's confirmation to be staged itself
+    // (it did: a slow replica let a process stage one call of single POSTs per second).
+    let stopped = Stopped::replica().await;
+    let mut answers = Vec::new();
+    for dialog in dialogs {
+        let request = app
+            .http
+            .post(format!("{}/data/1/{dialog}", app.base))
+            .json(&json!({"text": "second", "language": "EN"}));
+        answers.push(tokio::spawn(request.send()));
+        wait_until(Duration::from_secs(5), async || match primary_len(dialog).await {
+            2 => Ok(()),
+            n => Err(format!("dialog {dialog} has {n} staged")),
+        })
+        .await;
+    }
+    assert!(
+        !answers[0].is_finished(),
+        "the first POST was answered before the third was staged: its confirmation held up the calls after it"
+    );
+    drop(stopped);
+    for answer in answers {
+        let answer = answer.await.unwrap().unwrap();
+        if answer.status() != StatusCode::ACCEPTED {
+            assert_problem(answer, StatusCode::SERVICE_UNAVAILABLE, "replication_timeout").await;
+        }
+    }
+}
