@@ -645,3 +645,45 @@ fn parse_ingest_reply(reply: &[i64]) -> Result<Vec<IngestOutcome>, StagingError>
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingest_answers_decode_to_their_outcomes_and_anything_else_is_corrupt() {
+        let staged = |seq: i64, status: i64, decision: i64| seq * 32 + status * 4 + decision;
+        let outcomes = parse_ingest_reply(&[
+            staged(7, 0, 0),
+            staged(8, 1, 1),
+            staged(0, 2, 0),
+            staged(0, 3, 0),
+            staged(0, 4, 0),
+        ])
+        .unwrap();
+        assert_eq!(
+            outcomes,
+            [
+                IngestOutcome::Accepted {
+                    seq: 7,
+                    decision: Decision::Pending,
+                    duplicate: false
+                },
+                IngestOutcome::Accepted {
+                    seq: 8,
+                    decision: Decision::Granted,
+                    duplicate: true
+                },
+                IngestOutcome::CustomerMismatch,
+                IngestOutcome::ConsentRefused,
+                IngestOutcome::Unknown,
+            ]
+        );
+        for corrupt in [staged(0, 0, 0), staged(3, 0, 3), staged(3, 5, 0), -1] {
+            assert!(
+                matches!(parse_ingest_reply(&[corrupt]), Err(StagingError::Corrupt(_))),
+                "{corrupt}"
+            );
+        }
+    }
+}
