@@ -660,7 +660,7 @@ mod tests {
             staged(0, 3, 0),
             staged(0, 4, 0),
         ])
-        .unwrap();
+        .unwrap(); // allow: a unit test
         assert_eq!(
             outcomes,
             [

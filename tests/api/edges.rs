@@ -499,23 +499,41 @@ async fn a_refusal_whose_erasure_fails_for_any_reason_answers_503_never_500() {
     assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
 }
 
-#[tokio::test]
-async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_runs() {
+/// An app whose flush entries are claimable after 300 ms of idleness.
+async fn quick_claims() -> TestApp {
     let mut settings = test_settings();
     settings.flush_claim_idle = Duration::from_millis(300);
-    let app = spawn_api_only(settings).await;
-    let queue = |name: &str| {
-        let queue = FlushQueue::new(
-            &connector(&app.settings),
-            app.keys.clone(),
-            name.to_owned(),
-            app.settings.flush_claim_idle,
-            Duration::from_millis(50),
-            app.settings.staging_ttl,
-        )
+    spawn_api_only(settings).await
+}
+
+/// A flush queue of `app`'s with its claim idle time, reading briefly.
+fn claiming_queue(app: &TestApp, name: &str) -> FlushQueue {
+    FlushQueue::new(
+        &connector(&app.settings),
+        app.keys.clone(),
+        name.to_owned(),
+        app.settings.flush_claim_idle,
+        Duration::from_millis(50),
+        app.settings.staging_ttl,
+    )
+    .unwrap()
+}
+
+/// PostgreSQL made slow for these dialogs: their rows locked until the transaction ends.
+async fn lock_dialogs(app: &TestApp, dialogs: &[i64]) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = app.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM dialogs WHERE dialog_id = ANY($1) FOR UPDATE")
+        .bind(dialogs)
+        .execute(&mut *lock)
+        .await
         .unwrap();
-        Flusher::new(queue, app.store.clone(), 64)
-    };
+    lock
+}
+
+#[tokio::test]
+async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_runs() {
+    let app = quick_claims().await;
+    let queue = |name: &str| Flusher::new(claiming_queue(&app, name), app.store.clone(), 64);
     let (mut slow, mut other) = (queue("slow"), queue("other"));
     app.stage(1, 90, "a", "EN").await;
     app.consent(90, true).await;
@@ -524,11 +542,7 @@ async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_ru
     let batch = slow.next_batch().await.unwrap().unwrap();
 
     // PostgreSQL is slow: the dialog's row is locked for four claim idle times.
-    let mut lock = app.store.pool().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM dialogs WHERE dialog_id = 90 FOR UPDATE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_dialogs(&app, &[90]).await;
     let write = tokio::spawn(async move {
         let applied = slow.store_batch(&batch).await.unwrap();
         (slow, batch, applied)
@@ -548,20 +562,7 @@ async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_ru
 
 #[tokio::test]
 async fn entries_read_for_later_batches_are_kept_alive_while_a_long_batch_runs() {
-    let mut settings = test_settings();
-    settings.flush_claim_idle = Duration::from_millis(300);
-    let app = spawn_api_only(settings).await;
-    let queue = |name: &str| {
-        FlushQueue::new(
-            &connector(&app.settings),
-            app.keys.clone(),
-            name.to_owned(),
-            app.settings.flush_claim_idle,
-            Duration::from_millis(50),
-            app.settings.staging_ttl,
-        )
-        .unwrap()
-    };
+    let app = quick_claims().await;
     // Batches of one: a read takes one entry a shard, so with two dialogs of different
     // shards queued, one goes in the batch and the other waits, read, for the next.
     let (first, second) = (
@@ -570,7 +571,7 @@ async fn entries_read_for_later_batches_are_kept_alive_while_a_long_batch_runs()
             .find(|&d| Keyspace::shard_of(d) != Keyspace::shard_of(93))
             .unwrap(),
     );
-    let mut slow = Flusher::new(queue("slow"), app.store.clone(), 1);
+    let mut slow = Flusher::new(claiming_queue(&app, "slow"), app.store.clone(), 1);
     for dialog in [first, second] {
         app.stage(1, dialog, "a", "EN").await;
         app.consent(dialog, true).await;
@@ -583,19 +584,13 @@ async fn entries_read_for_later_batches_are_kept_alive_while_a_long_batch_runs()
     assert_eq!(batch.entries.len(), 1);
 
     // PostgreSQL is slow: both dialogs' rows are locked for four claim idle times.
-    let mut lock = app.store.pool().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM dialogs WHERE dialog_id IN ($1, $2) FOR UPDATE")
-        .bind(first)
-        .bind(second)
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = lock_dialogs(&app, &[first, second]).await;
     let write = tokio::spawn(async move {
         let applied = slow.store_batch(&batch).await.unwrap();
         (slow, batch, applied)
     });
     tokio::time::sleep(Duration::from_millis(1200)).await; // Redis measures the idle time
-    let claimed = queue("other").next_entries(10).await.unwrap();
+    let claimed = claiming_queue(&app, "other").next_entries(10).await.unwrap();
     assert!(claimed.is_empty(), "claimed from the slow flusher: {claimed:?}");
     lock.rollback().await.unwrap();
 
