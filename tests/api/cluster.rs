@@ -12,14 +12,19 @@ use tokio_util::sync::CancellationToken;
 use crate::harness::{Ledger, drive};
 use crate::helpers::{assert_problem, redis_cluster, spawn_full, test_settings, wait_until};
 
-/// The port of the primary that serves `key`'s slot, asked of the cluster itself.
-async fn primary_of(key: &str) -> u16 {
-    let slot = i64::from(key_slot(key.as_bytes()));
-    let mut conn = redis::Client::open("redis://127.0.0.1:7000")
+/// A connection of its own to the cluster node on `port` (not a cluster connection).
+async fn connect_node(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .unwrap()
         .get_multiplexed_async_connection()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The port of the primary that serves `key`'s slot, asked of the cluster itself.
+async fn primary_of(key: &str) -> u16 {
+    let slot = i64::from(key_slot(key.as_bytes()));
+    let mut conn = connect_node(7000).await;
     let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn).await.unwrap();
     for range in slots {
         let redis::Value::Array(fields) = range else { continue };
@@ -54,11 +59,8 @@ async fn a_primary_killed_during_traffic_loses_nothing_acknowledged_with_wait_re
     // Kill the primary of a shard the load writes to, mid-load, the way a crash would.
     let victim = primary_of(&app.keys.flush_stream_of(7001)).await;
     let killed = Instant::now();
-    let _ = redis::Client::open(format!("redis://127.0.0.1:{victim}"))
-        .unwrap()
-        .get_multiplexed_async_connection()
+    let _ = connect_node(victim)
         .await
-        .unwrap()
         .send_packed_command(redis::cmd("DEBUG").arg("SEGFAULT"))
         .await;
     // Its replica takes over; the killed node comes back as the new primary's replica,
@@ -124,21 +126,13 @@ async fn scripts_flushed_from_every_node_are_loaded_again_by_the_next_call() {
     assert_eq!(app.stage(1, 7201, "before", "EN").await, 1);
 
     for port in 7000..=7005 {
-        let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut node = connect_node(port).await;
         let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut node).await.unwrap();
     }
 
     let ingest = redis::Script::new(include_str!("../../src/staging/lua/ingest.lua"));
     let primary = primary_of(&app.keys.meta(7201)).await;
-    let mut node = redis::Client::open(format!("redis://127.0.0.1:{primary}"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut node = connect_node(primary).await;
     let mut loaded = async || -> Vec<i64> {
         redis::cmd("SCRIPT")
             .arg("EXISTS")
@@ -181,11 +175,7 @@ async fn readiness_fails_while_the_primary_of_any_shard_does_not_answer() {
         }
     }
     let stuck = other.expect("the shards span more than one primary");
-    let mut node = redis::Client::open(format!("redis://127.0.0.1:{stuck}"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut node = connect_node(stuck).await;
     let () = redis::cmd("CLIENT")
         .arg("PAUSE")
         .arg(5000)
