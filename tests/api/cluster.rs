@@ -6,11 +6,22 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dapi::config::Settings;
 use dapi::staging::keys::key_slot;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::{Ledger, drive};
-use crate::helpers::{assert_problem, redis_cluster, spawn_full, test_settings, wait_until};
+use crate::helpers::{TestApp, assert_problem, redis_cluster, spawn_full, test_settings, wait_until};
+
+/// dapi with its flushers against the local Redis Cluster (`scripts/test-cluster` sets
+/// the tests up to reach it).
+async fn spawn_on_cluster(settings: Settings) -> TestApp {
+    assert!(
+        redis_cluster(),
+        "run by scripts/test-cluster, against scripts/redis-cluster"
+    );
+    spawn_full(settings).await
+}
 
 /// A connection of its own to the cluster node on `port` (not a cluster connection).
 async fn connect_node(port: u16) -> redis::aio::MultiplexedConnection {
@@ -44,13 +55,9 @@ async fn primary_of(key: &str) -> u16 {
 
 #[tokio::test]
 async fn a_primary_killed_during_traffic_loses_nothing_acknowledged_with_wait_replicas_1() {
-    assert!(
-        redis_cluster(),
-        "run by scripts/test-cluster, against scripts/redis-cluster"
-    );
     let mut settings = test_settings();
     settings.redis_wait_replicas = 1;
-    let app = spawn_full(settings).await;
+    let app = spawn_on_cluster(settings).await;
     let ledger = Arc::new(Ledger::default());
     let bases = Arc::new(Mutex::new(vec![app.base.clone()]));
     let load = tokio::spawn(drive(bases, 7000..7096, 30, ledger.clone(), CancellationToken::new()));
@@ -118,11 +125,7 @@ async fn a_primary_killed_during_traffic_loses_nothing_acknowledged_with_wait_re
 async fn scripts_flushed_from_every_node_are_loaded_again_by_the_next_call() {
     // A replica promoted after a restart has an empty script cache: every node's cache
     // emptied at once is the same for every shard.
-    assert!(
-        redis_cluster(),
-        "run by scripts/test-cluster, against scripts/redis-cluster"
-    );
-    let app = spawn_full(test_settings()).await;
+    let app = spawn_on_cluster(test_settings()).await;
     assert_eq!(app.stage(1, 7201, "before", "EN").await, 1);
 
     for port in 7000..=7005 {
@@ -155,11 +158,7 @@ async fn scripts_flushed_from_every_node_are_loaded_again_by_the_next_call() {
 
 #[tokio::test]
 async fn readiness_fails_while_the_primary_of_any_shard_does_not_answer() {
-    assert!(
-        redis_cluster(),
-        "run by scripts/test-cluster, against scripts/redis-cluster"
-    );
-    let app = spawn_full(test_settings()).await;
+    let app = spawn_on_cluster(test_settings()).await;
     assert_eq!(app.get("/readyz").await.status(), reqwest::StatusCode::OK);
 
     // A primary that serves some shard but not shard 0 (the one node readiness asked
