@@ -85,6 +85,15 @@ async fn read_json(req: Request, state: &AppState, limit: usize) -> Result<serde
         return Err(ApiError::UnsupportedMediaType);
     }
     let encoded = req.extensions().get::<super::encoding::Encoded>().is_some();
+    // A plain body declared larger than the limit is refused before any of it is read
+    // (an encoded one's declared length was the encoded size, and is gone by now).
+    let declared = req.headers().get(header::CONTENT_LENGTH);
+    if declared
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n > limit as u64)
+    {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
     let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit }

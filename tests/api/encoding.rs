@@ -83,6 +83,68 @@ async fn a_body_that_does_not_decode_is_400_and_other_encodings_are_415() {
 }
 
 #[tokio::test]
+async fn coding_names_match_in_any_case_and_every_refusal_is_problem_json() {
+    let app = spawn_app().await;
+    let body = |n: i32| json!({"text": format!("message {n}"), "language": "EN"}).to_string();
+
+    let gz = post_encoded(&app, "/data/1/6", "GZIP", gzip(body(1).as_bytes())).await;
+    let xgz = post_encoded(&app, "/data/1/6", "x-gzip", gzip(body(2).as_bytes())).await;
+    let zs = post_encoded(
+        &app,
+        "/data/1/6",
+        "Zstd",
+        zstd::encode_all(body(3).as_bytes(), 3).unwrap(),
+    )
+    .await;
+    let id = post_encoded(&app, "/data/1/6", "Identity", body(4).into_bytes()).await;
+
+    let statuses = [gz.status(), xgz.status(), zs.status(), id.status()];
+    assert_eq!(statuses, [StatusCode::ACCEPTED; 4]);
+    for other in ["BR", "gzip, zstd", "x-compress"] {
+        let response = post_encoded(&app, "/data/1/6", other, body(5).into_bytes()).await;
+        assert_problem(response, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding").await;
+    }
+    assert_eq!(app.staged_len(6).await, 4);
+}
+
+#[tokio::test]
+async fn every_gzip_member_is_decoded_and_trailing_garbage_is_400() {
+    let app = spawn_app().await;
+    let text = json!({"text": "in two members", "language": "EN"}).to_string();
+    let (first, second) = text.split_at(text.len() / 2);
+    let mut members = gzip(first.as_bytes());
+    members.extend(gzip(second.as_bytes()));
+    let mut trailing = gzip(text.as_bytes());
+    trailing.extend(b"junk");
+
+    let response = post_encoded(&app, "/data/1/7", "gzip", members).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let response = post_encoded(&app, "/data/1/7", "gzip", trailing).await;
+    assert_problem(response, StatusCode::BAD_REQUEST, "malformed_body").await;
+
+    assert_eq!(app.staged_len(7).await, 1, "only the whole body was staged");
+}
+
+/// A zstd frame may ask for a window of up to 8 MiB (RFC 9659); one that asks for zstd's
+/// own maximum would make the decoder allocate 128 MiB for a few bytes of body.
+#[tokio::test]
+async fn a_zstd_body_asking_for_a_window_over_8_mib_is_400() {
+    let app = spawn_app().await;
+    let body = json!({"text": "t", "language": "EN"}).to_string();
+    let framed = |window_log: u32| {
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.window_log(window_log).unwrap();
+        encoder.write_all(body.as_bytes()).unwrap();
+        encoder.finish().unwrap()
+    };
+
+    let response = post_encoded(&app, "/data/1/8", "zstd", framed(27)).await;
+    assert_problem(response, StatusCode::BAD_REQUEST, "malformed_body").await;
+    let response = post_encoded(&app, "/data/1/8", "zstd", framed(23)).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
 async fn a_small_compressed_bomb_is_413_against_the_decoded_limit() {
     let app = spawn_app().await;
     // ~5 KB that decodes to 5 MB: over the single POST's 64 KiB and the batch's 4 MiB.
@@ -124,6 +186,18 @@ async fn reads_are_compressed_when_the_client_accepts_it() {
         plain_answer.headers().get("content-encoding").is_none(),
         "not without Accept-Encoding"
     );
+    for (accepted, compressed) in [("*", true), ("gzip;q=0, *;q=0.5", true), ("*;q=0", false)] {
+        let response = app
+            .http
+            .get(format!("{}/data/", app.base))
+            .header("accept-encoding", accepted)
+            .send()
+            .await
+            .unwrap();
+        let coding = response.headers().get("content-encoding").map(|v| v.to_str().unwrap());
+        assert_eq!(coding.is_some(), compressed, "Accept-Encoding: {accepted}: {coding:?}");
+        assert_ne!(coding, Some("gzip"), "Accept-Encoding: {accepted}");
+    }
 }
 
 /// Peak resident memory (`VmHWM`) of a process, in KiB.

@@ -86,3 +86,29 @@ async fn a_client_that_does_not_finish_its_headers_is_disconnected() {
     let answer = String::from_utf8_lossy(&rest);
     assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
+
+/// A body whose declared length is over the route's limit is refused before any of it
+/// is read: the client learns at once, not after sending megabytes (or, with a length
+/// it never sends, after the request's time).
+#[tokio::test]
+async fn a_body_declared_over_the_limit_is_413_before_it_is_read() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+
+    read.expect("dapi answered and closed").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+    assert_eq!(app.staged_len(1).await, 0);
+}
