@@ -499,7 +499,6 @@ impl Staging {
             .key(self.keys.meta(d))
             .key(self.keys.msgs(d))
             .key(self.keys.flush_stream_of(d))
-            .key(self.keys.ids(d))
             .key(self.keys.quarantined_msgs(d))
             .arg(d)
             .arg(if approved { Decision::Granted } else { Decision::Refused }.letter())
@@ -526,7 +525,6 @@ impl Staging {
         invocation
             .key(self.keys.meta(d))
             .key(self.keys.msgs(d))
-            .key(self.keys.ids(d))
             .key(self.keys.quarantined_msgs(d))
             .key(self.keys.flush_stream_of(d))
             .arg(GROUP)

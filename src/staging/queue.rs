@@ -590,7 +590,6 @@ impl FlushQueue {
                 invocation
                     .key(self.keys.meta(f.dialog))
                     .key(self.keys.msgs(f.dialog))
-                    .key(self.keys.ids(f.dialog))
                     .key(self.keys.quarantined_msgs(f.dialog))
                     .key(self.keys.flush_stream_of(f.dialog));
             }

@@ -157,6 +157,28 @@ async fn granting_after_a_refusal_keeps_the_erased_out_and_takes_later_messages(
     assert_eq!(page["results"][0]["text"], "after the new grant");
 }
 
+/// A refusal erases the message, not the memory of its messageId: a client's retry of
+/// it after a new grant is a repeat, and must not bring the erased text back.
+#[tokio::test]
+async fn a_retry_of_an_erased_message_after_a_new_grant_stores_nothing() {
+    let app = spawn_app().await;
+    let body = json!({"text": "erased by the refusal", "language": "EN", "messageId": "m-1"});
+    let first: Value = app.post_json("/data/1/15", &body).await.json().await.unwrap();
+    app.consent(15, true).await;
+    app.wait_for_seqs(15, &[1]).await;
+    assert_eq!(app.consent(15, false).await.status(), StatusCode::OK);
+    assert_eq!(app.consent(15, true).await.status(), StatusCode::ACCEPTED);
+
+    let retry = app.post_json("/data/1/15", &body).await;
+
+    assert_eq!(retry.status(), StatusCode::ACCEPTED);
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!((&retry["seq"], &retry["duplicate"]), (&first["seq"], &json!(true)));
+    let later = app.stage(1, 15, "after the new grant", "EN").await;
+    app.wait_for_seqs(15, &[later]).await;
+    assert_eq!(app.staged_len(15).await, 0, "nothing else staged");
+}
+
 #[tokio::test]
 async fn nothing_of_an_undecided_dialog_is_readable() {
     let app = spawn_app().await;

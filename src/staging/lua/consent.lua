@@ -1,12 +1,15 @@
 -- Record a decision. Atomic: move the epoch on, set the decision.
--- A grant queues a flush. A refusal deletes the staged messages (and their messageIds:
--- a repeat of one is refused like any message of the dialog), remembers itself as
+-- A grant queues a flush. A refusal deletes the staged messages, remembers itself as
 -- unerased (`x` = its epoch, `xt` = when) until PostgreSQL confirms the erasure (the
 -- caller's own erasure or the flusher's, through finish.lua), and queues a flush entry,
 -- which finishes the erasure should the caller's not get there. While `x` is set the
 -- dialog's keys do not expire, however long PostgreSQL is away.
--- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 ids (the dialog's messageIds), 5 the dialog's
---       quarantined messages (a refusal erases those too)
+-- The dialog's messageIds stay, to expire with their window: while the dialog is refused
+-- a repeat of one is refused like any message (ingest.lua checks the decision first), and
+-- after a new grant it is a repeat still, answered as the first time, not staged again
+-- (the erased text must not come back with a client's retry).
+-- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 the dialog's quarantined messages (a refusal
+--       erases those too)
 -- ARGV: 1 dialog id, 2 decision 'g' | 'r', 3 ttl (ms),
 --       4 customer id to revive a dialog Redis forgot ('' = do not; '-1' = a refusal of a
 --       dialog whose customer PostgreSQL could not tell: ingest adopts the next
@@ -39,7 +42,7 @@ if ARGV[2] == 'g' then
   end
 else
   redis.call('HSET', KEYS[1], 'x', string.format('%d', epoch), 'xt', now_us)
-  redis.call('DEL', KEYS[2], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[2], KEYS[4])
   redis.call('PERSIST', KEYS[1])
   redis.call('XADD', KEYS[3], '*', 'd', ARGV[1])
 end

@@ -6,10 +6,10 @@
 -- then XACK and XDEL the batch's entries.
 -- A grant that PostgreSQL turned away because it holds a newer *refusal* means Redis lost
 -- that refusal (a failover, a restore): Redis takes it back — refused at PostgreSQL's
--- epoch, its staged and quarantined messages and its messageIds deleted (PostgreSQL
--- erased the dialog when it took the refusal; a refusal erases all three, consent.lua) —
+-- epoch, its staged and quarantined messages deleted (PostgreSQL erased the dialog when
+-- it took the refusal; a refusal erases both, and keeps the messageIds, consent.lua) —
 -- unless Redis has moved past that epoch meanwhile.
--- KEYS: per dialog: meta, msgs, ids, quarantined msgs, its shard's flush stream; then
+-- KEYS: per dialog: meta, msgs, quarantined msgs, its shard's flush stream; then
 --       the flush streams whose entries to acknowledge
 -- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n quintuples (dialog id, last seq
 --       written, how many messages the batch read, epoch of the refusal erased or 0,
@@ -17,8 +17,8 @@
 --       stream after the dialogs' keys: how many of its entries, and their ids
 local n = tonumber(ARGV[2])
 for i = 1, n do
-  local k = 5 * i - 4
-  local meta, msgs, ids, quarantined, stream = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  local k = 4 * i - 3
+  local meta, msgs, quarantined, stream = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local base = 5 * i - 1
   local dialog, last, read, erased = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3]
   local adopt = tonumber(ARGV[base + 4])
@@ -26,7 +26,7 @@ for i = 1, n do
     local m = redis.call('HMGET', meta, 'd', 'e')
     if m[1] and m[1] ~= 'r' and (tonumber(m[2]) or 0) < adopt then
       redis.call('HSET', meta, 'd', 'r', 'e', string.format('%d', adopt), 'r', 0)
-      redis.call('DEL', msgs, ids, quarantined)
+      redis.call('DEL', msgs, quarantined)
       redis.call('PEXPIRE', meta, ARGV[3])
     end
   end
@@ -54,7 +54,7 @@ for i = 1, n do
   end
 end
 local acked, a = 0, 4 + 5 * n
-for k = 5 * n + 1, #KEYS do
+for k = 4 * n + 1, #KEYS do
   local count = tonumber(ARGV[a])
   if count > 0 then
     local entries = {unpack(ARGV, a + 1, a + count)}
