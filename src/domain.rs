@@ -34,6 +34,10 @@ pub enum Invalid {
     Cursor,
     #[error("`messageId` must be 1 to 64 characters of `A-Z a-z 0-9 . _ : -`")]
     MessageId,
+    #[error(
+        "the item is JSON this service cannot read: a number beyond a 64-bit float's range, or nesting deeper than 128 levels"
+    )]
+    UnreadableItem,
 }
 
 macro_rules! id_type {

@@ -63,16 +63,18 @@ impl FromRequest<AppState> for JsonBody {
     }
 }
 
-/// The JSON body of `POST /data` (a batch), up to `DAPI_MAX_BATCH_BYTES` (the route sets
-/// that limit; see `http::routes`).
+/// The body of `POST /data` (a batch), up to `DAPI_MAX_BATCH_BYTES` (the route sets that
+/// limit; see `http::routes`), as bytes: the handler reads its items one by one, so that
+/// an item JSON's reader cannot hold (a number past a float's range, nesting past 128
+/// levels) fails that item alone.
 #[derive(Debug)]
-pub struct BatchBody(pub serde_json::Value);
+pub struct BatchBody(pub Bytes);
 
 impl FromRequest<AppState> for BatchBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        read_json(req, state, state.settings.max_batch_bytes)
+        read_body(req, state, state.settings.max_batch_bytes)
             .await
             .map(BatchBody)
     }
@@ -81,6 +83,12 @@ impl FromRequest<AppState> for BatchBody {
 /// Reads a JSON body within the route's body limit (`limit` only names it in the error).
 /// The limit applies to the decoded body, counted as it is decoded (see `http::encoding`).
 async fn read_json(req: Request, state: &AppState, limit: usize) -> Result<serde_json::Value, ApiError> {
+    let bytes = read_body(req, state, limit).await?;
+    serde_json::from_slice(&bytes).map_err(ApiError::MalformedJson)
+}
+
+/// Reads a JSON request's body within the route's body limit, undecoded as JSON.
+async fn read_body(req: Request, state: &AppState, limit: usize) -> Result<Bytes, ApiError> {
     if !is_json(req.headers()) {
         return Err(ApiError::UnsupportedMediaType);
     }
@@ -94,7 +102,7 @@ async fn read_json(req: Request, state: &AppState, limit: usize) -> Result<serde
     {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+    Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit }
         } else if encoded {
@@ -104,8 +112,7 @@ async fn read_json(req: Request, state: &AppState, limit: usize) -> Result<serde
         } else {
             ApiError::UnreadableBody
         }
-    })?;
-    serde_json::from_slice(&bytes).map_err(ApiError::MalformedJson)
+    })
 }
 
 /// `application/json`, or any `application/…+json`, parameters (charset) allowed.

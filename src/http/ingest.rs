@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::extract::{BatchBody, DataPath, JsonBody};
 use super::{ApiError, AppState};
@@ -310,18 +311,19 @@ pub async fn ingest_batch(
     BatchBody(body): BatchBody,
 ) -> Result<Json<BatchAnswer>, ApiError> {
     let max = state.settings.max_batch_messages;
-    let items = match body {
-        Value::Object(mut fields) => match fields.remove("messages") {
-            Some(Value::Array(items)) if (1..=max).contains(&items.len()) => items,
-            _ => return Err(ApiError::InvalidBatch { max }),
-        },
-        _ => return Err(ApiError::InvalidBatch { max }),
+    let items = match serde_json::from_slice::<RawBatch<'_>>(&body) {
+        Ok(RawBatch { messages: Some(items) }) if (1..=max).contains(&items.len()) => items,
+        Ok(_) => return Err(ApiError::InvalidBatch { max }),
+        // Well-formed JSON of another shape (not an object, `messages` not an array).
+        Err(e) if e.classify() == serde_json::error::Category::Data => return Err(ApiError::InvalidBatch { max }),
+        Err(e) => return Err(ApiError::MalformedJson(e)),
     };
     // Parse every item; the valid ones are staged together, in order.
     let mut slots: Vec<Result<(), ApiError>> = Vec::with_capacity(items.len());
     let mut offers = Vec::with_capacity(items.len());
     for item in items {
-        match parse_item(item, state.settings.max_text_bytes) {
+        let item = serde_json::from_str(item.get()).map_err(|_| Invalid::UnreadableItem);
+        match item.and_then(|item| parse_item(item, state.settings.max_text_bytes)) {
             Ok(offer) => {
                 offers.push(offer);
                 slots.push(Ok(()));
@@ -352,6 +354,13 @@ pub async fn ingest_batch(
         })
         .collect();
     Ok(Json(BatchAnswer { results }))
+}
+
+/// A batch body as its items' JSON text, each read on its own (unknown fields ignored).
+#[derive(Deserialize)]
+struct RawBatch<'a> {
+    #[serde(borrow)]
+    messages: Option<Vec<&'a RawValue>>,
 }
 
 /// One batch item: `customerId` and `dialogId` (JSON integers, 0 … 2^63−1) beside the

@@ -248,6 +248,36 @@ async fn an_unusable_batch_body_is_refused_whole_and_stages_nothing() {
     );
 }
 
+/// JSON that is well-formed but that the reader cannot hold (a number past a 64-bit
+/// float's range, nesting past its 128 levels) spoils only the item it stands in.
+#[tokio::test]
+async fn an_item_with_json_the_reader_cannot_hold_fails_alone() {
+    let app = spawn_app().await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let body = format!(
+        r#"{{"messages": [
+            {{"customerId": 1, "dialogId": 31, "text": "a", "language": "EN"}},
+            {{"customerId": 1e400, "dialogId": 31, "text": "b", "language": "EN"}},
+            {{"customerId": 1, "dialogId": 31, "text": "c", "language": "EN", "unknown": {deep}}},
+            {{"customerId": 1, "dialogId": 31, "text": "d", "language": "EN"}}
+        ]}}"#
+    );
+
+    let response = app.post_raw("/data", Some("application/json"), body.into_bytes()).await;
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    let statuses: Vec<i64> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_i64().unwrap())
+        .collect();
+    assert_eq!(statuses, [202, 422, 422, 202], "{body}");
+    assert_eq!(body["results"][1]["code"], "invalid_body");
+    assert_eq!(app.staged_len(31).await, 2);
+}
+
 #[tokio::test]
 async fn a_batch_may_be_larger_than_a_single_posts_body_limit() {
     let app = spawn_app().await;
