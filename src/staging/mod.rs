@@ -114,6 +114,12 @@ impl StagingError {
                     // A cluster with no node reachable, or redirecting while a slot moves.
                     || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
                     || e.is_cluster_error()
+                    // A connection Redis does not let dapi set up as REDIS_URL says: a
+                    // wrong password or user, a database number Redis does not have.
+                    // Not a fault of the request: 503, with /readyz and the log saying why.
+                    || e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+                    || e.detail().is_some_and(|d| d.contains("DB index is out of range"))
                     // Out of memory under `noeviction`, loading its data set after a
                     // restart, a failover in progress: Redis is there but cannot take
                     // writes now.
