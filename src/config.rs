@@ -560,6 +560,14 @@ impl Settings {
         if self.header_timeout.is_zero() {
             return Err(invalid("DAPI_HEADER_TIMEOUT", "must be more than 0"));
         }
+        // 0 would make every stop unclean (nothing finishes in no time), and flushers
+        // claim each other's entries the moment they are read.
+        if self.shutdown_timeout.is_zero() {
+            return Err(invalid("DAPI_SHUTDOWN_TIMEOUT", "must be more than 0"));
+        }
+        if self.flush_claim_idle.is_zero() {
+            return Err(invalid("DAPI_FLUSH_CLAIM_IDLE", "must be more than 0"));
+        }
         if self.idempotency_window < Duration::from_millis(1) {
             return Err(invalid("DAPI_IDEMPOTENCY_WINDOW", "must be at least 1ms"));
         }
@@ -620,6 +628,13 @@ fn postgres_url(name: &'static str, raw: &str) -> Result<String, ConfigError> {
     }
     raw.parse::<sqlx::postgres::PgConnectOptions>()
         .map_err(|e| invalid(name, &format!("not a PostgreSQL URL ({e})")))?;
+    // Without one, PostgreSQL's default is the user's own database (often the shared
+    // `postgres`): dapi's tables would land there.
+    let named =
+        !url.path().trim_matches('/').is_empty() || url.query_pairs().any(|(k, v)| k == "dbname" && !v.is_empty());
+    if !named {
+        return Err(invalid(name, "must name a database, as postgres://user@host:port/dapi"));
+    }
     Ok(raw.to_owned())
 }
 
@@ -677,6 +692,17 @@ fn log_filter(dapi_log: Option<&str>, rust_log: Option<&str>) -> Result<String, 
             &format!("not a log filter ({e}); expected e.g. info or warn,dapi=debug"),
         )
     })?;
+    // A bare word is a target at every level to tracing, so `warning` or `inf0` would
+    // switch off every log line, the start-up warnings too: here a bare word must be a
+    // level, and a target is written `target=level`.
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let bare = |d: &str| !d.contains(['=', '[', ':']) && !LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l));
+    if filter.split(',').map(str::trim).any(|d| !d.is_empty() && bare(d)) {
+        return Err(invalid(
+            name,
+            "a bare word must be a level (trace, debug, info, warn, error, off); write a target as target=level, e.g. warn,dapi=debug",
+        ));
+    }
     Ok(filter.to_owned())
 }
 
@@ -867,6 +893,45 @@ mod tests {
         assert_eq!(parse_duration("7 d"), Some(Duration::from_secs(604_800)));
         for bad in ["", "s", "1.5s", "-1s", "3w"] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_log_filter_bare_word_must_be_a_level() {
+        for good in [
+            "warn",
+            "INFO",
+            "warn,dapi=debug",
+            "dapi::flusher=trace",
+            "off",
+            "info,sqlx=warn",
+        ] {
+            assert_eq!(settings(&[("DAPI_LOG", good)]).expect("valid").log_filter, good); // allow: test
+        }
+        for typo in ["warning", "inf0", "info,dapi"] {
+            let err = settings(&[("DAPI_LOG", typo)]).expect_err("must fail");
+            assert!(err.to_string().starts_with("DAPI_LOG"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_database_url_must_name_the_database() {
+        for unnamed in [
+            "postgres://postgres@127.0.0.1:5432",
+            "postgres://postgres@127.0.0.1:5432/",
+        ] {
+            let err = settings(&[("DATABASE_URL", unnamed)]).expect_err("must fail");
+            assert!(err.to_string().contains("must name a database"), "{err}");
+        }
+        let by_query = settings(&[("DATABASE_URL", "postgres://postgres@127.0.0.1:5432?dbname=dapi")]);
+        assert!(by_query.is_ok());
+    }
+
+    #[test]
+    fn a_zero_shutdown_or_claim_time_is_refused() {
+        for name in ["DAPI_SHUTDOWN_TIMEOUT", "DAPI_FLUSH_CLAIM_IDLE"] {
+            let err = settings(&[(name, "0s")]).expect_err("must fail");
+            assert!(err.to_string().starts_with(name), "{err}");
         }
     }
 

@@ -55,6 +55,9 @@ async fn main() -> ExitCode {
         }
     };
     telemetry::init(settings.log_format, &settings.log_filter);
+    // Listening from the start: a stop asked for while dapi waits for PostgreSQL (start-up
+    // and `migrate` try for up to 30 s) ends it at once, and cleanly.
+    let mut stop = tokio::spawn(app::termination_signal());
 
     let roles = match cli.command.unwrap_or(Command::Serve { no_flusher: false }) {
         Command::Healthcheck => {
@@ -65,12 +68,15 @@ async fn main() -> ExitCode {
             };
         }
         Command::Migrate => {
-            return match app::migrate(&settings).await {
-                Ok(()) => {
-                    tracing::info!("migrations applied");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e),
+            return tokio::select! {
+                migrated = app::migrate(&settings) => match migrated {
+                    Ok(()) => {
+                        tracing::info!("migrations applied");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                },
+                _ = &mut stop => stopped_before_start(),
             };
         }
         Command::Serve { no_flusher } => Roles {
@@ -83,13 +89,16 @@ async fn main() -> ExitCode {
         },
     };
 
-    let running = match app::start(settings, roles).await {
-        Ok(running) => running,
-        Err(e) => return fail(&e),
+    let running = tokio::select! {
+        started = app::start(settings, roles) => match started {
+            Ok(running) => running,
+            Err(e) => return fail(&e),
+        },
+        _ = &mut stop => return stopped_before_start(),
     };
     let shutdown = running.shutdown_token();
     tokio::spawn(async move {
-        app::termination_signal().await;
+        let _ = stop.await;
         tracing::info!("shutting down");
         shutdown.cancel();
     });
@@ -103,7 +112,17 @@ async fn main() -> ExitCode {
     }
 }
 
-fn fail(error: &dyn std::error::Error) -> ExitCode {
+fn fail(error: &app::StartError) -> ExitCode {
+    if let app::StartError::OpenOnNetwork(_) = error {
+        // A setting to change, like any other configuration error.
+        eprintln!("dapi: configuration error: {error}"); // allow: the same line as the other configuration errors
+        return ExitCode::from(2);
+    }
     tracing::error!(error = %telemetry::chain(error), "dapi cannot start");
     ExitCode::FAILURE
+}
+
+fn stopped_before_start() -> ExitCode {
+    tracing::info!("stopped before it started");
+    ExitCode::SUCCESS
 }
