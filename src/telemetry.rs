@@ -14,8 +14,10 @@ use crate::config::LogFormat;
 /// Calling it twice keeps the first (tests do).
 pub fn init(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal, not in a file or a log collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -78,6 +80,7 @@ pub fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
                         tracing::warn!("another metrics recorder is installed; /metrics shows only dapi's own");
                     }
                     describe();
+                    start_at_zero();
                     handle
                 }
                 // Only reachable with an empty bucket list, which the lists above are not.
@@ -85,6 +88,27 @@ pub fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
             }
         })
         .clone()
+}
+
+/// Counters of rare events are shown at 0 from the start, not first when one happens: a
+/// series that appears only with its first increment hides that first one from
+/// `rate()`/`increase()` and from alerts on them.
+fn start_at_zero() {
+    for name in [
+        STAGED_MESSAGES,
+        STAGED_DIALOGS,
+        FLUSHED_MESSAGES,
+        FLUSH_QUARANTINED,
+        FLUSH_BATCHES,
+        ERASURES,
+        ERASED_MESSAGES,
+        PARTITIONS_DROPPED,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for store in ["redis", "postgres"] {
+        metrics::counter!(STORE_ERRORS, "store" => store).increment(0);
+    }
 }
 
 fn describe() {

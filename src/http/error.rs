@@ -47,7 +47,7 @@ pub enum ApiError {
     ConsentRefused,
     #[error("no dialog with this id is known: post a message to it first")]
     DialogNotFound,
-    #[error("no such resource; see /openapi.json for the API")]
+    #[error("no such resource; /openapi.json of a dapi serving the API lists its paths")]
     NotFound,
     #[error("this method is not allowed on this resource")]
     MethodNotAllowed,

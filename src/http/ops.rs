@@ -56,7 +56,8 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     .filter_map(|(name, up)| (!up).then_some(name))
     .collect();
     if !down.is_empty() {
-        return Err(ApiError::NotReady(format!("{} does not answer", down.join(" and "))));
+        let verb = if down.len() == 1 { "does" } else { "do" };
+        return Err(ApiError::NotReady(format!("{} {verb} not answer", down.join(" and "))));
     }
     let mut answer = json!({"status": "ready", "redis": "up", "postgres": "up"});
     if let Some(Ok(lag)) = replica {
