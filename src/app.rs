@@ -278,7 +278,8 @@ fn check_access(settings: &Settings, addr: SocketAddr) -> Result<(), StartError>
 
 /// Serves `app` on `listener` until `shutdown`, then lets the requests in flight finish.
 /// Each connection must send its request headers within `header_timeout`, so a stalled
-/// client can neither hold a connection nor delay shutdown.
+/// client holds a connection, and delays a shutdown (hyper waits for a request head
+/// begun), at most that long.
 pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken, header_timeout: Duration) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::server::graceful::GracefulShutdown;
@@ -342,24 +343,34 @@ pub async fn healthcheck(bind: SocketAddr) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(3), check).await, Ok(Ok(true)))
 }
 
-/// Resolves when the process receives SIGTERM or SIGINT.
-pub async fn termination_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Resolves when the process receives SIGTERM or SIGINT. The handlers are in place when
+/// this returns, before the future is first polled: a signal from then on is not missed
+/// (nor kills the process the default way). Call it within the runtime.
+pub fn termination_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops dapi");
-                let _ = interrupt.await;
-                return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (term, interrupt) {
+                (Ok(mut term), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM and SIGINT; only SIGINT may stop dapi");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = interrupt.await;
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -696,7 +696,7 @@ fn log_filter(dapi_log: Option<&str>, rust_log: Option<&str>) -> Result<String, 
     // switch off every log line, the start-up warnings too: here a bare word must be a
     // level, and a target is written `target=level`.
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    let bare = |d: &str| !d.contains(['=', '[', ':']) && !LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l));
+    let bare = |d: &str| !d.contains(['=', '[']) && !LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l));
     if filter.split(',').map(str::trim).any(|d| !d.is_empty() && bare(d)) {
         return Err(invalid(
             name,
@@ -908,7 +908,7 @@ mod tests {
         ] {
             assert_eq!(settings(&[("DAPI_LOG", good)]).expect("valid").log_filter, good); // allow: test
         }
-        for typo in ["warning", "inf0", "info,dapi"] {
+        for typo in ["warning", "inf0", "info,dapi", "dapi::http"] {
             let err = settings(&[("DAPI_LOG", typo)]).expect_err("must fail");
             assert!(err.to_string().starts_with("DAPI_LOG"), "{err}");
         }

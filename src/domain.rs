@@ -35,7 +35,7 @@ pub enum Invalid {
     #[error("`messageId` must be 1 to 64 characters of `A-Z a-z 0-9 . _ : -`")]
     MessageId,
     #[error(
-        "the item is JSON this service cannot read: a number beyond a 64-bit float's range, or nesting deeper than 128 levels"
+        "the item is JSON this service cannot read (such as a number beyond a 64-bit float's range, nesting deeper than 128 levels, or an unpaired \\u surrogate)"
     )]
     UnreadableItem,
 }

@@ -55,10 +55,9 @@ async fn main() -> ExitCode {
         }
     };
     telemetry::init(settings.log_format, &settings.log_filter);
-    // Listening from the start: a stop asked for while dapi waits for PostgreSQL (start-up
-    // and `migrate` try for up to 30 s) ends it at once, and cleanly.
-    let mut stop = tokio::spawn(app::termination_signal());
 
+    // A stop asked for while dapi waits for PostgreSQL (start-up and `migrate` try for up
+    // to 30 s) ends it at once, and cleanly: the signal handlers are in place before then.
     let roles = match cli.command.unwrap_or(Command::Serve { no_flusher: false }) {
         Command::Healthcheck => {
             return if app::healthcheck(settings.bind).await {
@@ -76,7 +75,7 @@ async fn main() -> ExitCode {
                     }
                     Err(e) => fail(&e),
                 },
-                _ = &mut stop => stopped_before_start(),
+                () = app::termination_signal() => stopped_before_start(),
             };
         }
         Command::Serve { no_flusher } => Roles {
@@ -89,6 +88,7 @@ async fn main() -> ExitCode {
         },
     };
 
+    let mut stop = tokio::spawn(app::termination_signal());
     let running = tokio::select! {
         started = app::start(settings, roles) => match started {
             Ok(running) => running,

@@ -9,7 +9,7 @@
 //! a body that does not decode is 400 `malformed_body` (the extractor knows, by
 //! [`Encoded`]).
 //!
-//! Our own layer, not tower-http's `RequestDecompressionLayer` (used until session 14):
+//! Our own layer, not tower-http's `RequestDecompressionLayer` (used before 6e12fb3):
 //! that one matched coding names case-sensitively and answered `GZIP` with a bare 415,
 //! and decoded only a gzip body's first member, so a multi-member body (RFC 1952) lost
 //! its rest and trailing garbage was taken silently. The decoders are the same

@@ -311,8 +311,10 @@ pub async fn ingest_batch(
     BatchBody(body): BatchBody,
 ) -> Result<Json<BatchAnswer>, ApiError> {
     let max = state.settings.max_batch_messages;
+    // serde reads a struct from a JSON array too (`[[…]]` as `messages`): only an object is one.
+    let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     let items = match serde_json::from_slice::<RawBatch<'_>>(&body) {
-        Ok(RawBatch { messages: Some(items) }) if (1..=max).contains(&items.len()) => items,
+        Ok(RawBatch { messages: Some(items) }) if object && (1..=max).contains(&items.len()) => items,
         Ok(_) => return Err(ApiError::InvalidBatch { max }),
         // Well-formed JSON of another shape (not an object, `messages` not an array).
         Err(e) if e.classify() == serde_json::error::Category::Data => return Err(ApiError::InvalidBatch { max }),

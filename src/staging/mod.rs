@@ -116,7 +116,7 @@ impl StagingError {
                     || e.is_cluster_error()
                     // A connection Redis does not let dapi set up as REDIS_URL says: a
                     // wrong password or user, a database number Redis does not have.
-                    // Not a fault of the request: 503, with /readyz and the log saying why.
+                    // Not a fault of the request: 503 (and /readyz 503); the log says why.
                     || e.kind() == redis::ErrorKind::AuthenticationFailed
                     || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
                     || e.detail().is_some_and(|d| d.contains("DB index is out of range"))

@@ -224,6 +224,7 @@ async fn an_unusable_batch_body_is_refused_whole_and_stages_nothing() {
     let item = json!({"customerId": 1, "dialogId": 30, "text": "t", "language": "EN"});
     for body in [
         json!([item]),
+        json!([[item]]),
         json!({"messages": []}),
         json!({"messages": item}),
         json!({"messages": [item, item, item, item]}),
