@@ -13,15 +13,11 @@ use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
 /// has started reading the body — it answers `Expect: 100-continue` then, and only
 /// then — so the request holds its in-flight slot from that moment on.
 async fn stalled_post(app: &TestApp) -> TcpStream {
-    let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    stream
-        .write_all(
-            b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    let mut stream = send_raw(
+        app,
+        b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
     let mut answer = Vec::new();
     while !answer.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8];
@@ -32,6 +28,15 @@ async fn stalled_post(app: &TestApp) -> TcpStream {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 100 "), "{answer}");
     stream.write_all(b"{\"te").await.unwrap();
+    stream
+}
+
+/// Opens a connection to `app` and writes `bytes` as they are.
+async fn send_raw(app: &TestApp, bytes: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stream.write_all(bytes).await.unwrap();
     stream
 }
 
@@ -93,15 +98,11 @@ async fn a_client_that_does_not_finish_its_headers_is_disconnected() {
 #[tokio::test]
 async fn a_body_declared_over_the_limit_is_413_before_it_is_read() {
     let app = spawn_api_only(test_settings()).await;
-    let mut stream = TcpStream::connect(app.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    stream
-        .write_all(
-            b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n{}",
-        )
-        .await
-        .unwrap();
+    let mut stream = send_raw(
+        &app,
+        b"POST /data/1/1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n{}",
+    )
+    .await;
 
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
