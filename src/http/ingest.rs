@@ -6,6 +6,7 @@
 //! then creates them at once (`super::recent`).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -13,12 +14,13 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use time::OffsetDateTime;
 
 use super::extract::{BatchBody, DataPath, JsonBody};
 use super::{ApiError, AppState};
 use crate::domain::{CustomerId, DialogId, IncomingMessage, Invalid, parse_message, parse_message_fields};
 use crate::staging::{Create, IngestOutcome, NewMessage, StagingError};
-use crate::store::{GrantedDialog, StoreError};
+use crate::store::{HeldDialog, StoreError};
 use crate::telemetry::{STAGED_DIALOGS, STAGED_MESSAGES};
 
 /// One message offered for staging.
@@ -64,18 +66,26 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
     }
 
     // Dialogs Redis does not know: new, or forgotten while PostgreSQL holds them as
-    // granted. Ask PostgreSQL, briefly; if it cannot say, the flusher settles them.
+    // granted or refused. Ask PostgreSQL, briefly; if it cannot say, the flusher settles
+    // them.
     let mut dialogs: Vec<DialogId> = unknown.iter().map(|&i| offers[i].dialog).collect();
     dialogs.sort_unstable();
     dialogs.dedup();
-    let granted = state.store.granted_dialogs_quickly(&dialogs).await;
+    let decided = state.store.decided_dialogs_quickly(&dialogs).await;
     let mut second = Vec::with_capacity(unknown.len());
     let mut second_at = Vec::with_capacity(unknown.len());
     for &i in &unknown {
         let offer = &offers[i];
-        let Some(create) = create_from(&granted, offer) else {
-            outcomes[i] = Ok(IngestOutcome::CustomerMismatch);
-            continue;
+        let create = match verdict(&decided, offer, state.settings.staging_ttl) {
+            Verdict::Create(create) => create,
+            Verdict::Mismatch => {
+                outcomes[i] = Ok(IngestOutcome::CustomerMismatch);
+                continue;
+            }
+            Verdict::Refused => {
+                outcomes[i] = Ok(IngestOutcome::ConsentRefused);
+                continue;
+            }
         };
         second.push(NewMessage {
             customer: offer.customer,
@@ -114,8 +124,8 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
 /// For each offer, how the first script call creates its dialog should Redis not know it:
 /// `None` (don't: answer 'unknown') for dialogs this process staged lately, else what
 /// PostgreSQL says of the dialog now — asked here, before the call, while that pays off
-/// (`super::recent`). A dialog PostgreSQL holds under another customer is left to the
-/// usual path (`None`), so that Redis's own record decides when it has one.
+/// (`super::recent`). A dialog PostgreSQL holds under another customer, or as refused, is
+/// left to the usual path (`None`), so that Redis's own record decides when it has one.
 async fn ask_first(state: &AppState, offers: &[Offer]) -> Vec<Option<Create>> {
     let mut creates = vec![None; offers.len()];
     if !state.recent.ask_first() {
@@ -131,24 +141,43 @@ async fn ask_first(state: &AppState, offers: &[Offer]) -> Vec<Option<Create>> {
         return creates;
     }
     let dialogs: Vec<DialogId> = unseen.iter().map(|&i| offers[i].dialog).collect();
-    let granted = state.store.granted_dialogs_quickly(&dialogs).await;
+    let decided = state.store.decided_dialogs_quickly(&dialogs).await;
     for i in unseen {
-        creates[i] = create_from(&granted, &offers[i]);
+        if let Verdict::Create(create) = verdict(&decided, &offers[i], state.settings.staging_ttl) {
+            creates[i] = Some(create);
+        }
     }
     creates
 }
 
-/// How to create `offer`'s dialog should Redis not know it, from what PostgreSQL said
-/// (`granted`: its granted dialogs among those asked about, or its failure); `None` when
-/// PostgreSQL holds the dialog under another customer.
-fn create_from(granted: &Result<HashMap<DialogId, GrantedDialog>, StoreError>, offer: &Offer) -> Option<Create> {
-    match granted {
-        Ok(granted) => match granted.get(&offer.dialog) {
-            Some(g) if g.customer != offer.customer => None,
-            Some(g) => Some(Create::Revive { last_seq: g.last_seq }),
-            None => Some(Create::New),
-        },
-        Err(_) => Some(Create::Unverified),
+/// What to do with an offer whose dialog Redis does not know, by what PostgreSQL holds.
+enum Verdict {
+    /// Stage it, creating the dialog so.
+    Create(Create),
+    /// PostgreSQL holds the dialog under another customer.
+    Mismatch,
+    /// PostgreSQL holds a refusal made within `DAPI_STAGING_TTL`: the dialog is still
+    /// refused, as Redis would say had it not forgotten it (a restart without
+    /// persistence, a failover); an older refusal is forgotten, as Redis forgets it.
+    Refused,
+}
+
+/// The verdict on `offer`, whose dialog Redis does not know, from what PostgreSQL said
+/// (`decided`: what it holds of the dialogs asked about, or its failure).
+fn verdict(decided: &Result<HashMap<DialogId, HeldDialog>, StoreError>, offer: &Offer, ttl: Duration) -> Verdict {
+    let held = match decided {
+        Ok(decided) => decided.get(&offer.dialog),
+        Err(_) => return Verdict::Create(Create::Unverified),
+    };
+    match held {
+        None => Verdict::Create(Create::New),
+        Some(HeldDialog::Granted(g)) if g.customer != offer.customer => Verdict::Mismatch,
+        Some(HeldDialog::Granted(g)) => Verdict::Create(Create::Revive { last_seq: g.last_seq }),
+        Some(HeldDialog::Refused { customer, .. }) if *customer != offer.customer => Verdict::Mismatch,
+        Some(HeldDialog::Refused { decided_at, .. }) if *decided_at + ttl > OffsetDateTime::now_utc() => {
+            Verdict::Refused
+        }
+        Some(HeldDialog::Refused { .. }) => Verdict::Create(Create::New),
     }
 }
 

@@ -1,5 +1,5 @@
 //! The ingest path's question to PostgreSQL — "is any of these dialogs, new to Redis,
-//! granted already?" — asked for many requests at once.
+//! granted or refused already?" — asked for many requests at once.
 //!
 //! Every first message of a dialog asks it (see `http::ingest`), so at volume it is asked
 //! thousands of times a second. One query per request made PostgreSQL the bottleneck
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{GrantedDialog, granted_dialogs_in};
+use super::{HeldDialog, decided_dialogs_in};
 use crate::domain::DialogId;
 
 /// At most this many dialogs in one query; the rest wait for the next.
@@ -37,7 +37,7 @@ const PACE: std::time::Duration = std::time::Duration::from_millis(1);
 /// One waiting lookup: its dialogs, and where its answer goes (`None`: the query failed).
 struct Lookup {
     dialogs: Vec<DialogId>,
-    answer: oneshot::Sender<Option<HashMap<DialogId, GrantedDialog>>>,
+    answer: oneshot::Sender<Option<HashMap<DialogId, HeldDialog>>>,
 }
 
 /// A handle on the lookup task; the task ends when every handle is dropped.
@@ -54,9 +54,9 @@ impl Lookups {
         Self { queue }
     }
 
-    /// The granted ones among `dialogs`; `None` when the query failed or the task is gone.
-    /// Not bounded in time here: the caller bounds it.
-    pub(super) async fn granted(&self, dialogs: Vec<DialogId>) -> Option<HashMap<DialogId, GrantedDialog>> {
+    /// What PostgreSQL holds of `dialogs`; `None` when the query failed or the task is
+    /// gone. Not bounded in time here: the caller bounds it.
+    pub(super) async fn decided(&self, dialogs: Vec<DialogId>) -> Option<HashMap<DialogId, HeldDialog>> {
         let (answer, answered) = oneshot::channel();
         self.queue.send(Lookup { dialogs, answer }).ok()?;
         answered.await.ok().flatten()
@@ -86,10 +86,10 @@ async fn run(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<Lookup>) {
         let mut all: Vec<DialogId> = batch.iter().flat_map(|l| l.dialogs.iter().copied()).collect();
         all.sort_unstable();
         all.dedup();
-        let found = match granted_dialogs_in(&pool, &all).await {
+        let found = match decided_dialogs_in(&pool, &all).await {
             Ok(found) => Some(Arc::new(found)),
             Err(e) => {
-                tracing::debug!(error = %crate::telemetry::chain(&e), "granted-dialog lookup failed");
+                tracing::debug!(error = %crate::telemetry::chain(&e), "dialog lookup failed");
                 None
             }
         };

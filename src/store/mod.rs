@@ -73,9 +73,9 @@ pub mod retention;
 pub mod sql;
 
 use sql::{
-    AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DELETE_DIALOGS_MESSAGES,
-    GRANTED_DIALOGS, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE, PING,
-    REFUSED_AT, REFUSED_EPOCHS, UPSERT_DIALOGS,
+    AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS,
+    DELETE_DIALOGS_MESSAGES, GRANTED_DIALOGS, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE,
+    PAGE_BY_LANGUAGE, PING, REFUSED_AT, REFUSED_EPOCHS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -160,6 +160,18 @@ pub struct GrantedDialog {
     pub last_seq: i64,
 }
 
+/// What PostgreSQL holds of a dialog Redis does not know (it forgot it, or never knew):
+/// a grant, enough to bring it back in Redis, or a refusal, which keeps refusing its
+/// messages for `DAPI_STAGING_TTL` after it was made, as Redis would have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldDialog {
+    Granted(GrantedDialog),
+    Refused {
+        customer: CustomerId,
+        decided_at: OffsetDateTime,
+    },
+}
+
 /// A consented message as readers see it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StoredMessage {
@@ -230,6 +242,35 @@ fn lazy_pool(url: &str) -> Result<PgPool, StoreError> {
         .connect_lazy_with(options))
 }
 
+/// Every dialog among `dialogs` that PostgreSQL holds a decision of.
+async fn decided_dialogs_in(pool: &PgPool, dialogs: &[DialogId]) -> Result<HashMap<DialogId, HeldDialog>, StoreError> {
+    let ids: Vec<i64> = dialogs.iter().map(|d| d.get()).collect();
+    // Planned on each call, as granted_dialogs_in.
+    let rows: Vec<DecidedRow> = sqlx::query_as(DECIDED_DIALOGS)
+        .persistent(false)
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let customer = CustomerId::from_stored(r.customer_id);
+            let held = if r.refused {
+                HeldDialog::Refused {
+                    customer,
+                    decided_at: r.decided_at,
+                }
+            } else {
+                HeldDialog::Granted(GrantedDialog {
+                    customer,
+                    last_seq: r.last_seq,
+                })
+            };
+            (DialogId::from_stored(r.dialog_id), held)
+        })
+        .collect())
+}
+
 /// The granted dialogs among `dialogs`, with their customer and highest stored seq.
 async fn granted_dialogs_in(
     pool: &PgPool,
@@ -262,11 +303,11 @@ pub struct Store {
     /// Where reads go when they do not go to `pool`: a streaming replica
     /// (`DATABASE_READ_URL`).
     replica: Option<PgPool>,
-    /// Until when (ms since the Unix epoch) [`Store::granted_dialog_quickly`] does not
+    /// Until when (ms since the Unix epoch) [`Store::decided_dialogs_quickly`] does not
     /// even try: set by its last failure, so an outage costs ingest one bounded wait per
     /// [`PROBE_BACKOFF`], not one per request.
     probe_closed_until_ms: Arc<AtomicU64>,
-    /// The task that answers [`Store::granted_dialogs_quickly`] many requests at once;
+    /// The task that answers [`Store::decided_dialogs_quickly`] many requests at once;
     /// started on first use.
     lookups: Arc<OnceLock<lookup::Lookups>>,
 }
@@ -274,7 +315,7 @@ pub struct Store {
 /// How far ahead of this process's clock a flush creates the partition it needs.
 const MOST_AHEAD: Duration = Duration::from_secs(366 * 86_400);
 
-/// How long [`Store::granted_dialog_quickly`] waits for PostgreSQL.
+/// How long [`Store::decided_dialogs_quickly`] waits for PostgreSQL.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long it stops asking after a failure.
 const PROBE_BACKOFF: Duration = Duration::from_secs(1);
@@ -517,20 +558,20 @@ impl Store {
         Ok(self.granted_dialogs(&[dialog]).await?.remove(&dialog))
     }
 
-    /// [`Store::granted_dialogs`] for the ingest path, which must never wait on
-    /// PostgreSQL: at most [`PROBE_TIMEOUT`], and after a failure not asked at all for
-    /// [`PROBE_BACKOFF`]. `Err` means "could not find out".
-    pub async fn granted_dialogs_quickly(
+    /// What PostgreSQL holds of `dialogs` (new to Redis), for the ingest path, which must
+    /// never wait on PostgreSQL: at most [`PROBE_TIMEOUT`], and after a failure not asked
+    /// at all for [`PROBE_BACKOFF`]. `Err` means "could not find out".
+    pub async fn decided_dialogs_quickly(
         &self,
         dialogs: &[DialogId],
-    ) -> Result<HashMap<DialogId, GrantedDialog>, StoreError> {
+    ) -> Result<HashMap<DialogId, HeldDialog>, StoreError> {
         if now_ms() < self.probe_closed_until_ms.load(Ordering::Relaxed) {
             return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
         }
         // The lookup task runs the query (so that it is never dropped half-way on its
         // connection), together with other requests' lookups.
         let lookups = self.lookups.get_or_init(|| lookup::Lookups::start(self.pool.clone()));
-        let result = match tokio::time::timeout(PROBE_TIMEOUT, lookups.granted(dialogs.to_vec())).await {
+        let result = match tokio::time::timeout(PROBE_TIMEOUT, lookups.decided(dialogs.to_vec())).await {
             Ok(Some(found)) => Ok(found),
             Ok(None) | Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
         };
@@ -741,6 +782,15 @@ struct PageRow {
     language: Option<String>,
     received_at: Option<OffsetDateTime>,
     message_id: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct DecidedRow {
+    dialog_id: i64,
+    customer_id: i64,
+    last_seq: i64,
+    refused: bool,
+    decided_at: OffsetDateTime,
 }
 
 #[derive(sqlx::FromRow)]

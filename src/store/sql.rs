@@ -73,6 +73,12 @@ pub const GRANTED_DIALOGS: &str = "\
 SELECT dialog_id, customer_id, last_seq
 FROM dialogs WHERE dialog_id = ANY($1::int8[]) AND decision = 'granted'";
 
+/// Of the dialogs `$1` (new to Redis), every one PostgreSQL holds a decision of: a grant
+/// to bring back, a refusal to keep.
+pub const DECIDED_DIALOGS: &str = "\
+SELECT dialog_id, customer_id, last_seq, decision = 'refused' AS refused, decided_at
+FROM dialogs WHERE dialog_id = ANY($1::int8[])";
+
 /// Of the dialogs `$1` (grants about to be written), those PostgreSQL holds as refused,
 /// with when the refusal was made; locked until the transaction ends.
 pub const REFUSED_AT: &str = "\
@@ -192,6 +198,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("INSERT_MESSAGES", INSERT_MESSAGES),
     ("DELETE_DIALOGS_MESSAGES", DELETE_DIALOGS_MESSAGES),
     ("GRANTED_DIALOGS", GRANTED_DIALOGS),
+    ("DECIDED_DIALOGS", DECIDED_DIALOGS),
     ("REFUSED_AT", REFUSED_AT),
     ("REFUSED_EPOCHS", REFUSED_EPOCHS),
     ("PAGE_ALL", PAGE_ALL),

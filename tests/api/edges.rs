@@ -9,9 +9,9 @@ use dapi::domain::{CustomerId, Decision, DialogId, DialogState};
 use dapi::flusher::{Flusher, Outcome};
 use dapi::staging::{FlushQueue, Keyspace, unique_consumer_name};
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, assert_problem, connector, spawn_api_only, test_settings};
+use crate::helpers::{TestApp, assert_problem, connector, spawn_api_only, spawn_app, test_settings};
 use crate::outage::without_postgres;
 
 fn flusher(app: &TestApp) -> Flusher {
@@ -104,7 +104,7 @@ async fn stored_texts(app: &TestApp, dialog: i64) -> Vec<String> {
         .unwrap()
 }
 
-async fn post_to(app: &TestApp, base: &str, path: &str, body: serde_json::Value) -> reqwest::Response {
+async fn post_to(app: &TestApp, base: &str, path: &str, body: Value) -> reqwest::Response {
     app.http.post(format!("{base}{path}")).json(&body).send().await.unwrap()
 }
 
@@ -197,10 +197,10 @@ async fn hole_3_a_stale_refusal_never_deletes_a_later_incarnations_rows() {
     assert_eq!(refusal.status(), StatusCode::SERVICE_UNAVAILABLE);
     let batch = stale.next_batch().await.unwrap().expect("the refusal queued an entry");
 
-    // The client repeats the refusal (which completes), Redis forgets the dialog, and it
-    // lives again: new message, grant, flushed by another flusher.
+    // The client repeats the refusal (which completes), the dialog expires (its TTL
+    // passes), and it lives again: new message, grant, flushed by another flusher.
     assert_eq!(app.consent(30, false).await.status(), StatusCode::OK);
-    app.forget(30).await;
+    app.expire(30).await;
     assert_eq!(app.stage(1, 30, "second life", "EN").await, 1);
     app.consent(30, true).await;
     drain(&mut flusher(&app)).await;
@@ -249,7 +249,7 @@ async fn hole_5_a_granted_dialog_redis_forgot_continues_its_seq_without_a_new_co
         .post_json("/data/1/50", &json!({"text": "three", "language": "EN"}))
         .await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let body: serde_json::Value = response.json().await.unwrap();
+    let body: Value = response.json().await.unwrap();
     assert_eq!(
         (body["seq"].as_i64(), body["consent"].as_str()),
         (Some(3), Some("granted"))
@@ -642,7 +642,7 @@ async fn a_retry_for_a_dialog_redis_forgot_creates_nothing_that_never_expires() 
     let retry = app.post_json("/data/1/101", &body).await;
 
     assert_eq!(retry.status(), StatusCode::ACCEPTED);
-    let retry: serde_json::Value = retry.json().await.unwrap();
+    let retry: Value = retry.json().await.unwrap();
     assert_eq!(retry["duplicate"], true);
     let mut conn = app.redis.clone();
     let exists: i64 = redis::cmd("EXISTS")
@@ -791,4 +791,36 @@ async fn messages_a_lost_refusal_erased_never_come_back_with_a_later_grant() {
 
     assert_eq!(app.stored_seqs(64).await, [c], "b, erased by the refusal, stays erased");
     assert_eq!(app.staged_len(64).await, 0);
+}
+
+/// Redis losing a refused dialog (a restart without persistence, a failover) does not
+/// lift the refusal: PostgreSQL holds it, and until `DAPI_STAGING_TTL` has passed since
+/// it was made the dialog's messages are refused as Redis would have refused them — a
+/// client's retry of an erased message included. Past the TTL the dialog is forgotten,
+/// as Redis forgets it.
+#[tokio::test]
+async fn a_refusal_redis_lost_still_refuses_until_its_ttl_has_passed() {
+    let app = spawn_app().await;
+    let body = json!({"text": "erased by the refusal", "language": "EN", "messageId": "m-1"});
+    assert_eq!(app.post_json("/data/1/110", &body).await.status(), StatusCode::ACCEPTED);
+    app.consent(110, true).await;
+    app.wait_for_seqs(110, &[1]).await;
+    assert_eq!(app.consent(110, false).await.status(), StatusCode::OK);
+    // Redis loses everything of the dialog, its messageIds too.
+    app.forget(110).await;
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.ids(110))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let retry = app.post_json("/data/1/110", &body).await;
+    let batch = json!({"messages": [{"customerId": 1, "dialogId": 110, "text": "new", "language": "EN"}]});
+    let batch: Value = app.post_json("/data", &batch).await.json().await.unwrap();
+
+    assert_problem(retry, StatusCode::CONFLICT, "consent_refused").await;
+    assert_eq!(batch["results"][0]["code"], "consent_refused", "{batch}");
+    app.expire(110).await;
+    assert_eq!(app.stage(1, 110, "a new life", "EN").await, 1);
 }

@@ -206,6 +206,19 @@ impl TestApp {
             .expect("del");
     }
 
+    /// `dialog` as after `DAPI_STAGING_TTL` without a message: Redis has forgotten its
+    /// keys, and a refusal PostgreSQL holds of it is older than the TTL (it refuses no
+    /// more: SPEC's "for as long as the dialog is remembered").
+    pub async fn expire(&self, dialog: i64) {
+        self.forget(dialog).await;
+        sqlx::query("UPDATE dialogs SET decided_at = decided_at - make_interval(secs => $2) WHERE dialog_id = $1")
+            .bind(dialog)
+            .bind(self.settings.staging_ttl.as_secs_f64() + 1.0)
+            .execute(self.store.pool())
+            .await
+            .expect("age the decision");
+    }
+
     /// How many messages of `dialog` are staged in Redis (the length of its list).
     pub async fn staged_len(&self, dialog: i64) -> usize {
         let mut conn = self.redis.clone();

@@ -3,6 +3,8 @@
 
 use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage};
 
+use dapi::store::HeldDialog;
+
 use crate::helpers::{spawn_api_only, test_settings};
 
 /// Dialog 1's state at `epoch`, carrying the unconfirmed refusal of epoch `refused` (if any).
@@ -119,7 +121,8 @@ async fn a_refusal_erases_every_stored_message_whatever_its_seq() {
 #[tokio::test]
 async fn concurrent_quick_lookups_each_get_exactly_their_own_dialogs() {
     // The ingest path's lookups are answered many at once (store::lookup); each caller
-    // must still get the granted dialogs among its own, and nothing of the others'.
+    // must still get what PostgreSQL holds of its own dialogs (grants and refusals), and
+    // nothing of the others'.
     let app = spawn_api_only(test_settings()).await;
     sqlx::raw_sql(
         "INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at, last_seq)
@@ -140,7 +143,7 @@ async fn concurrent_quick_lookups_each_get_exactly_their_own_dialogs() {
             .chain([10_000 + caller])
             .map(DialogId::from_stored)
             .collect();
-        async move { (dialogs.clone(), store.granted_dialogs_quickly(&dialogs).await.unwrap()) }
+        async move { (dialogs.clone(), store.decided_dialogs_quickly(&dialogs).await.unwrap()) }
     });
     let answers = futures_util::future::join_all(lookups).await;
 
@@ -148,12 +151,16 @@ async fn concurrent_quick_lookups_each_get_exactly_their_own_dialogs() {
         let mut expected: Vec<(i64, i64, i64)> = dialogs
             .iter()
             .map(|d| d.get())
-            .filter(|d| (1..=300).contains(d) && d % 3 != 0)
-            .map(|d| (d, d % 7, d % 4))
+            .filter(|d| (1..=300).contains(d))
+            // A refusal as last seq -1.
+            .map(|d| (d, d % 7, if d % 3 == 0 { -1 } else { d % 4 }))
             .collect();
         let mut got: Vec<(i64, i64, i64)> = found
             .iter()
-            .map(|(d, g)| (d.get(), g.customer.get(), g.last_seq))
+            .map(|(d, held)| match held {
+                HeldDialog::Granted(g) => (d.get(), g.customer.get(), g.last_seq),
+                HeldDialog::Refused { customer, .. } => (d.get(), customer.get(), -1),
+            })
             .collect();
         expected.sort_unstable();
         got.sort_unstable();
