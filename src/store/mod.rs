@@ -74,8 +74,8 @@ pub mod sql;
 
 use sql::{
     AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS,
-    DELETE_DIALOGS_MESSAGES, GRANTED_DIALOGS, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE,
-    PAGE_BY_LANGUAGE, PING, REFUSED_AT, REFUSED_EPOCHS, UPSERT_DIALOGS,
+    DELETE_DIALOGS_MESSAGES, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE,
+    PING, REFUSED_AT, REFUSED_EPOCHS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -245,7 +245,8 @@ fn lazy_pool(url: &str) -> Result<PgPool, StoreError> {
 /// Every dialog among `dialogs` that PostgreSQL holds a decision of.
 async fn decided_dialogs_in(pool: &PgPool, dialogs: &[DialogId]) -> Result<HashMap<DialogId, HeldDialog>, StoreError> {
     let ids: Vec<i64> = dialogs.iter().map(|d| d.get()).collect();
-    // Planned on each call, as granted_dialogs_in.
+    // Planned on each call (not kept as a prepared statement): a plan kept from when
+    // `dialogs` was small would scan it whole once it is large.
     let rows: Vec<DecidedRow> = sqlx::query_as(DECIDED_DIALOGS)
         .persistent(false)
         .bind(ids)
@@ -276,22 +277,12 @@ async fn granted_dialogs_in(
     pool: &PgPool,
     dialogs: &[DialogId],
 ) -> Result<HashMap<DialogId, GrantedDialog>, StoreError> {
-    let ids: Vec<i64> = dialogs.iter().map(|d| d.get()).collect();
-    // Planned on each call (not kept as a prepared statement): a plan kept from when
-    // `dialogs` was small would scan it whole once it is large.
-    let rows: Vec<GrantedRow> = sqlx::query_as(GRANTED_DIALOGS)
-        .persistent(false)
-        .bind(ids)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows
+    Ok(decided_dialogs_in(pool, dialogs)
+        .await?
         .into_iter()
-        .map(|r| {
-            let granted = GrantedDialog {
-                customer: CustomerId::from_stored(r.customer_id),
-                last_seq: r.last_seq,
-            };
-            (DialogId::from_stored(r.dialog_id), granted)
+        .filter_map(|(dialog, held)| match held {
+            HeldDialog::Granted(granted) => Some((dialog, granted)),
+            HeldDialog::Refused { .. } => None,
         })
         .collect())
 }
@@ -791,13 +782,6 @@ struct DecidedRow {
     last_seq: i64,
     refused: bool,
     decided_at: OffsetDateTime,
-}
-
-#[derive(sqlx::FromRow)]
-struct GrantedRow {
-    dialog_id: i64,
-    customer_id: i64,
-    last_seq: i64,
 }
 
 struct MessageColumns<'a> {

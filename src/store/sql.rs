@@ -67,12 +67,6 @@ WITH changed AS (
 )
 SELECT coalesce(sum(n), 0)::int8 FROM delta WHERE customer_id = -1 AND language = ''";
 
-/// Of the dialogs `$1`, those PostgreSQL holds as granted: customer and last stored seq
-/// (one `dialogs` row each; `messages` is not touched).
-pub const GRANTED_DIALOGS: &str = "\
-SELECT dialog_id, customer_id, last_seq
-FROM dialogs WHERE dialog_id = ANY($1::int8[]) AND decision = 'granted'";
-
 /// Of the dialogs `$1` (new to Redis), every one PostgreSQL holds a decision of: a grant
 /// to bring back, a refusal to keep.
 pub const DECIDED_DIALOGS: &str = "\
@@ -197,7 +191,6 @@ pub const ALL: &[(&str, &str)] = &[
     ("UPSERT_DIALOGS", UPSERT_DIALOGS),
     ("INSERT_MESSAGES", INSERT_MESSAGES),
     ("DELETE_DIALOGS_MESSAGES", DELETE_DIALOGS_MESSAGES),
-    ("GRANTED_DIALOGS", GRANTED_DIALOGS),
     ("DECIDED_DIALOGS", DECIDED_DIALOGS),
     ("REFUSED_AT", REFUSED_AT),
     ("REFUSED_EPOCHS", REFUSED_EPOCHS),

@@ -806,14 +806,7 @@ async fn a_refusal_redis_lost_still_refuses_until_its_ttl_has_passed() {
     app.consent(110, true).await;
     app.wait_for_seqs(110, &[1]).await;
     assert_eq!(app.consent(110, false).await.status(), StatusCode::OK);
-    // Redis loses everything of the dialog, its messageIds too.
-    app.forget(110).await;
-    let mut conn = app.redis.clone();
-    let _: () = redis::cmd("DEL")
-        .arg(app.keys.ids(110))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    app.lose(110).await;
 
     let retry = app.post_json("/data/1/110", &body).await;
     let batch = json!({"messages": [{"customerId": 1, "dialogId": 110, "text": "new", "language": "EN"}]});

@@ -206,6 +206,18 @@ impl TestApp {
             .expect("del");
     }
 
+    /// Redis loses everything of `dialog`, its messageIds too (a restart without
+    /// persistence, a failover to a replica that never had it).
+    pub async fn lose(&self, dialog: i64) {
+        self.forget(dialog).await;
+        let mut conn = self.redis.clone();
+        let _: () = redis::cmd("DEL")
+            .arg(self.keys.ids(dialog))
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    }
+
     /// `dialog` as after `DAPI_STAGING_TTL` without a message: Redis has forgotten its
     /// keys, and a refusal PostgreSQL holds of it is older than the TTL (it refuses no
     /// more: SPEC's "for as long as the dialog is remembered").
