@@ -197,25 +197,19 @@ impl TestApp {
 
     /// Redis forgets the dialog (a restart without persistence, a failover, an expiry).
     pub async fn forget(&self, dialog: i64) {
-        let mut conn = self.redis.clone();
-        let _: () = redis::cmd("DEL")
-            .arg(self.keys.meta(dialog))
-            .arg(self.keys.msgs(dialog))
-            .query_async(&mut conn)
-            .await
-            .expect("del");
+        self.delete(&[self.keys.meta(dialog), self.keys.msgs(dialog)]).await;
     }
 
     /// Redis loses everything of `dialog`, its messageIds too (a restart without
     /// persistence, a failover to a replica that never had it).
     pub async fn lose(&self, dialog: i64) {
-        self.forget(dialog).await;
+        let keys = [self.keys.meta(dialog), self.keys.msgs(dialog), self.keys.ids(dialog)];
+        self.delete(&keys).await;
+    }
+
+    async fn delete(&self, keys: &[String]) {
         let mut conn = self.redis.clone();
-        let _: () = redis::cmd("DEL")
-            .arg(self.keys.ids(dialog))
-            .query_async(&mut conn)
-            .await
-            .expect("del");
+        let _: () = redis::cmd("DEL").arg(keys).query_async(&mut conn).await.expect("del");
     }
 
     /// `dialog` as after `DAPI_STAGING_TTL` without a message: Redis has forgotten its
