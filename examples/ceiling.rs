@@ -1,4 +1,4 @@
-//! The ceilings for `scripts/bench-ingest`: a bare axum server whose
+//! The ceilings for `scripts/bench/bench-ingest`: a bare axum server whose
 //! `POST /data/{customerId}/{dialogId}` parses the JSON body and answers 202 with a
 //! small JSON body — no layers, no validation — on the runtime dapi uses (tokio's
 //! default multi-thread runtime, mimalloc).

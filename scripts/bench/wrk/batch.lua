@@ -1,5 +1,5 @@
 -- wrk: POST /data with BATCH (default 100) messages a request, fresh dialog IDs per run
--- and per wrk thread. Used by scripts/bench-ingest; messages/s = requests/s × BATCH.
+-- and per wrk thread. Used by scripts/bench/bench-ingest; messages/s = requests/s × BATCH.
 --
 -- The same traffic as single.lua, batched: a dialog's messages come one after another,
 -- its next one only after the batch with its previous one was answered. Each wrk thread

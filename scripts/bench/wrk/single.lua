@@ -1,5 +1,5 @@
 -- wrk: POST /data/{customerId}/{dialogId}, dialogs of 5 messages over 100 customers,
--- fresh dialog IDs per run and per wrk thread. Used by scripts/bench-ingest.
+-- fresh dialog IDs per run and per wrk thread. Used by scripts/bench/bench-ingest.
 --
 -- As bots post: a dialog's messages come one after another, not at once. Each wrk
 -- thread keeps 256 dialogs open and sends to them in turn, so a dialog's next message
