@@ -150,19 +150,19 @@ fn an_option_on_the_command_line_is_checked_like_its_variable() {
 }
 
 #[test]
-fn the_readme_shows_the_help_of_this_dapi() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let copy = readme
+fn the_operations_guide_shows_the_help_of_this_dapi() {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
+    let copy = guide
         .split_once("<!-- dapi --help -->\n```text\n")
         .and_then(|(_, rest)| rest.split_once("\n```"))
         .map(|(copy, _)| copy)
-        .expect("README.md has the `dapi --help` block");
+        .expect("docs/operations.md has the `dapi --help` block");
 
     let help = String::from_utf8(dapi(&["--help"], &[]).stdout).unwrap();
 
     assert_eq!(
         copy,
         help.trim_end(),
-        "README.md's copy of `dapi --help` is stale: paste `cargo run -q -- --help`"
+        "docs/operations.md's copy of `dapi --help` is stale: paste `cargo run -q -- --help`"
     );
 }

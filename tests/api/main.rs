@@ -9,6 +9,7 @@ mod cleanup;
 mod cluster;
 mod config;
 mod consent;
+mod contract;
 mod edges;
 mod encoding;
 mod faults;
