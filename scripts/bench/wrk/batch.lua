@@ -6,7 +6,7 @@
 -- keeps 64 batches' worth of dialogs open (6,400 at 100 a batch) and takes their
 -- messages in turn, so a dialog's next message follows its previous one by 64 batches
 -- (a thread has at most 32 in flight), 5 messages a dialog: 1 batch in 5 starts 100
--- dialogs, the others continue them. (Until session 8 only 500 dialogs were open: a
+-- dialogs, the others continue them. (Before 347532f only 500 dialogs were open: a
 -- dialog's second message was often sent while the batch creating it was in flight, and
 -- ~70 % of batches paid the new-dialog path, not 20 %.)
 local threads = 0
