@@ -3,7 +3,7 @@
 //! and nothing else in the process reads the environment. [`SettingsArgs`] is what clap
 //! parses (raw text); [`Settings`] is what the rest of dapi gets: parsed, checked, shared
 //! read-only. Opens no connection. Every variable is optional; the defaults serve a
-//! machine with PostgreSQL and Redis on localhost (SPEC.md, "Operating surface").
+//! machine with PostgreSQL and Redis on localhost (docs/operations.md).
 //!
 //! An empty variable counts as unset, as in most shells' `${X:-default}`. An invalid value
 //! is a [`ConfigError`] that names the variable; `main` turns it into exit code 2.

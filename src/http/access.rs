@@ -1,4 +1,4 @@
-//! Bearer-token access (SPEC.md, "Access"). Ingest tokens may POST /data and POST
+//! Bearer-token access (docs/api.md, "Access"). Ingest tokens may POST /data and POST
 //! /consents; read tokens may GET /data. No or unknown token: 401 with
 //! `WWW-Authenticate: Bearer`; a token of the other role: 403. With no tokens configured
 //! the service is open. Tokens are compared in constant time and never logged.

@@ -234,7 +234,7 @@ pub async fn list(
 
     if let Some(raw_cursor) = query.get("cursor") {
         // Cursor mode has no pages; a `page` beside a cursor is a client's mistake, not
-        // something to ignore silently (SPEC: 400 `invalid_query`).
+        // something to ignore silently (docs/api.md: 400 `invalid_query`).
         if query.get("page").is_some() {
             return Err(ApiError::InvalidQuery("`page` cannot be combined with `cursor`".into()));
         }

@@ -1,7 +1,7 @@
 //! The HTTP API: router, shared state, one file per endpoint group, extractors, access,
-//! limits, the OpenAPI document and the problem+json error type. Handlers validate, make
-//! one call to `staging` (writes) or `store` (reads), and answer; they never touch Redis
-//! or SQL directly.
+//! limits, the OpenAPI document and the problem+json error type. Handlers validate, call
+//! `staging` and `store` (an ingest one script call, a decision up to six calls), and
+//! answer; they never touch Redis or SQL directly.
 
 mod access;
 mod consents;

@@ -546,7 +546,7 @@ impl FlushQueue {
 
     /// Sets a dialog aside: its messages (and, unless `messages_only`, its state) move,
     /// unchanged, to the quarantine names and the reason is recorded in its shard's
-    /// quarantine index (see README, "Quarantine").
+    /// quarantine index (see docs/operations.md, "Quarantine").
     pub async fn quarantine(&mut self, dialog: i64, reason: &str, messages_only: bool) -> Result<(), StagingError> {
         let mut invocation = self.quarantine.prepare_invoke();
         invocation

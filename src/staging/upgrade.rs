@@ -12,7 +12,7 @@
 //!   `DAPI_STAGING_TTL`, from now (Guarantee 5), before they move.
 //!
 //! Older processes must be stopped first: they write the old names, which nothing of
-//! this release reads after the move (README, "Upgrading"). A Redis Cluster needs none
+//! this release reads after the move (docs/operations.md, "Upgrades"). A Redis Cluster needs none
 //! of this: no older release ran on one.
 
 use redis::AsyncCommands;

@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 
-/// Every variable of SPEC's environment table that dapi implements, and dapi's own.
+/// Every variable of the contract's environment table that dapi implements, and dapi's own.
 const VARIABLES: [&str; 33] = [
     "DAPI_REDIS_WAIT_REPLICAS",
     "DAPI_REDIS_CLUSTER",

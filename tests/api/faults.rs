@@ -1,4 +1,4 @@
-//! SPEC.md's guarantees under faults: processes killed at any instant, PostgreSQL and
+//! docs/api.md's guarantees under faults: processes killed at any instant, PostgreSQL and
 //! Redis outages, several processes, shutdown under load, retention.
 
 use std::sync::{Arc, Mutex};

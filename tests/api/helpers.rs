@@ -214,7 +214,7 @@ impl TestApp {
 
     /// `dialog` as after `DAPI_STAGING_TTL` without a message: Redis has forgotten its
     /// keys, and a refusal PostgreSQL holds of it is older than the TTL (it refuses no
-    /// more: SPEC's "for as long as the dialog is remembered").
+    /// more: docs/api.md's "for as long as the dialog is remembered").
     pub async fn expire(&self, dialog: i64) {
         self.forget(dialog).await;
         sqlx::query("UPDATE dialogs SET decided_at = decided_at - make_interval(secs => $2) WHERE dialog_id = $1")

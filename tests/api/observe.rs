@@ -39,7 +39,7 @@ async fn metrics_count_requests_by_route_template_and_show_the_flush_queue() {
     assert!(!text.contains("/data/1/77"), "raw paths never become labels");
 }
 
-/// The API as SPEC.md describes it: every operation, by method and path template.
+/// The API as docs/api.md describes it: every operation, by method and path template.
 const OPERATIONS: [(&str, &str); 8] = [
     ("post", "/data/{customerId}/{dialogId}"),
     ("post", "/data"),

@@ -3,8 +3,8 @@
 -- quarantine names beside them, and the reason is recorded in the quarantine index. A
 -- readable meta stays where it is, so the dialog's decision still holds for ingest and
 -- consent (a refusal also erases the quarantined messages). Messages set aside earlier
--- are kept: new ones are appended. An operator inspects and replays them (README,
--- "Quarantine").
+-- are kept: new ones are appended. An operator inspects and replays them
+-- (docs/operations.md, "Quarantine").
 -- KEYS: 1 meta, 2 msgs, 3 quarantined meta, 4 quarantined msgs, 5 quarantine index (hash)
 -- ARGV: 1 dialog id, 2 reason, 3 'msgs' (messages only) or 'all'
 -- Returns 1 when it moved something.
