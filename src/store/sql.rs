@@ -1,4 +1,5 @@
-//! Every SQL statement dapi runs, written out in full, one constant each.
+//! The SQL statements of ingest, flushes, refusals and reads, written out in full, one
+//! constant each (partition management's own statements live in `retention.rs`).
 //!
 //! Each is planned for an index whatever the planner's mode: `tests/api/plans.rs`
 //! prepares every statement in [`ALL`] on a table with realistic statistics, forces the
