@@ -2,8 +2,8 @@
 //! keep-alive clients, beside two ceilings measured in the same run:
 //!
 //! - `plain_handler`: a bare axum handler that parses the JSON body and answers 202
-//!   with a small JSON body — no layers, no validation, no Redis (BASELINE.md's
-//!   ceiling): the figure users compare with.
+//!   with a small JSON body — no layers, no validation, no Redis (the plain
+//!   handler of BENCHMARKS.md): the figure users compare with.
 //! - `same_layers_no_redis`: dapi's own router, layers and limits with an ingest handler
 //!   that parses and validates the body as dapi does and answers without Redis. For
 //!   diagnosis: the gap between the two ceilings is what the layers cost.

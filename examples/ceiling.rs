@@ -3,10 +3,10 @@
 //! small JSON body — no layers, no validation — on the runtime dapi uses (tokio's
 //! default multi-thread runtime, mimalloc).
 //!
-//! - Without a Redis URL: the plain handler (BASELINE.md's "plain axum 0.8 handler"), no
+//! - Without a Redis URL: the plain handler (BENCHMARKS.md's "plain"), no
 //!   Redis. What dapi's single POST is compared with.
 //! - With one: the same plus one `RPUSH` on a multiplexed connection before answering
-//!   (BASELINE.md's "same + one Redis RPUSH"): what any handler that waits for one Redis
+//!   (BENCHMARKS.md's "rpush"): what any handler that waits for one Redis
 //!   round trip can reach on this machine. Pushes to `dapi-ceiling:<dialog % 1024>`;
 //!   bench-ingest deletes those keys afterwards.
 //!
