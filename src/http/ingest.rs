@@ -5,7 +5,6 @@
 //! this process has not staged lately are looked up *before* the first call, whose answer
 //! then creates them at once (`super::recent`).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Json;
@@ -18,9 +17,9 @@ use time::OffsetDateTime;
 
 use super::extract::{BatchBody, DataPath, JsonBody};
 use super::{ApiError, AppState};
-use crate::domain::{CustomerId, DialogId, IncomingMessage, Invalid, parse_message, parse_message_fields};
+use crate::domain::{CustomerId, Decision, DialogId, IncomingMessage, Invalid, parse_message, parse_message_fields};
 use crate::staging::{Create, IngestOutcome, NewMessage, StagingError};
-use crate::store::{HeldDialog, StoreError};
+use crate::store::{HeldDialog, Known, StoreError};
 use crate::telemetry::{STAGED_DIALOGS, STAGED_MESSAGES};
 
 /// One message offered for staging.
@@ -68,10 +67,7 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
     // Dialogs Redis does not know: new, or forgotten while PostgreSQL holds them as
     // granted or refused. Ask PostgreSQL, briefly; if it cannot say, the flusher settles
     // them.
-    let mut dialogs: Vec<DialogId> = unknown.iter().map(|&i| offers[i].dialog).collect();
-    dialogs.sort_unstable();
-    dialogs.dedup();
-    let decided = state.store.decided_dialogs_quickly(&dialogs).await;
+    let decided = look_up(state, unknown.iter().map(|&i| &offers[i])).await;
     let mut second = Vec::with_capacity(unknown.len());
     let mut second_at = Vec::with_capacity(unknown.len());
     for &i in &unknown {
@@ -84,6 +80,14 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
             }
             Verdict::Refused => {
                 outcomes[i] = Ok(IngestOutcome::ConsentRefused);
+                continue;
+            }
+            Verdict::Stored { seq } => {
+                outcomes[i] = Ok(IngestOutcome::Accepted {
+                    seq,
+                    decision: Decision::Granted,
+                    duplicate: true,
+                });
                 continue;
             }
         };
@@ -140,14 +144,28 @@ async fn ask_first(state: &AppState, offers: &[Offer]) -> Vec<Option<Create>> {
     if unseen.is_empty() {
         return creates;
     }
-    let dialogs: Vec<DialogId> = unseen.iter().map(|&i| offers[i].dialog).collect();
-    let decided = state.store.decided_dialogs_quickly(&dialogs).await;
+    let decided = look_up(state, unseen.iter().map(|&i| &offers[i])).await;
     for i in unseen {
         if let Verdict::Create(create) = verdict(&decided, &offers[i], state.settings.staging_ttl) {
             creates[i] = Some(create);
         }
     }
     creates
+}
+
+/// Asks PostgreSQL what it holds of the offers' dialogs, and of their messageIds.
+async fn look_up<'a>(state: &AppState, offers: impl Iterator<Item = &'a Offer>) -> Result<Known, StoreError> {
+    let mut dialogs = Vec::new();
+    let mut message_ids = Vec::new();
+    for offer in offers {
+        dialogs.push(offer.dialog);
+        if let Some(id) = &offer.message.message_id {
+            message_ids.push((offer.dialog, id.as_str().to_owned()));
+        }
+    }
+    dialogs.sort_unstable();
+    dialogs.dedup();
+    state.store.decided_dialogs_quickly(&dialogs, &message_ids).await
 }
 
 /// What to do with an offer whose dialog Redis does not know, by what PostgreSQL holds.
@@ -160,15 +178,26 @@ enum Verdict {
     /// refused, as Redis would say had it not forgotten it (a restart without
     /// persistence, a failover); an older refusal is forgotten, as Redis forgets it.
     Refused,
+    /// PostgreSQL stores the offer's messageId for the dialog already, under this seq: a
+    /// retry Redis cannot recognise any more (it lost the dialog), answered as the
+    /// duplicate it is (Guarantee 8).
+    Stored { seq: i64 },
 }
 
 /// The verdict on `offer`, whose dialog Redis does not know, from what PostgreSQL said
 /// (`decided`: what it holds of the dialogs asked about, or its failure).
-fn verdict(decided: &Result<HashMap<DialogId, HeldDialog>, StoreError>, offer: &Offer, ttl: Duration) -> Verdict {
-    let held = match decided {
-        Ok(decided) => decided.get(&offer.dialog),
+fn verdict(decided: &Result<Known, StoreError>, offer: &Offer, ttl: Duration) -> Verdict {
+    let known = match decided {
+        Ok(known) => known,
         Err(_) => return Verdict::Create(Create::Unverified),
     };
+    let held = known.dialogs.get(&offer.dialog);
+    if let (Some(HeldDialog::Granted(g)), Some(id)) = (held, &offer.message.message_id)
+        && g.customer == offer.customer
+        && let Some(&seq) = known.message_ids.get(&(offer.dialog, id.as_str().to_owned()))
+    {
+        return Verdict::Stored { seq };
+    }
     match held {
         None => Verdict::Create(Create::New),
         Some(HeldDialog::Granted(g)) if g.customer != offer.customer => Verdict::Mismatch,

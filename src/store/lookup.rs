@@ -19,13 +19,12 @@
 //! traffic that starts a dialog with every request (14.5k–16.5k vs 19.5k requests/s,
 //! same session: more, smaller queries), so it was not kept.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{HeldDialog, decided_dialogs_in};
+use super::{Known, known_in};
 use crate::domain::DialogId;
 
 /// At most this many dialogs in one query; the rest wait for the next.
@@ -34,10 +33,12 @@ const MOST_DIALOGS: usize = 2_000;
 /// Queries start at least this far apart (a lone lookup on an idle service goes at once).
 const PACE: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// One waiting lookup: its dialogs, and where its answer goes (`None`: the query failed).
+/// One waiting lookup: its dialogs and messageIds, and where its answer goes (`None`:
+/// the query failed).
 struct Lookup {
     dialogs: Vec<DialogId>,
-    answer: oneshot::Sender<Option<HashMap<DialogId, HeldDialog>>>,
+    message_ids: Vec<(DialogId, String)>,
+    answer: oneshot::Sender<Option<Known>>,
 }
 
 /// A handle on the lookup task; the task ends when every handle is dropped.
@@ -54,11 +55,17 @@ impl Lookups {
         Self { queue }
     }
 
-    /// What PostgreSQL holds of `dialogs`; `None` when the query failed or the task is
-    /// gone. Not bounded in time here: the caller bounds it.
-    pub(super) async fn decided(&self, dialogs: Vec<DialogId>) -> Option<HashMap<DialogId, HeldDialog>> {
+    /// What PostgreSQL holds of `dialogs` and `message_ids`; `None` when the query failed
+    /// or the task is gone. Not bounded in time here: the caller bounds it.
+    pub(super) async fn decided(&self, dialogs: Vec<DialogId>, message_ids: Vec<(DialogId, String)>) -> Option<Known> {
         let (answer, answered) = oneshot::channel();
-        self.queue.send(Lookup { dialogs, answer }).ok()?;
+        self.queue
+            .send(Lookup {
+                dialogs,
+                message_ids,
+                answer,
+            })
+            .ok()?;
         answered.await.ok().flatten()
     }
 }
@@ -86,7 +93,10 @@ async fn run(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<Lookup>) {
         let mut all: Vec<DialogId> = batch.iter().flat_map(|l| l.dialogs.iter().copied()).collect();
         all.sort_unstable();
         all.dedup();
-        let found = match decided_dialogs_in(&pool, &all).await {
+        let mut pairs: Vec<(DialogId, String)> = batch.iter().flat_map(|l| l.message_ids.iter().cloned()).collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        let found = match known_in(&pool, &all, &pairs).await {
             Ok(found) => Some(Arc::new(found)),
             Err(e) => {
                 tracing::debug!(error = %crate::telemetry::chain(&e), "dialog lookup failed");
@@ -94,12 +104,17 @@ async fn run(pool: PgPool, mut waiting: mpsc::UnboundedReceiver<Lookup>) {
             }
         };
         for lookup in batch {
-            let answer = found.as_ref().map(|found| {
-                lookup
+            let answer = found.as_ref().map(|found| Known {
+                dialogs: lookup
                     .dialogs
                     .iter()
-                    .filter_map(|d| found.get(d).map(|g| (*d, *g)))
-                    .collect()
+                    .filter_map(|d| found.dialogs.get(d).map(|g| (*d, *g)))
+                    .collect(),
+                message_ids: lookup
+                    .message_ids
+                    .iter()
+                    .filter_map(|k| found.message_ids.get(k).map(|seq| (k.clone(), *seq)))
+                    .collect(),
             });
             let _ = lookup.answer.send(answer);
         }

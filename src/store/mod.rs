@@ -75,7 +75,7 @@ pub mod sql;
 use sql::{
     AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS,
     DELETE_DIALOGS_MESSAGES, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE,
-    PING, REFUSED_AT, REFUSED_EPOCHS, UPSERT_DIALOGS,
+    PING, REFUSED_AT, REFUSED_EPOCHS, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -170,6 +170,15 @@ pub enum HeldDialog {
         customer: CustomerId,
         decided_at: OffsetDateTime,
     },
+}
+
+/// What ingest's lookup learns of dialogs new to Redis: the decision PostgreSQL holds of
+/// each, and which of the request's messageIds each granted one already stores.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Known {
+    pub dialogs: HashMap<DialogId, HeldDialog>,
+    /// (dialog, messageId) → the seq PostgreSQL stores it under (Guarantee 8).
+    pub message_ids: HashMap<(DialogId, String), i64>,
 }
 
 /// A consented message as readers see it.
@@ -270,6 +279,86 @@ async fn decided_dialogs_in(pool: &PgPool, dialogs: &[DialogId]) -> Result<HashM
             (DialogId::from_stored(r.dialog_id), held)
         })
         .collect())
+}
+
+/// Of the (dialog, messageId) pairs asked, those `messages` holds, with the lowest seq
+/// stored under each. Planned on each call (a pair is a key lookup).
+async fn stored_message_ids_in<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    pairs: &[(i64, &str)],
+) -> Result<HashMap<(i64, String), i64>, StoreError> {
+    if pairs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(STORED_MESSAGE_IDS)
+        .persistent(false)
+        .bind(pairs.iter().map(|p| p.0).collect::<Vec<_>>())
+        .bind(pairs.iter().map(|p| p.1).collect::<Vec<_>>())
+        .fetch_all(executor)
+        .await?;
+    Ok(rows.into_iter().map(|(d, m, seq)| ((d, m), seq)).collect())
+}
+
+/// What PostgreSQL holds of `dialogs` and, for those it holds as granted, of the
+/// messageIds asked (`message_ids`): ingest's lookup.
+async fn known_in(
+    pool: &PgPool,
+    dialogs: &[DialogId],
+    message_ids: &[(DialogId, String)],
+) -> Result<Known, StoreError> {
+    let dialogs = decided_dialogs_in(pool, dialogs).await?;
+    // Only a granted dialog with messages stored can hold a messageId.
+    let pairs: Vec<(i64, &str)> = message_ids
+        .iter()
+        .filter(|(d, _)| matches!(dialogs.get(d), Some(HeldDialog::Granted(g)) if g.last_seq > 0))
+        .map(|(d, m)| (d.get(), m.as_str()))
+        .collect();
+    let message_ids = stored_message_ids_in(pool, &pairs)
+        .await?
+        .into_iter()
+        .map(|((d, m), seq)| ((DialogId::from_stored(d), m), seq))
+        .collect();
+    Ok(Known { dialogs, message_ids })
+}
+
+/// The messages of `written` (grants whose upsert took, their rows locked) that are
+/// copies of a messageId the dialog stores already under another seq, or carries twice in
+/// this batch: (dialog, seq) of each copy, never to be inserted (Guarantee 8). A copy is
+/// a retry nothing could recognise when it came (Redis had lost the dialog and PostgreSQL
+/// could not be asked, or the messageId had left Redis's window); the lowest seq wins.
+async fn copies_of_stored_ids(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    written: &[&DialogState],
+) -> Result<BTreeSet<(i64, i64)>, StoreError> {
+    let mut first: HashMap<(i64, &str), i64> = HashMap::new();
+    let mut copies = BTreeSet::new();
+    for s in written {
+        for m in &s.messages {
+            let Some(id) = m.message_id.as_deref() else { continue };
+            match first.entry((s.dialog.get(), id)) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(m.seq);
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    let (keep, drop) = (m.seq.min(*o.get()), m.seq.max(*o.get()));
+                    o.insert(keep);
+                    copies.insert((s.dialog.get(), drop));
+                }
+            }
+        }
+    }
+    if first.is_empty() {
+        return Ok(copies);
+    }
+    let pairs: Vec<(i64, &str)> = first.keys().copied().collect();
+    for ((dialog, id), stored) in stored_message_ids_in(&mut **tx, &pairs).await? {
+        if let Some(&seq) = first.get(&(dialog, id.as_str()))
+            && seq != stored
+        {
+            copies.insert((dialog, seq));
+        }
+    }
+    Ok(copies)
 }
 
 /// The granted dialogs among `dialogs`, with their customer and highest stored seq.
@@ -507,10 +596,16 @@ impl Store {
                 .collect();
             let count = written.iter().map(|s| s.messages.len()).sum();
             if count > 0 {
+                let copies = copies_of_stored_ids(&mut tx, &written).await?;
                 let mut cols = MessageColumns::with_capacity(count);
                 for s in &written {
                     let erased_before = refused_at.get(&s.dialog.get()).copied().unwrap_or(i64::MIN);
-                    for m in s.messages.iter().filter(|m| m.received_at_us > erased_before) {
+                    for m in s
+                        .messages
+                        .iter()
+                        .filter(|m| m.received_at_us > erased_before)
+                        .filter(|m| !copies.contains(&(s.dialog.get(), m.seq)))
+                    {
                         cols.dialog_id.push(s.dialog.get());
                         cols.seq.push(m.seq);
                         cols.customer_id.push(s.customer.get());
@@ -549,23 +644,26 @@ impl Store {
         Ok(self.granted_dialogs(&[dialog]).await?.remove(&dialog))
     }
 
-    /// What PostgreSQL holds of `dialogs` (new to Redis), for the ingest path, which must
-    /// never wait on PostgreSQL: at most [`PROBE_TIMEOUT`], and after a failure not asked
-    /// at all for [`PROBE_BACKOFF`]. `Err` means "could not find out".
+    /// What PostgreSQL holds of `dialogs` (new to Redis) and which of `message_ids` they
+    /// store already, for the ingest path, which must never wait on PostgreSQL: at most
+    /// [`PROBE_TIMEOUT`], and after a failure not asked at all for [`PROBE_BACKOFF`].
+    /// `Err` means "could not find out".
     pub async fn decided_dialogs_quickly(
         &self,
         dialogs: &[DialogId],
-    ) -> Result<HashMap<DialogId, HeldDialog>, StoreError> {
+        message_ids: &[(DialogId, String)],
+    ) -> Result<Known, StoreError> {
         if now_ms() < self.probe_closed_until_ms.load(Ordering::Relaxed) {
             return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
         }
         // The lookup task runs the query (so that it is never dropped half-way on its
         // connection), together with other requests' lookups.
         let lookups = self.lookups.get_or_init(|| lookup::Lookups::start(self.pool.clone()));
-        let result = match tokio::time::timeout(PROBE_TIMEOUT, lookups.decided(dialogs.to_vec())).await {
-            Ok(Some(found)) => Ok(found),
-            Ok(None) | Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
-        };
+        let result =
+            match tokio::time::timeout(PROBE_TIMEOUT, lookups.decided(dialogs.to_vec(), message_ids.to_vec())).await {
+                Ok(Some(found)) => Ok(found),
+                Ok(None) | Err(_) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
+            };
         if result.is_err() {
             let until = now_ms().saturating_add(u64::try_from(PROBE_BACKOFF.as_millis()).unwrap_or(u64::MAX));
             self.probe_closed_until_ms.store(until, Ordering::Relaxed);

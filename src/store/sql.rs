@@ -74,6 +74,20 @@ pub const DECIDED_DIALOGS: &str = "\
 SELECT dialog_id, customer_id, last_seq, decision = 'refused' AS refused, decided_at
 FROM dialogs WHERE dialog_id = ANY($1::int8[])";
 
+/// Of the (dialog, messageId) pairs `$1`/`$2`, those PostgreSQL holds, each with the
+/// lowest seq stored under it (Guarantee 8): ingest answers them as duplicates for a
+/// dialog new to Redis, and a flush drops a copy stored under another seq. One probe of
+/// each partition's `messages_dialog_message_id` per pair (a LATERAL subquery, which
+/// cannot become a hash join over the whole table).
+pub const STORED_MESSAGE_IDS: &str = "\
+SELECT u.dialog_id, u.message_id, s.seq
+FROM UNNEST($1::int8[], $2::text[]) AS u (dialog_id, message_id)
+CROSS JOIN LATERAL (
+    SELECT min(m.seq) AS seq FROM messages m
+    WHERE m.dialog_id = u.dialog_id AND m.message_id = u.message_id AND m.message_id IS NOT NULL
+) s
+WHERE s.seq IS NOT NULL";
+
 /// Of the dialogs `$1` (grants about to be written), those PostgreSQL holds as refused,
 /// with when the refusal was made; locked until the transaction ends.
 pub const REFUSED_AT: &str = "\
@@ -193,6 +207,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("INSERT_MESSAGES", INSERT_MESSAGES),
     ("DELETE_DIALOGS_MESSAGES", DELETE_DIALOGS_MESSAGES),
     ("DECIDED_DIALOGS", DECIDED_DIALOGS),
+    ("STORED_MESSAGE_IDS", STORED_MESSAGE_IDS),
     ("REFUSED_AT", REFUSED_AT),
     ("REFUSED_EPOCHS", REFUSED_EPOCHS),
     ("PAGE_ALL", PAGE_ALL),

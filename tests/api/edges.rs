@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, assert_problem, connector, spawn_api_only, spawn_app, test_settings};
 use crate::outage::without_postgres;
 
-fn flusher(app: &TestApp) -> Flusher {
+pub(crate) fn flusher(app: &TestApp) -> Flusher {
     let queue = FlushQueue::new(
         &connector(&app.settings),
         app.keys.clone(),
@@ -28,7 +28,7 @@ fn flusher(app: &TestApp) -> Flusher {
 }
 
 /// Runs rounds until one finds nothing to do.
-async fn drain(flusher: &mut Flusher) {
+pub(crate) async fn drain(flusher: &mut Flusher) {
     for _ in 0..50 {
         if flusher.flush_once().await.unwrap() == Outcome::Idle {
             return;
@@ -37,7 +37,7 @@ async fn drain(flusher: &mut Flusher) {
     panic!("the queue never drained");
 }
 
-async fn meta_field(app: &TestApp, dialog: i64, field: &str) -> Option<String> {
+pub(crate) async fn meta_field(app: &TestApp, dialog: i64, field: &str) -> Option<String> {
     let mut conn = app.redis.clone();
     redis::cmd("HGET")
         .arg(app.keys.meta(dialog))
@@ -96,7 +96,7 @@ async fn fail_over_to(app: &TestApp, dialog: i64, replica: &Replicated) {
     }
 }
 
-async fn stored_texts(app: &TestApp, dialog: i64) -> Vec<String> {
+pub(crate) async fn stored_texts(app: &TestApp, dialog: i64) -> Vec<String> {
     sqlx::query_scalar("SELECT text FROM messages WHERE dialog_id = $1 ORDER BY seq")
         .bind(dialog)
         .fetch_all(app.store.pool())
@@ -104,7 +104,7 @@ async fn stored_texts(app: &TestApp, dialog: i64) -> Vec<String> {
         .unwrap()
 }
 
-async fn post_to(app: &TestApp, base: &str, path: &str, body: Value) -> reqwest::Response {
+pub(crate) async fn post_to(app: &TestApp, base: &str, path: &str, body: Value) -> reqwest::Response {
     app.http.post(format!("{base}{path}")).json(&body).send().await.unwrap()
 }
 

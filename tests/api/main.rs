@@ -25,6 +25,7 @@ mod ops;
 mod outage;
 mod plans;
 mod read;
+mod redis_loss;
 mod redis_replicas;
 mod replica;
 mod retention;

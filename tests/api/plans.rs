@@ -21,12 +21,13 @@ async fn no_statement_scans_messages_or_dialogs_in_its_generic_plan() {
     sqlx::raw_sql(
         "INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at)
          SELECT d, d % 500, 'granted', 1, now() FROM generate_series(1, 40000) d;
-         INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at)
+         INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at, message_id)
          SELECT d, s, d % 500, (ARRAY['EN', 'de', 'fr', 'pt-BR'])[1 + d % 4], 'text ' || d || ' ' || s,
                 CASE WHEN d <= 30000 THEN now() - (d * 5 + s) * interval '1 minute'
                      ELSE (date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
                           + (1 + (d - 30001) / 5000) * interval '1 month' + interval '1 day'
-                          + ((d % 5000) * 5 + s) * interval '1 minute' END
+                          + ((d % 5000) * 5 + s) * interval '1 minute' END,
+                CASE WHEN d % 2 = 0 THEN 'm-' || s END
          FROM generate_series(1, 40000) d, generate_series(1, 5) s;
          ANALYZE dialogs; ANALYZE messages;
          SET plan_cache_mode = force_generic_plan;",

@@ -143,7 +143,12 @@ async fn concurrent_quick_lookups_each_get_exactly_their_own_dialogs() {
             .chain([10_000 + caller])
             .map(DialogId::from_stored)
             .collect();
-        async move { (dialogs.clone(), store.decided_dialogs_quickly(&dialogs).await.unwrap()) }
+        async move {
+            (
+                dialogs.clone(),
+                store.decided_dialogs_quickly(&dialogs, &[]).await.unwrap().dialogs,
+            )
+        }
     });
     let answers = futures_util::future::join_all(lookups).await;
 

@@ -1,0 +1,111 @@
+//! What Redis forgets, PostgreSQL still tells: a messageId retried after Redis lost its
+//! dialog, a grant after Redis lost a refusal, Redis restarting while a batch is in
+//! flight, a dialog revived while a batch holding its later seqs commits, a refusal a
+//! failover lost. Redis forgetting is a `DEL` of the dialog's keys; a PostgreSQL outage
+//! is a second API on the same Redis whose PostgreSQL is unreachable; the flusher is
+//! driven through its seams (`next_batch`, `store_batch`, `finish_batch`).
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::edges::{drain, flusher, meta_field, post_to, stored_texts};
+use crate::helpers::{spawn_api_only, test_settings};
+use crate::outage::without_postgres;
+
+/// How many rows PostgreSQL holds of `dialog` under `message_id`.
+async fn stored_copies(app: &crate::helpers::TestApp, dialog: i64, message_id: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM messages WHERE dialog_id = $1 AND message_id = $2")
+        .bind(dialog)
+        .bind(message_id)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_message_id_retried_after_redis_lost_the_dialog_is_a_duplicate_with_its_first_seq() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    let m5 = json!({"text": "a", "language": "EN", "messageId": "m5"});
+    let first: Value = app.post_json("/data/1/200", &m5).await.json().await.unwrap();
+    assert_eq!(first["seq"], 1);
+    app.stage(1, 200, "b", "EN").await;
+    app.consent(200, true).await;
+    drain(&mut flusher).await;
+    app.lose(200).await;
+
+    let retry = app.post_json("/data/1/200", &m5).await;
+    assert_eq!(retry.status(), StatusCode::ACCEPTED);
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!(
+        (&retry["seq"], &retry["duplicate"], &retry["consent"]),
+        (&json!(1), &json!(true), &json!("granted")),
+        "{retry}"
+    );
+    // The next message continues the dialog's seq after the highest stored.
+    assert_eq!(app.stage(1, 200, "c", "EN").await, 3);
+    drain(&mut flusher).await;
+    assert_eq!(stored_copies(&app, 200, "m5").await, 1);
+    assert_eq!(stored_texts(&app, 200).await, ["a", "b", "c"]);
+}
+
+#[tokio::test]
+async fn a_batch_retry_after_redis_lost_the_dialog_answers_stored_message_ids_as_duplicates() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    let item = |id: &str, text: &str| json!({"customerId": 1, "dialogId": 201, "text": text, "language": "EN", "messageId": id});
+    let batch = json!({"messages": [item("m1", "one"), item("m2", "two")]});
+    app.post_json("/data", &batch).await;
+    app.consent(201, true).await;
+    drain(&mut flusher).await;
+    app.lose(201).await;
+
+    // The retry of the whole batch, and a new message after it.
+    let retry = json!({"messages": [item("m1", "one"), item("m2", "two"), item("m3", "three")]});
+    let answer: Value = app.post_json("/data", &retry).await.json().await.unwrap();
+    let results = &answer["results"];
+    for (i, seq) in [(0, 1), (1, 2)] {
+        assert_eq!(
+            (&results[i]["status"], &results[i]["seq"], &results[i]["duplicate"]),
+            (&json!(202), &json!(seq), &json!(true)),
+            "{answer}"
+        );
+    }
+    assert_eq!(
+        (&results[2]["seq"], results[2].get("duplicate")),
+        (&json!(3), None),
+        "{answer}"
+    );
+    drain(&mut flusher).await;
+    assert_eq!(app.stored_seqs(201).await, [1, 2, 3]);
+    assert_eq!(stored_texts(&app, 201).await, ["one", "two", "three"]);
+}
+
+/// When neither store can tell (Redis lost the dialog, PostgreSQL is away), the retry is
+/// answered as new; the flusher then drops the copy: PostgreSQL never holds a messageId
+/// twice for a dialog.
+#[tokio::test]
+async fn a_retry_nothing_could_recognise_is_dropped_by_the_flusher_not_stored_twice() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    let m1 = json!({"text": "first", "language": "EN", "messageId": "m1"});
+    app.post_json("/data/1/202", &m1).await;
+    app.consent(202, true).await;
+    drain(&mut flusher).await;
+    app.lose(202).await;
+
+    let broken = without_postgres(&app).await;
+    let retry = post_to(&app, &broken, "/data/1/202", m1.clone()).await;
+    assert_eq!(retry.status(), StatusCode::ACCEPTED);
+    let later = json!({"text": "second", "language": "EN", "messageId": "m2"});
+    assert_eq!(
+        post_to(&app, &broken, "/data/1/202", later).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(meta_field(&app, 202, "u").await.as_deref(), Some("1"));
+
+    drain(&mut flusher).await;
+    assert_eq!(stored_copies(&app, 202, "m1").await, 1);
+    assert_eq!(stored_texts(&app, 202).await, ["first", "second"]);
+    assert_eq!(app.staged_len(202).await, 0, "the copy left Redis with the batch");
+}
