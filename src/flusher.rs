@@ -27,8 +27,8 @@ use tracing::Instrument;
 
 use crate::config::Failpoint;
 use crate::domain::{Decision, DialogId, DialogState};
-use crate::staging::{Finished, FlushQueue, QueueEntry, Settled, Snapshot, StagingError};
-use crate::store::{Applied, Store, StoreError};
+use crate::staging::{Finished, FlushQueue, InStore, QueueEntry, Settled, Snapshot, StagingError};
+use crate::store::{Applied, HeldDialog, Store, StoreError};
 use crate::telemetry;
 
 /// Most messages of one dialog written per batch; the rest follow in the next round.
@@ -120,14 +120,21 @@ impl Flusher {
         if !unverified.is_empty() {
             // One PostgreSQL lookup for all of them, then one settle call each.
             let ids: Vec<DialogId> = unverified.iter().map(|&d| DialogId::from_stored(d)).collect();
-            let granted = self.store.granted_dialogs(&ids).await?;
+            let decided = self.store.decided_dialogs(&ids).await?;
+            let remembered_since = time::OffsetDateTime::now_utc() - self.queue.staging_ttl();
             for &dialog in &unverified {
-                let stored = granted.get(&DialogId::from_stored(dialog));
-                match self
-                    .queue
-                    .settle(dialog, stored.map(|g| (g.customer, g.last_seq)))
-                    .await?
-                {
+                let held = match decided.get(&DialogId::from_stored(dialog)) {
+                    Some(HeldDialog::Granted(g)) => InStore::Granted {
+                        customer: g.customer,
+                        last_seq: g.last_seq,
+                    },
+                    // A refusal Redis lost, still remembered (as ingest's lookup judges).
+                    Some(HeldDialog::Refused { customer, decided_at }) if *decided_at > remembered_since => {
+                        InStore::Refused { customer: *customer }
+                    }
+                    _ => InStore::Nothing,
+                };
+                match self.queue.settle(dialog, held).await? {
                     // PostgreSQL is the authority on the customer: the dialog goes aside
                     // whole, and its next message meets PostgreSQL's customer (409).
                     Settled::CustomerDiffers => {

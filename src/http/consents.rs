@@ -18,7 +18,7 @@ use super::extract::{ConsentPath, JsonBody};
 use super::{ApiError, AppState};
 use crate::domain::{CustomerId, Decision, DialogState, Refusal, parse_consent};
 use crate::staging::Revival;
-use crate::store::StoreError;
+use crate::store::{HeldDialog, StoreError};
 use crate::telemetry;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -63,13 +63,17 @@ pub async fn decide(
     let recorded = match state.staging.decide(dialog, approved, None).await? {
         Some(recorded) => recorded,
         None => {
-            // Redis does not know the dialog; PostgreSQL may still hold it as granted
-            // (Redis lost its data). Bring it back so its seqs keep counting.
-            let revival = match state.store.granted_dialog(dialog).await {
-                Ok(Some(granted)) => Revival {
+            // Redis does not know the dialog; PostgreSQL may still hold a decision of it
+            // (Redis lost its data): the dialog is known. Bring it back — a grant so its
+            // seqs keep counting, a refusal with nothing stored — and record the decision.
+            // A grant after a refusal stores only what is posted after it: the flush
+            // drops what was received before the refusal PostgreSQL holds.
+            let revival = match state.store.decided_dialog(dialog).await {
+                Ok(Some(HeldDialog::Granted(granted))) => Revival {
                     customer: granted.customer,
                     last_seq: granted.last_seq,
                 },
+                Ok(Some(HeldDialog::Refused { customer, .. })) => Revival { customer, last_seq: 0 },
                 Ok(None) => return Err(ApiError::DialogNotFound),
                 // A refusal must hold even when PostgreSQL cannot say whose dialog it
                 // is: record it in Redis for an unknown customer, so that it is

@@ -71,7 +71,9 @@ mod upgrade;
 
 pub use conn::{CLUSTER_RETRIES, Connector, RedisConn, Timeouts};
 pub use keys::{Keyspace, SHARDS, Shard};
-pub use queue::{Finished, FlushQueue, KeepAlive, QueueEntry, Settled, Snapshot, Unreadable, unique_consumer_name};
+pub use queue::{
+    Finished, FlushQueue, InStore, KeepAlive, QueueEntry, Settled, Snapshot, Unreadable, unique_consumer_name,
+};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -129,6 +129,18 @@ pub enum Snapshot {
     Unreadable(Unreadable),
 }
 
+/// What PostgreSQL holds of an unverified dialog, for [`FlushQueue::settle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InStore {
+    /// Nothing that still counts: the dialog is what Redis says.
+    Nothing,
+    /// A grant, with the last seq stored: the dialog's seqs continue after it.
+    Granted { customer: CustomerId, last_seq: i64 },
+    /// A refusal made within `DAPI_STAGING_TTL` (one Redis lost): a dialog still pending
+    /// in Redis is refused, its staged messages deleted.
+    Refused { customer: CustomerId },
+}
+
 /// How [`FlushQueue::settle`] went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
@@ -524,24 +536,30 @@ impl FlushQueue {
         Ok(out)
     }
 
-    /// Settles an unverified dialog with what PostgreSQL holds of it: `granted` is its
-    /// customer and last stored seq when PostgreSQL holds it as granted.
-    pub async fn settle(&mut self, dialog: i64, granted: Option<(CustomerId, i64)>) -> Result<Settled, StagingError> {
+    /// Settles an unverified dialog with what PostgreSQL holds of it (`held`).
+    pub async fn settle(&mut self, dialog: i64, held: InStore) -> Result<Settled, StagingError> {
         let mut invocation = self.settle.prepare_invoke();
         invocation
             .key(self.keys.meta(dialog))
             .key(self.keys.msgs(dialog))
             .key(self.keys.ids(dialog));
-        match granted {
-            Some((customer, last_seq)) => invocation.arg("1").arg(customer.get()).arg(last_seq),
-            None => invocation.arg("0").arg(0).arg(0),
+        match held {
+            InStore::Granted { customer, last_seq } => invocation.arg("g").arg(customer.get()).arg(last_seq),
+            InStore::Refused { customer } => invocation.arg("r").arg(customer.get()).arg(0),
+            InStore::Nothing => invocation.arg("").arg(0).arg(0),
         };
+        invocation.arg(self.ttl_ms);
         let settled: i64 = invocation.invoke_async(&mut self.conn).await?;
         Ok(match settled {
             -1 => Settled::CustomerDiffers,
             -2 => Settled::Malformed,
             _ => Settled::Done,
         })
+    }
+
+    /// How long a dialog is remembered after its last write (`DAPI_STAGING_TTL`).
+    pub fn staging_ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms)
     }
 
     /// Sets a dialog aside: its messages (and, unless `messages_only`, its state) move,

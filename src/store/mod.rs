@@ -633,6 +633,18 @@ impl Store {
         Ok(applied)
     }
 
+    /// Of `dialogs`, every one PostgreSQL holds a decision of: a grant with its customer
+    /// and last stored seq, or a refusal with its customer and time. Used when Redis has
+    /// forgotten dialogs that a request names, and to settle unverified ones.
+    pub async fn decided_dialogs(&self, dialogs: &[DialogId]) -> Result<HashMap<DialogId, HeldDialog>, StoreError> {
+        decided_dialogs_in(&self.pool, dialogs).await
+    }
+
+    /// [`Store::decided_dialogs`] for one dialog.
+    pub async fn decided_dialog(&self, dialog: DialogId) -> Result<Option<HeldDialog>, StoreError> {
+        Ok(self.decided_dialogs(&[dialog]).await?.remove(&dialog))
+    }
+
     /// Of `dialogs`, those PostgreSQL holds as granted, with their customer and last
     /// stored seq. Used when Redis has forgotten dialogs that a request names.
     pub async fn granted_dialogs(&self, dialogs: &[DialogId]) -> Result<HashMap<DialogId, GrantedDialog>, StoreError> {

@@ -109,3 +109,58 @@ async fn a_retry_nothing_could_recognise_is_dropped_by_the_flusher_not_stored_tw
     assert_eq!(stored_texts(&app, 202).await, ["first", "second"]);
     assert_eq!(app.staged_len(202).await, 0, "the copy left Redis with the batch");
 }
+
+/// SPEC: 404 only when dapi knows nothing of the dialog. PostgreSQL still holds the
+/// refusal Redis lost, so the dialog is known: a grant is 202, and only what is posted
+/// after it is stored.
+#[tokio::test]
+async fn a_grant_after_redis_lost_a_refusal_is_accepted_and_stores_only_what_follows() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 210, "erased by the refusal", "EN").await;
+    app.consent(210, true).await;
+    drain(&mut flusher).await;
+    assert_eq!(app.consent(210, false).await.status(), StatusCode::OK);
+    app.lose(210).await;
+
+    assert_eq!(app.consent(210, true).await.status(), StatusCode::ACCEPTED);
+    let seq = app.stage(1, 210, "after the new grant", "EN").await;
+    drain(&mut flusher).await;
+    assert_eq!(app.stored_seqs(210).await, [seq]);
+    assert_eq!(stored_texts(&app, 210).await, ["after the new grant"]);
+
+    // A refusal of a dialog whose refusal Redis lost is recorded again, likewise.
+    app.lose(210).await;
+    assert_eq!(app.consent(210, false).await.status(), StatusCode::OK);
+    assert!(app.stored_seqs(210).await.is_empty());
+}
+
+/// A dialog staged unverified (PostgreSQL away) whose refusal Redis had lost is settled
+/// as refused, not pending: its staged messages go and later ones are refused.
+#[tokio::test]
+async fn an_unverified_dialog_whose_refusal_redis_lost_settles_as_refused() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 211, "a", "EN").await;
+    app.consent(211, true).await;
+    drain(&mut flusher).await;
+    assert_eq!(app.consent(211, false).await.status(), StatusCode::OK);
+    app.lose(211).await;
+
+    let broken = without_postgres(&app).await;
+    let body = json!({"text": "posted while nothing could tell", "language": "EN"});
+    assert_eq!(
+        post_to(&app, &broken, "/data/1/211", body).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(meta_field(&app, 211, "u").await.as_deref(), Some("1"));
+
+    drain(&mut flusher).await;
+    assert_eq!(meta_field(&app, 211, "d").await.as_deref(), Some("r"));
+    assert_eq!(app.staged_len(211).await, 0);
+    assert!(app.stored_seqs(211).await.is_empty());
+    let later = app
+        .post_json("/data/1/211", &json!({"text": "later", "language": "EN"}))
+        .await;
+    crate::helpers::assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
+}
