@@ -245,6 +245,19 @@ pub struct Refusal {
     pub decided_at_us: i64,
 }
 
+/// A decision PostgreSQL holds that is newer than Redis's for the same dialog: Redis lost
+/// it (a failover to a replica that missed it, a restore) and takes it back when a flush
+/// is fenced by it (finish.lua), instead of flushing and being fenced for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeBack {
+    /// A refusal at this epoch: Redis refuses the dialog again and deletes what it stages.
+    Refusal { epoch: i64 },
+    /// A grant at this epoch, made then: Redis moves its epoch on to it (the next flush is
+    /// not fenced) and drops what it staged before that grant (erased by the refusal in
+    /// between, or never acknowledged).
+    Grant { epoch: i64, decided_at_us: i64 },
+}
+
 /// One staged message of a dialog.
 #[derive(Clone)]
 pub struct StagedMessage {

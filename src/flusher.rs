@@ -228,13 +228,13 @@ impl Flusher {
                     // The transaction committed: the refusal took (and erased), or
                     // PostgreSQL held a newer decision of this dialog, which erased it.
                     erased_refusal: s.unerased_refusal.map_or(0, |r| r.epoch),
-                    // A grant fenced by a newer refusal in PostgreSQL: Redis lost that
-                    // refusal; without taking it back the dialog would be flushed and
+                    // A grant fenced by a newer decision in PostgreSQL: Redis lost that
+                    // decision; without taking it back the dialog would be flushed and
                     // fenced again, for ever.
-                    store_refusal: if s.decision == Decision::Granted && !written {
-                        applied.refused_in_store.get(&s.dialog.get()).copied().unwrap_or(0)
+                    take_back: if s.decision == Decision::Granted && !written {
+                        applied.newer_in_store.get(&s.dialog.get()).copied()
                     } else {
-                        0
+                        None
                     },
                 }
             })

@@ -56,7 +56,7 @@ use redis::{Script, Value};
 use tokio::time::Instant;
 
 use super::{Connector, GROUP, Keyspace, RedisConn, SHARDS, Shard, StagingError, Timeouts, ttl_millis};
-use crate::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage};
+use crate::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage, TakeBack};
 
 /// How often a flusher looks for consumers that are gone.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -102,9 +102,9 @@ pub struct Finished {
     pub read: usize,
     /// The epoch of the refusal whose erasure PostgreSQL has now applied (0: none).
     pub erased_refusal: i64,
-    /// The epoch of a newer refusal PostgreSQL holds, which Redis lost and must take back
-    /// (0: none; see finish.lua).
-    pub store_refusal: i64,
+    /// A newer decision PostgreSQL holds, which Redis lost and must take back (see
+    /// finish.lua).
+    pub take_back: Option<TakeBack>,
 }
 
 /// A dialog of a snapshot whose state dapi cannot read.
@@ -620,8 +620,12 @@ impl FlushQueue {
                     .arg(f.dialog)
                     .arg(f.last_seq)
                     .arg(f.read)
-                    .arg(f.erased_refusal)
-                    .arg(f.store_refusal);
+                    .arg(f.erased_refusal);
+                match f.take_back {
+                    None => invocation.arg("").arg(0).arg(0),
+                    Some(TakeBack::Refusal { epoch }) => invocation.arg("r").arg(epoch).arg(0),
+                    Some(TakeBack::Grant { epoch, decided_at_us }) => invocation.arg("g").arg(epoch).arg(decided_at_us),
+                };
             }
             for (_, ids) in &streams {
                 invocation.arg(ids.len()).arg(ids);

@@ -66,7 +66,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 use time::OffsetDateTime;
 
-use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState, Refusal};
+use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState, Refusal, TakeBack};
 
 mod lookup;
 pub mod retention;
@@ -74,8 +74,8 @@ pub mod sql;
 
 use sql::{
     AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS,
-    DELETE_DIALOGS_MESSAGES, INSERT_MESSAGES, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE,
-    PING, REFUSED_AT, REFUSED_EPOCHS, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
+    DELETE_DIALOGS_MESSAGES, INSERT_MESSAGES, NEWER_DECISIONS, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE,
+    PAGE_BY_LANGUAGE, PING, REFUSED_AT, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -146,10 +146,10 @@ pub struct Applied {
     /// Granted dialogs whose upsert took: their messages are in PostgreSQL now, and only
     /// theirs may be trimmed from Redis.
     pub granted: BTreeSet<i64>,
-    /// Granted dialogs fenced by a *refusal* PostgreSQL holds with a newer epoch, and that
-    /// epoch: Redis lost the refusal (a failover, a restore) and must take it back, or the
-    /// dialog would be flushed and fenced for ever.
-    pub refused_in_store: BTreeMap<i64, i64>,
+    /// Granted dialogs fenced by a newer decision PostgreSQL holds, and that decision:
+    /// Redis lost it (a failover, a restore) and must take it back, or the dialog would
+    /// be flushed and fenced for ever.
+    pub newer_in_store: BTreeMap<i64, TakeBack>,
 }
 
 /// A dialog PostgreSQL holds as granted: enough to bring it back in Redis.
@@ -583,12 +583,23 @@ impl Store {
                 .filter(|d| !applied.granted.contains(d))
                 .collect();
             if !fenced.is_empty() {
-                let refused: Vec<(i64, i64)> = sqlx::query_as(REFUSED_EPOCHS)
+                let newer: Vec<(i64, bool, i64, OffsetDateTime)> = sqlx::query_as(NEWER_DECISIONS)
                     .persistent(false)
                     .bind(&fenced)
                     .fetch_all(&mut *tx)
                     .await?;
-                applied.refused_in_store = refused.into_iter().collect();
+                applied.newer_in_store = newer
+                    .into_iter()
+                    .map(|(dialog, refused, epoch, at)| {
+                        let decided_at_us = micros_of(at);
+                        let take_back = if refused {
+                            TakeBack::Refusal { epoch }
+                        } else {
+                            TakeBack::Grant { epoch, decided_at_us }
+                        };
+                        (dialog, take_back)
+                    })
+                    .collect();
             }
             let written: Vec<&DialogState> = grants
                 .into_iter()

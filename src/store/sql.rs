@@ -94,10 +94,10 @@ pub const REFUSED_AT: &str = "\
 SELECT dialog_id, decided_at FROM dialogs WHERE dialog_id = ANY($1::int8[]) AND decision = 'refused'
 ORDER BY dialog_id FOR UPDATE";
 
-/// Of the dialogs `$1` (grants the fence turned away), those PostgreSQL holds as refused,
-/// with the refusal's epoch.
-pub const REFUSED_EPOCHS: &str = "\
-SELECT dialog_id, epoch FROM dialogs WHERE dialog_id = ANY($1::int8[]) AND decision = 'refused'";
+/// Of the dialogs `$1` (grants the fence turned away), the newer decision PostgreSQL
+/// holds of each: its kind, epoch and time, for Redis to take back what a failover lost.
+pub const NEWER_DECISIONS: &str = "\
+SELECT dialog_id, decision = 'refused' AS refused, epoch, decided_at FROM dialogs WHERE dialog_id = ANY($1::int8[])";
 
 /// Page mode, no filter: `$1` limit, `$2` offset, `$3` language, `$4` customer (both
 /// NULL here; they pick the count row). Count and rows in one statement, one snapshot.
@@ -209,7 +209,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("DECIDED_DIALOGS", DECIDED_DIALOGS),
     ("STORED_MESSAGE_IDS", STORED_MESSAGE_IDS),
     ("REFUSED_AT", REFUSED_AT),
-    ("REFUSED_EPOCHS", REFUSED_EPOCHS),
+    ("NEWER_DECISIONS", NEWER_DECISIONS),
     ("PAGE_ALL", PAGE_ALL),
     ("PAGE_BY_LANGUAGE", PAGE_BY_LANGUAGE),
     ("PAGE_BY_CUSTOMER", PAGE_BY_CUSTOMER),

@@ -53,13 +53,13 @@ async fn pttl(app: &TestApp, key: &str) -> i64 {
 }
 
 /// What a replica holds of one dialog: its meta fields and staged messages.
-struct Replicated {
+pub(crate) struct Replicated {
     meta: Vec<(String, String)>,
     msgs: Vec<String>,
 }
 
 /// What a replica that stops receiving writes now would hold of `dialog`.
-async fn replicate(app: &TestApp, dialog: i64) -> Replicated {
+pub(crate) async fn replicate(app: &TestApp, dialog: i64) -> Replicated {
     let mut conn = app.redis.clone();
     let meta = redis::cmd("HGETALL")
         .arg(app.keys.meta(dialog))
@@ -77,7 +77,7 @@ async fn replicate(app: &TestApp, dialog: i64) -> Replicated {
 }
 
 /// A failover to that replica: every write to `dialog` since is lost.
-async fn fail_over_to(app: &TestApp, dialog: i64, replica: &Replicated) {
+pub(crate) async fn fail_over_to(app: &TestApp, dialog: i64, replica: &Replicated) {
     app.forget(dialog).await;
     let mut conn = app.redis.clone();
     let _: () = redis::cmd("HSET")

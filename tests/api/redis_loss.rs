@@ -8,7 +8,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::edges::{drain, flusher, meta_field, post_to, stored_texts};
+use crate::edges::{drain, fail_over_to, flusher, meta_field, post_to, replicate, stored_texts};
 use crate::helpers::{spawn_api_only, test_settings};
 use crate::outage::without_postgres;
 
@@ -163,4 +163,81 @@ async fn an_unverified_dialog_whose_refusal_redis_lost_settles_as_refused() {
         .post_json("/data/1/211", &json!({"text": "later", "language": "EN"}))
         .await;
     crate::helpers::assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
+}
+
+/// A failover lost a refusal PostgreSQL holds: Redis says granted at an older epoch and
+/// holds messages again. A fenced flush takes the refusal back from PostgreSQL instead of
+/// re-queueing the dialog for ever.
+#[tokio::test]
+async fn a_refusal_a_failover_lost_is_reconciled_from_postgresql_by_the_fenced_flush() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 220, "a", "EN").await;
+    app.consent(220, true).await;
+    drain(&mut flusher).await;
+    let old_epoch = meta_field(&app, 220, "e").await.unwrap();
+    assert_eq!(app.consent(220, false).await.status(), StatusCode::OK);
+
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys.meta(220))
+        .arg(&["d", "g", "e", old_epoch.as_str(), "q", "1"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg(app.keys.msgs(220))
+        .arg("2:1795000000000000:EN:came back with the failover")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("XADD")
+        .arg(app.keys.flush_stream_of(220))
+        .arg("*")
+        .arg("d")
+        .arg(220)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    drain(&mut flusher).await;
+    assert_eq!(meta_field(&app, 220, "d").await.as_deref(), Some("r"));
+    assert_eq!(app.staged_len(220).await, 0);
+    assert!(app.stored_seqs(220).await.is_empty());
+}
+
+/// The same for a *grant* a failover lost: PostgreSQL holds a newer grant than Redis's
+/// (grant, refuse, grant again, then a failover back to the first grant). The fenced
+/// flush moves Redis on to PostgreSQL's epoch, so the next flush writes what came after
+/// the failover, and drops what was received before PostgreSQL's decision (erased by the
+/// refusal in between).
+#[tokio::test]
+async fn a_grant_a_failover_lost_is_reconciled_from_postgresql_not_fenced_for_ever() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 221, "a", "EN").await;
+    app.consent(221, true).await;
+    drain(&mut flusher).await;
+    app.stage(1, 221, "b, erased by the refusal", "EN").await;
+    let replica = replicate(&app, 221).await;
+    assert_eq!(app.consent(221, false).await.status(), StatusCode::OK);
+    assert_eq!(app.consent(221, true).await.status(), StatusCode::ACCEPTED);
+    drain(&mut flusher).await;
+    fail_over_to(&app, 221, &replica).await;
+    // The replica's stream still holds b's flush entry (its meta says queued).
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("XADD")
+        .arg(app.keys.flush_stream_of(221))
+        .arg("*")
+        .arg("d")
+        .arg(221)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let c = app.stage(1, 221, "c, after the failover", "EN").await;
+    drain(&mut flusher).await;
+    assert_eq!(stored_texts(&app, 221).await, ["c, after the failover"]);
+    assert_eq!(app.stored_seqs(221).await, [c]);
+    assert_eq!(app.staged_len(221).await, 0);
 }

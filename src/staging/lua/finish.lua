@@ -4,30 +4,50 @@
 -- applied (if no newer refusal replaced it) and let the keys expire again; queue the
 -- dialog again if it is granted and still has messages, else clear its queued flag;
 -- then XACK and XDEL the batch's entries.
--- A grant that PostgreSQL turned away because it holds a newer *refusal* means Redis lost
--- that refusal (a failover, a restore): Redis takes it back — refused at PostgreSQL's
--- epoch, its staged and quarantined messages deleted (PostgreSQL erased the dialog when
--- it took the refusal; a refusal erases both, and keeps the messageIds, consent.lua) —
--- unless Redis has moved past that epoch meanwhile.
+-- A grant that PostgreSQL turned away because it holds a newer decision means Redis lost
+-- that decision (a failover, a restore): Redis takes it back unless it has moved past
+-- that epoch meanwhile. A newer *refusal*: refused at PostgreSQL's epoch, its staged and
+-- quarantined messages deleted (PostgreSQL erased the dialog when it took the refusal; a
+-- refusal erases both, and keeps the messageIds, consent.lua). A newer *grant*: Redis's
+-- epoch moves on to it, so that the next flush is not fenced, and what Redis staged
+-- before that grant goes (a failover brought it back after a refusal erased it, or it
+-- was never acknowledged).
 -- KEYS: per dialog: meta, msgs, quarantined msgs, its shard's flush stream; then
 --       the flush streams whose entries to acknowledge
--- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n quintuples (dialog id, last seq
---       written, how many messages the batch read, epoch of the refusal erased or 0,
---       epoch of the refusal PostgreSQL holds that Redis must take back or 0), then per
---       stream after the dialogs' keys: how many of its entries, and their ids
+-- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n septuples (dialog id, last seq
+--       written (0: none), how many messages the batch read, epoch of the refusal erased
+--       (0: none), the decision to take back ('r' a refusal, 'g' a grant, '': none), its
+--       epoch, its time (µs since the epoch; a grant's)), then per stream after the
+--       dialogs' keys: how many of its entries, and their ids
 local n = tonumber(ARGV[2])
 for i = 1, n do
   local k = 4 * i - 3
   local meta, msgs, quarantined, stream = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local base = 5 * i - 1
+  local base = 7 * i - 3
   local dialog, last, read, erased = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3]
-  local adopt = tonumber(ARGV[base + 4])
-  if adopt > 0 then
+  local take_back, newer, since = ARGV[base + 4], tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
+  if take_back ~= '' then
     local m = redis.call('HMGET', meta, 'd', 'e')
-    if m[1] and m[1] ~= 'r' and (tonumber(m[2]) or 0) < adopt then
-      redis.call('HSET', meta, 'd', 'r', 'e', string.format('%d', adopt), 'r', 0)
+    local older = m[1] and (tonumber(m[2]) or 0) < newer
+    if take_back == 'r' and older and m[1] ~= 'r' then
+      redis.call('HSET', meta, 'd', 'r', 'e', string.format('%d', newer), 'r', 0)
       redis.call('DEL', msgs, quarantined)
       redis.call('PEXPIRE', meta, ARGV[3])
+    elseif take_back == 'g' and older and m[1] == 'g' then
+      redis.call('HSET', meta, 'e', string.format('%d', newer), 't', string.format('%d', since))
+      local items = redis.call('LRANGE', msgs, 0, -1)
+      local kept = {}
+      for _, item in ipairs(items) do
+        local at = tonumber(string.match(item, '^%d+:(%d+):'))
+        if not at or at > since then kept[#kept + 1] = item end
+      end
+      if #kept < #items then
+        local ttl = redis.call('PTTL', msgs)
+        redis.call('DEL', msgs)
+        for _, item in ipairs(kept) do redis.call('RPUSH', msgs, item) end
+        if ttl > 0 and #kept > 0 then redis.call('PEXPIRE', msgs, ttl) end
+      end
+      read = 0
     end
   end
   -- The list is in seq order and only grows at its tail, so the messages to drop are
@@ -53,7 +73,7 @@ for i = 1, n do
     redis.call('HSET', meta, 'q', 0)
   end
 end
-local acked, a = 0, 4 + 5 * n
+local acked, a = 0, 4 + 7 * n
 for k = 4 * n + 1, #KEYS do
   local count = tonumber(ARGV[a])
   if count > 0 then
