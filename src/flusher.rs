@@ -20,6 +20,7 @@
 //! backs off (exponentially, capped) and retries its own pending entries, logging once
 //! per change of state rather than once per retry.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -27,8 +28,8 @@ use tracing::Instrument;
 
 use crate::config::Failpoint;
 use crate::domain::{Decision, DialogId, DialogState};
-use crate::staging::{Finished, FlushQueue, InStore, QueueEntry, Settled, Snapshot, StagingError};
-use crate::store::{Applied, HeldDialog, Store, StoreError};
+use crate::staging::{Claim, Finished, FlushQueue, InStore, Life, QueueEntry, Settled, Snapshot, StagingError};
+use crate::store::{Applied, Claiming, HeldDialog, Store, StoreError};
 use crate::telemetry;
 
 /// Most messages of one dialog written per batch; the rest follow in the next round.
@@ -53,6 +54,8 @@ pub enum FlushError {
 pub struct Batch {
     pub entries: Vec<QueueEntry>,
     pub states: Vec<DialogState>,
+    /// The life of each dialog the snapshot read (see `staging::Life`).
+    pub lives: HashMap<i64, Life>,
 }
 
 /// What one round did.
@@ -111,12 +114,13 @@ impl Flusher {
         dialogs.sort_unstable();
         dialogs.dedup();
         let mut states = Vec::with_capacity(dialogs.len());
+        let mut lives = HashMap::with_capacity(dialogs.len());
         let mut unverified = Vec::new();
         let snapshots = self
             .queue
             .snapshot(&dialogs, MAX_MESSAGES_PER_DIALOG, BATCH_BYTE_BUDGET)
             .await?;
-        self.sort(snapshots, &mut states, &mut unverified).await?;
+        self.sort(snapshots, &mut states, &mut lives, &mut unverified).await?;
         if !unverified.is_empty() {
             // One PostgreSQL lookup for all of them, then one settle call each.
             let ids: Vec<DialogId> = unverified.iter().map(|&d| DialogId::from_stored(d)).collect();
@@ -151,9 +155,9 @@ impl Flusher {
                 .queue
                 .snapshot(&unverified, MAX_MESSAGES_PER_DIALOG, BATCH_BYTE_BUDGET)
                 .await?;
-            self.sort(snapshots, &mut states, &mut Vec::new()).await?;
+            self.sort(snapshots, &mut states, &mut lives, &mut Vec::new()).await?;
         }
-        Ok(Some(Batch { entries, states }))
+        Ok(Some(Batch { entries, states, lives }))
     }
 
     /// Sorts a snapshot's dialogs: ready ones to `states`, unverified ones to
@@ -162,11 +166,15 @@ impl Flusher {
         &mut self,
         snapshots: Vec<Snapshot>,
         states: &mut Vec<DialogState>,
+        lives: &mut HashMap<i64, Life>,
         unverified: &mut Vec<i64>,
     ) -> Result<(), FlushError> {
         for snapshot in snapshots {
             match snapshot {
-                Snapshot::Ready(state) => states.push(state),
+                Snapshot::Ready(state, life) => {
+                    lives.insert(state.dialog.get(), life);
+                    states.push(state);
+                }
                 Snapshot::Unverified(dialog) => unverified.push(dialog),
                 Snapshot::Unreadable(u) => self.set_aside(u.dialog, u.reason, u.messages_only).await?,
             }
@@ -193,7 +201,33 @@ impl Flusher {
     pub async fn store_batch(&self, batch: &Batch) -> Result<Applied, FlushError> {
         let mut keep_alive = self.queue.keep_alive();
         let held: Vec<QueueEntry> = batch.entries.iter().chain(self.queue.buffered()).cloned().collect();
-        let write = self.store.apply(&batch.states);
+        // Inside the transaction, before the commit: no seq the batch writes may be handed
+        // out again by a life of a dialog Redis started since the snapshot.
+        let no_life = Life::default();
+        let claim = |claiming: Vec<Claiming>| {
+            let queue = &self.queue;
+            let lives = &batch.lives;
+            let no_life = &no_life;
+            let fut: futures_util::future::BoxFuture<'_, _> = Box::pin(async move {
+                let claims: Vec<Claim<'_>> = claiming
+                    .iter()
+                    .map(|c| Claim {
+                        dialog: c.dialog,
+                        life: lives.get(&c.dialog).unwrap_or(no_life),
+                        customer: c.customer,
+                        epoch: c.epoch,
+                        last_seq: c.last_seq,
+                        count: c.count,
+                    })
+                    .collect();
+                queue
+                    .claim_seqs(&claims)
+                    .await
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            });
+            fut
+        };
+        let write = self.store.apply_claiming(&batch.states, &claim);
         tokio::pin!(write);
         loop {
             tokio::select! {
@@ -217,9 +251,11 @@ impl Flusher {
             .iter()
             .map(|s| {
                 let written = s.decision == Decision::Granted && applied.granted.contains(&s.dialog.get());
+                let renumbered = applied.renumbered.contains(&s.dialog.get());
                 Finished {
                     dialog: s.dialog.get(),
-                    last_seq: if written {
+                    life: batch.lives.get(&s.dialog.get()).cloned().unwrap_or_default(),
+                    last_seq: if written && !renumbered {
                         s.messages.last().map_or(0, |m| m.seq)
                     } else {
                         0

@@ -72,7 +72,8 @@ mod upgrade;
 pub use conn::{CLUSTER_RETRIES, Connector, RedisConn, Timeouts};
 pub use keys::{Keyspace, SHARDS, Shard};
 pub use queue::{
-    Finished, FlushQueue, InStore, KeepAlive, QueueEntry, Settled, Snapshot, Unreadable, unique_consumer_name,
+    Claim, Finished, FlushQueue, InStore, KeepAlive, Life, QueueEntry, Settled, Snapshot, Unreadable,
+    unique_consumer_name,
 };
 
 use std::sync::Arc;

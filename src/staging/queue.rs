@@ -44,7 +44,7 @@
 //! [`Unreadable`]; the flusher sets it aside with [`FlushQueue::quarantine`] and flushes
 //! the rest of its batch.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use redis::AsyncCommands;
@@ -93,9 +93,11 @@ pub struct QueueEntry {
 }
 
 /// What a batch did for one dialog, for the finish script.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Finished {
     pub dialog: i64,
+    /// The life of the dialog the snapshot read: only its messages are trimmed.
+    pub life: Life,
     /// The highest seq now safe to drop from Redis (0: none).
     pub last_seq: i64,
     /// How many messages the snapshot read.
@@ -118,11 +120,31 @@ pub struct Unreadable {
     pub messages_only: bool,
 }
 
+/// The stamp of one life of a dialog in Redis: when Redis created its meta (µs, its field
+/// `b`), read by the snapshot and carried to the claim and the finish of the batch, so
+/// that neither touches a life Redis started since (a restart mid-batch, a revival).
+/// Empty for a meta written before dapi stamped lives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Life(pub String);
+
+/// A granted dialog a flush is about to write, for [`FlushQueue::claim`].
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    pub dialog: i64,
+    /// The life the snapshot read.
+    pub life: &'a Life,
+    pub customer: CustomerId,
+    pub epoch: i64,
+    /// The highest seq the batch writes, and how many messages.
+    pub last_seq: i64,
+    pub count: usize,
+}
+
 /// A dialog's state as the snapshot read it.
 #[derive(Debug)]
 pub enum Snapshot {
-    /// Settled state, ready for PostgreSQL.
-    Ready(DialogState),
+    /// Settled state, ready for PostgreSQL, and the life of the dialog it was read from.
+    Ready(DialogState, Life),
     /// Staged while PostgreSQL could not be asked whether it holds the dialog: to be
     /// settled ([`FlushQueue::settle`]) before anything of it is written.
     Unverified(i64),
@@ -163,6 +185,7 @@ pub struct FlushQueue {
     block: Duration,
     ttl_ms: u64,
     snapshot: Script,
+    claim_seqs: Script,
     finish: Script,
     prune: Script,
     settle: Script,
@@ -289,6 +312,7 @@ impl FlushQueue {
             block,
             ttl_ms: ttl_millis(ttl),
             snapshot: Script::new(include_str!("lua/snapshot.lua")),
+            claim_seqs: Script::new(include_str!("lua/claim.lua")),
             finish: Script::new(include_str!("lua/finish.lua")),
             prune: Script::new(include_str!("lua/prune.lua")),
             settle: Script::new(include_str!("lua/settle.lua")),
@@ -617,6 +641,7 @@ impl FlushQueue {
             invocation.arg(GROUP).arg(dialogs.len()).arg(self.ttl_ms);
             for f in &dialogs {
                 invocation
+                    .arg(&f.life.0)
                     .arg(f.dialog)
                     .arg(f.last_seq)
                     .arg(f.read)
@@ -637,6 +662,44 @@ impl FlushQueue {
             finished?;
         }
         Ok(())
+    }
+
+    /// Claims a batch's granted dialogs inside its PostgreSQL transaction, before the
+    /// commit (claim.lua): a dialog Redis forgot since the snapshot is written back as the
+    /// snapshot read it, and one Redis started a new life of since gets seqs reserved for
+    /// the batch's messages. Returns, per dialog to renumber, the seq its messages follow.
+    pub async fn claim_seqs(&self, claims: &[Claim<'_>]) -> Result<HashMap<i64, i64>, StagingError> {
+        let groups = super::by_slot_group(&self.keys, claims, |c| c.dialog);
+        let calls = groups.iter().map(|(_, members)| {
+            let mut invocation = self.claim_seqs.prepare_invoke();
+            invocation.arg(self.ttl_ms);
+            for &i in members {
+                let c = &claims[i];
+                invocation
+                    .key(self.keys.meta(c.dialog))
+                    .arg(&c.life.0)
+                    .arg(c.customer.get())
+                    .arg(c.epoch)
+                    .arg(c.last_seq)
+                    .arg(c.count);
+            }
+            let mut conn = self.conn.clone();
+            async move { invocation.invoke_async::<Vec<i64>>(&mut conn).await }
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        let mut renumbered = HashMap::new();
+        for ((_, members), after) in groups.iter().zip(answers) {
+            let after = after?;
+            if after.len() != members.len() {
+                return Err(StagingError::Corrupt("claim reply has the wrong length"));
+            }
+            for (&i, after) in members.iter().zip(after) {
+                if after > 0 {
+                    renumbered.insert(claims[i].dialog, after);
+                }
+            }
+        }
+        Ok(renumbered)
     }
 
     /// Marks that this consumer has entries pending (after a failed batch), so that the
@@ -668,6 +731,7 @@ fn read_snapshot(dialog: i64, fields: &[Value]) -> Option<Snapshot> {
         refused_at,
         unverified,
         messages,
+        life,
     ] = fields
     else {
         return unreadable("the snapshot answer has the wrong shape");
@@ -712,15 +776,25 @@ fn read_snapshot(dialog: i64, fields: &[Value]) -> Option<Snapshot> {
             messages_only: true,
         }));
     };
-    Some(Snapshot::Ready(DialogState {
-        dialog: DialogId::from_stored(dialog),
-        customer: CustomerId::from_stored(customer),
-        decision,
-        epoch,
-        decided_at_us: number(decided_at).unwrap_or_default(),
-        unerased_refusal,
-        messages,
-    }))
+    let life = match life {
+        Value::Nil => Life::default(),
+        other => match bytes(other).and_then(|b| std::str::from_utf8(b).ok()) {
+            Some(stamp) => Life(stamp.to_owned()),
+            None => return unreadable("life stamp is not text"),
+        },
+    };
+    Some(Snapshot::Ready(
+        DialogState {
+            dialog: DialogId::from_stored(dialog),
+            customer: CustomerId::from_stored(customer),
+            decision,
+            epoch,
+            decided_at_us: number(decided_at).unwrap_or_default(),
+            unerased_refusal,
+            messages,
+        },
+        life,
+    ))
 }
 
 fn bytes(value: &Value) -> Option<&[u8]> {

@@ -75,7 +75,7 @@ pub mod sql;
 use sql::{
     AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS,
     DELETE_DIALOGS_MESSAGES, INSERT_MESSAGES, NEWER_DECISIONS, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE,
-    PAGE_BY_LANGUAGE, PING, REFUSED_AT, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
+    PAGE_BY_LANGUAGE, PING, RAISE_LAST_SEQ, REFUSED_AT, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -92,6 +92,8 @@ pub enum StoreError {
     Task(#[from] tokio::task::JoinError),
     #[error("the read replica has not replayed the primary's latest writes in time")]
     ReplicaBehind,
+    #[error("the flush could not claim its dialogs in Redis before its commit")]
+    Claim(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -150,7 +152,32 @@ pub struct Applied {
     /// Redis lost it (a failover, a restore) and must take it back, or the dialog would
     /// be flushed and fenced for ever.
     pub newer_in_store: BTreeMap<i64, TakeBack>,
+    /// Granted dialogs whose messages were written under seqs the claim reserved (Redis
+    /// had started a new life of the dialog since the snapshot): none of the batch's
+    /// messages is in that life's list, so nothing is trimmed.
+    pub renumbered: BTreeSet<i64>,
 }
+
+/// A granted dialog a flush is about to write, as [`Store::apply_claiming`] names it to
+/// its claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claiming {
+    pub dialog: i64,
+    pub customer: CustomerId,
+    pub epoch: i64,
+    /// The highest seq the batch writes of it, and how many messages.
+    pub last_seq: i64,
+    pub count: usize,
+}
+
+/// The claim [`Store::apply_claiming`] calls: dialog → the seq after which its messages
+/// are renumbered, for the dialogs that must be.
+pub type ClaimFn<'a> = dyn Fn(
+        Vec<Claiming>,
+    ) -> futures_util::future::BoxFuture<'a, Result<HashMap<i64, i64>, Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + Sync
+    + 'a;
 
 /// A dialog PostgreSQL holds as granted: enough to bring it back in Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -461,6 +488,16 @@ impl Store {
     /// message in a month without a partition yet (up to a year ahead) gets it created,
     /// then written.
     pub async fn apply(&self, states: &[DialogState]) -> Result<Applied, StoreError> {
+        self.apply_claiming(states, &|_| Box::pin(async { Ok(HashMap::new()) }))
+            .await
+    }
+
+    /// [`Store::apply`], calling `claim` inside the transaction, after the grants'
+    /// upserts have locked their rows and before their messages are inserted: with the
+    /// granted dialogs about to be written, it answers which of them must take new seqs,
+    /// and after which seq (a life of the dialog that Redis started after the snapshot may
+    /// have handed the batch's seqs out again). The flusher's claim is `FlushQueue::claim`.
+    pub async fn apply_claiming(&self, states: &[DialogState], claim: &ClaimFn<'_>) -> Result<Applied, StoreError> {
         let mut states: Vec<&DialogState> = states
             .iter()
             .filter(|s| s.decision == Decision::Granted || s.unerased_refusal.is_some())
@@ -471,7 +508,7 @@ impl Store {
         states.dedup_by_key(|s| s.dialog);
         let mut attempt = 0;
         loop {
-            match self.apply_once(&states).await {
+            match self.apply_once(&states, claim).await {
                 Err(e) if e.is_retryable() && attempt < 5 => attempt += 1,
                 Err(e) if e.is_missing_partition() && attempt < 5 => {
                     attempt += 1;
@@ -494,7 +531,7 @@ impl Store {
         }
     }
 
-    async fn apply_once(&self, states: &[&DialogState]) -> Result<Applied, StoreError> {
+    async fn apply_once(&self, states: &[&DialogState], claim: &ClaimFn<'_>) -> Result<Applied, StoreError> {
         if states.is_empty() {
             return Ok(Applied::default());
         }
@@ -607,6 +644,47 @@ impl Store {
                 .collect();
             let count = written.iter().map(|s| s.messages.len()).sum();
             if count > 0 {
+                let claims = written
+                    .iter()
+                    .filter_map(|s| {
+                        Some(Claiming {
+                            dialog: s.dialog.get(),
+                            customer: s.customer,
+                            epoch: s.epoch,
+                            last_seq: s.messages.last()?.seq,
+                            count: s.messages.len(),
+                        })
+                    })
+                    .collect();
+                let renumbered = claim(claims).await.map_err(StoreError::Claim)?;
+                let renumbered: Vec<DialogState> = written
+                    .iter()
+                    .filter_map(|s| {
+                        let after = *renumbered.get(&s.dialog.get())?;
+                        let mut s = (*s).clone();
+                        for (m, seq) in s.messages.iter_mut().zip(after + 1..) {
+                            m.seq = seq;
+                        }
+                        Some(s)
+                    })
+                    .collect();
+                if !renumbered.is_empty() {
+                    sqlx::query(RAISE_LAST_SEQ)
+                        .bind(renumbered.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+                        .bind(
+                            renumbered
+                                .iter()
+                                .map(|s| s.messages.last().map_or(0, |m| m.seq))
+                                .collect::<Vec<_>>(),
+                        )
+                        .execute(&mut *tx)
+                        .await?;
+                    applied.renumbered = renumbered.iter().map(|s| s.dialog.get()).collect();
+                }
+                let written: Vec<&DialogState> = written
+                    .into_iter()
+                    .map(|s| renumbered.iter().find(|r| r.dialog == s.dialog).unwrap_or(s))
+                    .collect();
                 let copies = copies_of_stored_ids(&mut tx, &written).await?;
                 let mut cols = MessageColumns::with_capacity(count);
                 for s in &written {

@@ -25,6 +25,14 @@ SET customer_id = CASE WHEN EXCLUDED.customer_id < 0 THEN dialogs.customer_id EL
 WHERE dialogs.epoch <= EXCLUDED.epoch
 RETURNING dialog_id";
 
+/// A flush that renumbered a dialog's messages (its claim reserved new seqs: Redis had
+/// started a new life of the dialog) raises the dialog's `last_seq` to the highest of
+/// them: `$1` dialogs, `$2` their highest seq. Rows already locked by the upsert.
+pub const RAISE_LAST_SEQ: &str = "\
+UPDATE dialogs SET last_seq = greatest(dialogs.last_seq, u.last_seq)
+FROM UNNEST($1::int8[], $2::int8[]) AS u (dialog_id, last_seq)
+WHERE dialogs.dialog_id = u.dialog_id";
+
 /// Bulk insert of one batch's messages; returns how many were new. A message older than
 /// every partition is skipped: retention dropped its month (see `store::retention`). The
 /// same statement adds the inserted rows to every counter they belong to (per customer
@@ -205,6 +213,7 @@ SELECT pg_wal_lsn_diff($1::pg_lsn, pg_last_wal_replay_lsn())::int8 AS bytes,
 pub const ALL: &[(&str, &str)] = &[
     ("UPSERT_DIALOGS", UPSERT_DIALOGS),
     ("INSERT_MESSAGES", INSERT_MESSAGES),
+    ("RAISE_LAST_SEQ", RAISE_LAST_SEQ),
     ("DELETE_DIALOGS_MESSAGES", DELETE_DIALOGS_MESSAGES),
     ("DECIDED_DIALOGS", DECIDED_DIALOGS),
     ("STORED_MESSAGE_IDS", STORED_MESSAGE_IDS),

@@ -241,3 +241,104 @@ async fn a_grant_a_failover_lost_is_reconciled_from_postgresql_not_fenced_for_ev
     assert_eq!(app.stored_seqs(221).await, [c]);
     assert_eq!(app.staged_len(221).await, 0);
 }
+
+/// Redis loses everything of this test's keyspace, as a restart without persistence.
+async fn restart_redis_empty(app: &crate::helpers::TestApp) {
+    let mut conn = app.redis.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", app.keys.prefix()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.unwrap();
+    }
+}
+
+/// Redis restarts empty while a batch is in flight, and the dialog starts a new life:
+/// the old batch's finish trims nothing of it, and what both lives wrote is stored once
+/// each under seqs of its own.
+#[tokio::test]
+async fn redis_restarting_mid_batch_keeps_the_old_batch_off_what_the_new_life_staged() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 230, "one", "EN").await;
+    app.stage(1, 230, "two", "EN").await;
+    app.consent(230, true).await;
+    let batch = flusher.next_batch().await.unwrap().expect("queued by the grant");
+
+    restart_redis_empty(&app).await;
+    // PostgreSQL holds nothing of the dialog yet: a new pending dialog, seq 1 again.
+    assert_eq!(app.stage(1, 230, "the new life", "EN").await, 1);
+
+    let applied = flusher.store_batch(&batch).await.unwrap();
+    flusher.finish_batch(&batch, &applied).await.unwrap();
+    assert_eq!(app.staged_len(230).await, 1, "the new life's message stays staged");
+
+    app.consent(230, true).await;
+    drain(&mut flusher).await;
+    let mut texts = stored_texts(&app, 230).await;
+    texts.sort();
+    assert_eq!(texts, ["one", "the new life", "two"]);
+    let seqs = app.stored_seqs(230).await;
+    let mut distinct = seqs.clone();
+    distinct.dedup();
+    assert_eq!(seqs, distinct, "no seq stored twice: {seqs:?}");
+}
+
+/// A dialog Redis forgot is revived from PostgreSQL's last seq while a batch holding
+/// its later seqs is committing: the batch's messages take seqs of their own (reserved
+/// in the new life), so no seq is stored twice and nothing acknowledged is dropped.
+#[tokio::test]
+async fn a_revival_racing_a_flush_in_flight_hands_out_no_seq_the_batch_writes() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 231, "one", "EN").await;
+    app.consent(231, true).await;
+    drain(&mut flusher).await;
+    app.stage(1, 231, "two", "EN").await;
+    app.stage(1, 231, "three", "EN").await;
+    let batch = flusher.next_batch().await.unwrap().expect("queued");
+
+    app.forget(231).await;
+    // Revived from PostgreSQL, whose last seq is 1: the batch's 2 and 3 are not committed.
+    let revived = app.stage(1, 231, "revived", "EN").await;
+    let applied = flusher.store_batch(&batch).await.unwrap();
+    flusher.finish_batch(&batch, &applied).await.unwrap();
+    assert_eq!(app.staged_len(231).await, 1, "the revived message stays staged");
+    drain(&mut flusher).await;
+
+    let seqs = app.stored_seqs(231).await;
+    assert_eq!(seqs.len(), 4, "{seqs:?}");
+    let mut distinct = seqs.clone();
+    distinct.dedup();
+    assert_eq!(seqs, distinct, "no seq stored twice: {seqs:?}");
+    let stored: Vec<(i64, String)> =
+        sqlx::query_as("SELECT seq, text FROM messages WHERE dialog_id = 231 ORDER BY seq")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    assert!(stored.contains(&(revived, "revived".to_owned())), "{stored:?}");
+    // The next message continues after every seq stored.
+    assert_eq!(app.stage(1, 231, "next", "EN").await, seqs.last().unwrap() + 1);
+}
+
+/// Redis forgets a dialog after the snapshot, and nothing revives it before the commit:
+/// the claim writes it back as the snapshot read it, so a message after continues after
+/// the batch.
+#[tokio::test]
+async fn a_dialog_forgotten_during_a_flush_continues_after_the_batch() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 232, "one", "EN").await;
+    app.stage(1, 232, "two", "EN").await;
+    app.consent(232, true).await;
+    let batch = flusher.next_batch().await.unwrap().expect("queued");
+    app.forget(232).await;
+    let applied = flusher.store_batch(&batch).await.unwrap();
+    flusher.finish_batch(&batch, &applied).await.unwrap();
+    assert_eq!(meta_field(&app, 232, "d").await.as_deref(), Some("g"));
+    assert_eq!(app.stage(1, 232, "three", "EN").await, 3);
+    drain(&mut flusher).await;
+    assert_eq!(stored_texts(&app, 232).await, ["one", "two", "three"]);
+}

@@ -19,7 +19,7 @@ local now = redis.call('TIME')
 local now_us = string.format('%d', now[1] * 1000000 + now[2])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[4] == '' then return {'unknown', 0, 0, 0} end
-  redis.call('HSET', KEYS[1], 'c', ARGV[4], 'd', 'p', 'e', now_us, 'n', ARGV[5], 'q', 0)
+  redis.call('HSET', KEYS[1], 'c', ARGV[4], 'd', 'p', 'e', now_us, 'b', now_us, 'n', ARGV[5], 'q', 0)
 end
 -- The epoch follows the clock, and is never less than one more than the last: a
 -- decision made after a failover lost earlier ones (whose epochs PostgreSQL may hold)

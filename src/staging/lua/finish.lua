@@ -1,6 +1,8 @@
 -- Finish a flush batch after its PostgreSQL commit (or a refusal after its erasure).
 -- Atomic: for every dialog drop the staged messages up to the last seq written (messages
--- that arrived meanwhile stay); forget the unerased refusal that PostgreSQL has now
+-- that arrived meanwhile stay) — only in the life of the dialog the snapshot read (its
+-- stamp `b`): a life Redis started since (a restart mid-batch, a revival) holds none of
+-- the batch's messages; forget the unerased refusal that PostgreSQL has now
 -- applied (if no newer refusal replaced it) and let the keys expire again; queue the
 -- dialog again if it is granted and still has messages, else clear its queued flag;
 -- then XACK and XDEL the batch's entries.
@@ -14,7 +16,8 @@
 -- was never acknowledged).
 -- KEYS: per dialog: meta, msgs, quarantined msgs, its shard's flush stream; then
 --       the flush streams whose entries to acknowledge
--- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n septuples (dialog id, last seq
+-- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n octuples (the snapshot's life
+--       stamp ('' = none), dialog id, last seq
 --       written (0: none), how many messages the batch read, epoch of the refusal erased
 --       (0: none), the decision to take back ('r' a refusal, 'g' a grant, '': none), its
 --       epoch, its time (µs since the epoch; a grant's)), then per stream after the
@@ -23,7 +26,8 @@ local n = tonumber(ARGV[2])
 for i = 1, n do
   local k = 4 * i - 3
   local meta, msgs, quarantined, stream = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local base = 7 * i - 3
+  local base = 8 * i - 3
+  local life = ARGV[base - 1]
   local dialog, last, read, erased = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3]
   local take_back, newer, since = ARGV[base + 4], tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
   if take_back ~= '' then
@@ -53,7 +57,7 @@ for i = 1, n do
   -- The list is in seq order and only grows at its tail, so the messages to drop are
   -- among the first `read`; a refusal meanwhile may have emptied it.
   local drop = 0
-  if read > 0 and last > 0 then
+  if read > 0 and last > 0 and (redis.call('HGET', meta, 'b') or '') == life then
     for _, item in ipairs(redis.call('LRANGE', msgs, 0, read - 1)) do
       if tonumber(string.match(item, '^(%d+):')) > last then break end
       drop = drop + 1
@@ -73,7 +77,7 @@ for i = 1, n do
     redis.call('HSET', meta, 'q', 0)
   end
 end
-local acked, a = 0, 4 + 7 * n
+local acked, a = 0, 4 + 8 * n
 for k = 4 * n + 1, #KEYS do
   local count = tonumber(ARGV[a])
   if count > 0 then

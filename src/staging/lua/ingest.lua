@@ -122,14 +122,15 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
   local queue = (decision == 'g' or unverified == '1') and queued ~= '1'
   if created then
     -- The epoch starts at the clock, so that a dialog started again after Redis forgot
-    -- it carries a newer epoch than anything PostgreSQL holds of it. Its keys' expiry
+    -- it carries a newer epoch than anything PostgreSQL holds of it. `b`, the same
+    -- instant, stamps this life of the dialog in Redis for good (claim.lua, finish.lua). Its keys' expiry
     -- is set here, its deadline `r` with the rest.
     local q = queue and '1' or '0'
     if unverified then
-      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'n', seq_arg, 'q', q, 't', now_us,
+      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'b', now_us, 'n', seq_arg, 'q', q, 't', now_us,
         'r', latest, 'u', '1')
     else
-      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'n', seq_arg, 'q', q, 't', now_us,
+      redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'b', now_us, 'n', seq_arg, 'q', q, 't', now_us,
         'r', latest)
     end
     redis.call('PEXPIRE', meta, keep_arg)

@@ -2,7 +2,8 @@
 -- KEYS: per dialog: meta, msgs
 -- ARGV: 1 most messages per dialog, 2 byte budget for all messages together
 -- Returns per dialog {customer, decision, epoch, decided-at, unerased refusal's epoch,
--- its decided-at, unverified, {messages}}; fields of a forgotten dialog are nil, and the
+-- its decided-at, unverified, {messages}, life stamp `b` (nil for a meta written before
+-- dapi stamped lives)}; fields of a forgotten dialog are nil, and the
 -- caller checks every field (a dialog it cannot read is set aside, not failed on).
 -- Only a granted, settled dialog's messages are read. The budget stops reading once
 -- reached (the first message always fits), so a batch of large texts stays bounded; the
@@ -13,7 +14,7 @@ local out = {}
 for i = 1, #KEYS / 2 do
   -- pcall: a key of the wrong type (a hand edit) must spoil only its own dialog, which
   -- the caller then sets aside (an answer of the wrong shape), not the whole batch.
-  local meta = redis.pcall('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'x', 'xt', 'u', 'z')
+  local meta = redis.pcall('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'x', 'xt', 'u', 'z', 'b')
   if meta.err then meta = {} end
   -- A refusal staged by a dapi before `x` existed kept `z` instead; erase it as unconfirmed.
   if meta[2] == 'r' and not meta[5] and meta[8] then
@@ -37,9 +38,9 @@ for i = 1, #KEYS / 2 do
   if meta[1] == nil and meta[2] == nil and next(meta) == nil then
     out[i] = {'unreadable'}
   elseif msgs == false then
-    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], 'unreadable'}
+    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], 'unreadable', meta[9]}
   else
-    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], msgs}
+    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], msgs, meta[9]}
   end
 end
 return out
