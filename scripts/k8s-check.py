@@ -462,6 +462,15 @@ def get_status(url, timeout=3):
         return None
 
 
+def queue_length(host):
+    """dapi_flush_queue_length from a pod's /metrics: the backlog the autoscalers read."""
+    with urllib.request.urlopen(f"http://{host}:8000/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("dapi_flush_queue_length "):
+                return float(line.split()[1])
+    raise RuntimeError(f"no dapi_flush_queue_length in http://{host}:8000/metrics")
+
+
 def pod_ip(pod, container, network):
     return podman("inspect", f"{pod}-{container}", "--format", "{{(index .NetworkSettings.Networks \"%s\").IPAddress}}" % network)
 
@@ -538,7 +547,8 @@ def run(plan_path):
                         errors.append(f"POST /data/{customer}/{dialog}: {status} {answer}")
             approved = i % 3 != 2  # two in three granted, one refused
             status, answer = api.call("POST", api.url(f"/consents/{dialog}"), api.ingest, {"approved": approved})
-            if status == 202:
+            # A grant is 202 (the flusher moves the dialog); a refusal 200 (erased when answered).
+            if status == (202 if approved else 200):
                 decided[dialog] = approved
             else:
                 errors.append(f"POST /consents/{dialog}: {status} {answer}")
@@ -564,6 +574,10 @@ def run(plan_path):
         podman("pod", "kill", pods["flusher"][1])
         kills.append(f"killed {pods['flusher'][1]} at {progress['done']}/{dialogs}")
     at(0.65)
+    # With no flusher running, the backlog the autoscalers read has grown.
+    outage_queue = queue_length(ips["api"][0])
+    if len(pods["flusher"]) > 1 and not outage_queue > 0:
+        raise RuntimeError(f"dapi_flush_queue_length is {outage_queue} with every flusher down")
     podman("pod", "start", pods["flusher"][0])
     kills.append(f"started {pods['flusher'][0]} at {progress['done']}/{dialogs}")
     if len(pods["flusher"]) > 1:
@@ -608,6 +622,8 @@ def run(plan_path):
     extra = sorted(set(state["seen"]) - set(expected))
     if state["dup"] or state["leaked"] or wrong or extra:
         raise RuntimeError(f"duplicated {state['dup'][:5]}, refused but readable {state['leaked'][:5]}, wrong text {wrong[:5]}, unexpected {extra[:5]}")
+    wait_for("the flush queue drained (dapi_flush_queue_length 0)", lambda: queue_length(ips["api"][0]) == 0, 30)
+    say(f"dapi_flush_queue_length (the KEDA trigger's metric) was {outage_queue:.0f} with every flusher down, 0 at the end")
     say(f"nothing lost: all {len(expected)} acknowledged messages of {sum(decided.values())} granted dialogs readable once ({time.monotonic() - t0:.1f}s after the traffic), none of {len(refused)} refused dialogs")
 
     # Draining: what the kubelet does to a pod being replaced - preStop, then SIGTERM
