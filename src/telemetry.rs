@@ -54,6 +54,7 @@ pub const ERASURES: &str = "dapi_erasures_total";
 pub const ERASED_MESSAGES: &str = "dapi_erased_messages_total";
 pub const STORE_ERRORS: &str = "dapi_store_errors_total";
 pub const FLUSH_QUARANTINED: &str = "dapi_flush_quarantined_total";
+pub const REQUEST_QUARANTINED: &str = "dapi_request_quarantined_total";
 pub const PARTITIONS_DROPPED: &str = "dapi_partitions_dropped_total";
 pub const REPLICA_LAG_BYTES: &str = "dapi_replica_lag_bytes";
 pub const REPLICA_LAG_SECONDS: &str = "dapi_replica_lag_seconds";
@@ -99,6 +100,7 @@ fn start_at_zero() {
         STAGED_DIALOGS,
         FLUSHED_MESSAGES,
         FLUSH_QUARANTINED,
+        REQUEST_QUARANTINED,
         FLUSH_BATCHES,
         ERASURES,
         ERASED_MESSAGES,
@@ -139,6 +141,10 @@ fn describe() {
     describe_counter!(
         FLUSH_QUARANTINED,
         "dialogs the flusher could not read and set aside (README, \"Quarantine\")"
+    );
+    describe_counter!(
+        REQUEST_QUARANTINED,
+        "dialogs a request found holding Redis keys of a type dapi does not write there, and set aside (docs/operations.md, \"Quarantine\")"
     );
     describe_counter!(FLUSH_BATCHES, "flush batches committed");
     describe_histogram!(

@@ -29,6 +29,8 @@ pub enum ApiError {
     UnsupportedEncoding,
     #[error("the body does not decode as its Content-Encoding says")]
     MalformedBody,
+    #[error("the body's JSON names one key twice in an object; send each key once")]
+    DuplicateKey,
     #[error("the body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -103,7 +105,7 @@ impl ApiError {
             E::UnreadableBody => (StatusCode::BAD_REQUEST, "unreadable_body"),
             E::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             E::UnsupportedEncoding => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding"),
-            E::MalformedBody => (StatusCode::BAD_REQUEST, "malformed_body"),
+            E::MalformedBody | E::DuplicateKey => (StatusCode::BAD_REQUEST, "malformed_body"),
             E::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             E::InvalidBody(_) | E::InvalidBatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
             E::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),

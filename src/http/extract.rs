@@ -84,7 +84,11 @@ impl FromRequest<AppState> for BatchBody {
 /// The limit applies to the decoded body, counted as it is decoded (see `http::encoding`).
 async fn read_json(req: Request, state: &AppState, limit: usize) -> Result<serde_json::Value, ApiError> {
     let bytes = read_body(req, state, limit).await?;
-    serde_json::from_slice(&bytes).map_err(ApiError::MalformedJson)
+    match serde_json::from_slice::<super::json::Strict>(&bytes) {
+        Ok(json) => Ok(json.0),
+        Err(e) if super::json::is_duplicate_key(&e) => Err(ApiError::DuplicateKey),
+        Err(e) => Err(ApiError::MalformedJson(e)),
+    }
 }
 
 /// Reads a JSON request's body within the route's body limit, undecoded as JSON.

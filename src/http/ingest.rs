@@ -16,11 +16,11 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 use super::extract::{BatchBody, DataPath, JsonBody};
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, json};
 use crate::domain::{CustomerId, Decision, DialogId, IncomingMessage, Invalid, parse_message, parse_message_fields};
 use crate::staging::{Create, IngestOutcome, NewMessage, StagingError};
 use crate::store::{HeldDialog, Known, StoreError};
-use crate::telemetry::{STAGED_DIALOGS, STAGED_MESSAGES};
+use crate::telemetry::{REQUEST_QUARANTINED, STAGED_DIALOGS, STAGED_MESSAGES};
 
 /// One message offered for staging.
 #[derive(Debug)]
@@ -57,8 +57,18 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
         };
         state.recent.record(new);
     }
+    for (offer, outcome) in offers.iter().zip(&outcomes) {
+        if matches!(outcome, Ok(IngestOutcome::SetAside)) {
+            metrics::counter!(REQUEST_QUARANTINED).increment(1);
+            tracing::error!(
+                dialog = offer.dialog.get(),
+                "set aside keys of a dialog that held a type dapi does not write there; staged as for a \
+                 dialog Redis forgot (docs/operations.md, \"Quarantine\")"
+            );
+        }
+    }
     let unknown: Vec<usize> = (0..offers.len())
-        .filter(|&i| matches!(outcomes[i], Ok(IngestOutcome::Unknown)))
+        .filter(|&i| matches!(outcomes[i], Ok(IngestOutcome::Unknown | IngestOutcome::SetAside)))
         .collect();
     if unknown.is_empty() {
         return Ok(outcomes);
@@ -106,6 +116,9 @@ async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOu
                     Ok(IngestOutcome::Unknown) => Err(StagingError::Corrupt(
                         "the ingest script did not create the dialog it was told to",
                     )),
+                    // Keys of a wrong type again, written between the two calls: nothing
+                    // staged, and a retry is safe.
+                    Ok(IngestOutcome::SetAside) => Err(StagingError::Interrupted),
                     outcome => outcome,
                 };
             }
@@ -250,7 +263,7 @@ impl IngestAnswer {
             }
             IngestOutcome::CustomerMismatch => Err(ApiError::CustomerMismatch),
             IngestOutcome::ConsentRefused => Err(ApiError::ConsentRefused),
-            IngestOutcome::Unknown => Err(ApiError::Staging(StagingError::Corrupt(
+            IngestOutcome::Unknown | IngestOutcome::SetAside => Err(ApiError::Staging(StagingError::Corrupt(
                 "the ingest script did not create the dialog it was told to",
             ))),
         }
@@ -374,6 +387,7 @@ pub async fn ingest_batch(
     let items = match serde_json::from_slice::<RawBatch<'_>>(&body) {
         Ok(RawBatch { messages: Some(items) }) if object && (1..=max).contains(&items.len()) => items,
         Ok(_) => return Err(ApiError::InvalidBatch { max }),
+        Err(e) if json::is_duplicate_key(&e) => return Err(ApiError::DuplicateKey),
         // Well-formed JSON of another shape (not an object, `messages` not an array).
         Err(e) if e.classify() == serde_json::error::Category::Data => return Err(ApiError::InvalidBatch { max }),
         Err(e) => return Err(ApiError::MalformedJson(e)),
@@ -382,7 +396,12 @@ pub async fn ingest_batch(
     let mut slots: Vec<Result<(), ApiError>> = Vec::with_capacity(items.len());
     let mut offers = Vec::with_capacity(items.len());
     for item in items {
-        let item = serde_json::from_str(item.get()).map_err(|_| Invalid::UnreadableItem);
+        let item = match serde_json::from_str::<json::Strict>(item.get()) {
+            Ok(item) => Ok(item.0),
+            // A key named twice makes the body ambiguous: the whole batch is refused.
+            Err(e) if json::is_duplicate_key(&e) => return Err(ApiError::DuplicateKey),
+            Err(_) => Err(Invalid::UnreadableItem),
+        };
         match item.and_then(|item| parse_item(item, state.settings.max_text_bytes)) {
             Ok(offer) => {
                 offers.push(offer);
@@ -416,11 +435,40 @@ pub async fn ingest_batch(
     Ok(Json(BatchAnswer { results }))
 }
 
-/// A batch body as its items' JSON text, each read on its own (unknown fields ignored).
-#[derive(Deserialize)]
+/// A batch body as its items' JSON text, each read on its own (unknown fields ignored,
+/// but read: no key may be named twice, anywhere in the body).
 struct RawBatch<'a> {
-    #[serde(borrow)]
     messages: Option<Vec<&'a RawValue>>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawBatch<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = RawBatch<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object with a `messages` array")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawBatch<'de>, A::Error> {
+                let mut messages = None;
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(json::duplicate_key());
+                    }
+                    if key == "messages" {
+                        messages = map.next_value::<Option<Vec<&'de RawValue>>>()?;
+                    } else {
+                        map.next_value::<json::Strict>()?;
+                    }
+                }
+                Ok(RawBatch { messages })
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 /// One batch item: `customerId` and `dialogId` (JSON integers, 0 … 2^63−1) beside the

@@ -10,6 +10,7 @@ mod encoding;
 mod error;
 mod extract;
 mod ingest;
+mod json;
 mod limits;
 mod observe;
 mod openapi;

@@ -40,10 +40,10 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
     );
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().cloned();
-    let method = request.method().clone();
+    let method = method_label(request.method());
     let mut response = async move {
         let response = next.run(request).await;
-        measure(route.as_ref(), &method, response.status(), started);
+        measure(route.as_ref(), method, response.status(), started);
         tracing::debug!(
             status = response.status().as_u16(),
             micros = started.elapsed().as_micros() as u64,
@@ -73,10 +73,28 @@ fn new_request_id() -> String {
     format!("{prefix}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Records one answer: counted by route template, method and status, and timed. Label
-/// by the matched route only (unmatched requests share one label), so a scanner cannot
-/// make the metric grow without bound.
-fn measure(route: Option<&MatchedPath>, method: &Method, status: StatusCode, started: Instant) {
+/// The `method` label: one of the methods HTTP defines, or `other`. Never the request's
+/// own text: a client sending made-up methods (a method is any token, of any length)
+/// would otherwise grow `/metrics`, and this process's memory, without bound.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// Records one answer: counted by route template, method and status, and timed. Every
+/// label comes from a closed set — the matched route's template (unmatched requests share
+/// one label), [`method_label`], the status — so no request can make the metric grow.
+fn measure(route: Option<&MatchedPath>, method: &'static str, status: StatusCode, started: Instant) {
     let route = route.map_or("unmatched", MatchedPath::as_str);
     let (duration, requests) = handles(route, method, status);
     duration.record(started.elapsed().as_secs_f64());
@@ -86,23 +104,23 @@ fn measure(route: Option<&MatchedPath>, method: &Method, status: StatusCode, sta
 /// The metrics of one (route, method, status), looked up in the registry once per worker
 /// thread: a lookup per request (its labels built as `String`s and hashed) was ~6 % of
 /// a single POST's instructions. Few combinations exist (routes × methods × statuses).
-fn handles(route: &str, method: &Method, status: StatusCode) -> (metrics::Histogram, metrics::Counter) {
+fn handles(route: &str, method: &'static str, status: StatusCode) -> (metrics::Histogram, metrics::Counter) {
     use std::cell::RefCell;
-    type Entry = (Box<str>, Method, StatusCode, metrics::Histogram, metrics::Counter);
+    type Entry = (Box<str>, &'static str, StatusCode, metrics::Histogram, metrics::Counter);
     thread_local! {
         static HANDLES: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
     }
     HANDLES.with_borrow_mut(|handles| {
         if let Some((.., duration, requests)) = handles
             .iter()
-            .find(|(r, m, s, ..)| *s == status && m == method && &**r == route)
+            .find(|(r, m, s, ..)| *s == status && *m == method && &**r == route)
         {
             return (duration.clone(), requests.clone());
         }
         let labels = |status: Option<StatusCode>| {
             let mut labels = vec![
                 metrics::Label::new("route", route.to_owned()),
-                metrics::Label::new("method", method.as_str().to_owned()),
+                metrics::Label::new("method", method),
             ];
             if let Some(status) = status {
                 labels.push(metrics::Label::new("status", status.as_str().to_owned()));
@@ -111,7 +129,7 @@ fn handles(route: &str, method: &Method, status: StatusCode) -> (metrics::Histog
         };
         let duration = metrics::histogram!(HTTP_DURATION, labels(None));
         let requests = metrics::counter!(HTTP_REQUESTS, labels(Some(status)));
-        handles.push((route.into(), method.clone(), status, duration.clone(), requests.clone()));
+        handles.push((route.into(), method, status, duration.clone(), requests.clone()));
         (duration, requests)
     })
 }

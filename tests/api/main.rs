@@ -30,3 +30,4 @@ mod redis_replicas;
 mod replica;
 mod retention;
 mod store;
+mod untrusted;

@@ -8,17 +8,43 @@
 -- a repeat of one is refused like any message (ingest.lua checks the decision first), and
 -- after a new grant it is a repeat still, answered as the first time, not staged again
 -- (the erased text must not come back with a client's retry).
+-- A meta of another type than dapi writes (a hand edit, a bug) never fails the call: a
+-- refusal removes whatever Redis holds of the dialog, of any type, and records itself
+-- (for a customer PostgreSQL names, else the unknown customer -1); a grant sets the meta
+-- (and the messages) aside under their quarantine names and goes on as if Redis had
+-- forgotten the dialog.
 -- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 the dialog's quarantined messages (a refusal
---       erases those too)
+--       erases those too), 5 its quarantined meta, 6 its shard's quarantine index
 -- ARGV: 1 dialog id, 2 decision 'g' | 'r', 3 ttl (ms),
 --       4 customer id to revive a dialog Redis forgot ('' = do not; '-1' = a refusal of a
 --       dialog whose customer PostgreSQL could not tell: ingest adopts the next
 --       poster's), 5 its last seq
--- Returns {'ok', epoch, customer id, decided-at (µs)} or {'unknown', 0, 0, 0}.
+-- Returns {'ok', epoch, customer id, decided-at (µs), aside} or {'unknown', 0, 0, 0,
+-- aside}: aside is 'set-aside' when the meta was of a wrong type (removed or set aside).
 local now = redis.call('TIME')
 local now_us = string.format('%d', now[1] * 1000000 + now[2])
+local aside = ''
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'none' and kind ~= 'hash' then
+  aside = 'set-aside'
+  if ARGV[2] == 'r' then
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+    if ARGV[4] == '' then ARGV[4], ARGV[5] = '-1', '0' end
+  else
+    for _, pair in ipairs({ { KEYS[1], KEYS[5] }, { KEYS[2], KEYS[4] } }) do
+      if redis.call('EXISTS', pair[1]) == 1 then
+        local target = pair[2]
+        if redis.call('EXISTS', target) == 1 then target = target .. ':' .. now_us end
+        redis.call('RENAME', pair[1], target)
+        redis.call('PERSIST', target)
+      end
+    end
+    redis.call('HSET', KEYS[6], ARGV[1], string.format('%d ', now[1]) ..
+      'a decision found the meta of a type dapi does not write there (a ' .. kind .. ')')
+  end
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[4] == '' then return {'unknown', 0, 0, 0} end
+  if ARGV[4] == '' then return {'unknown', 0, 0, 0, aside} end
   redis.call('HSET', KEYS[1], 'c', ARGV[4], 'd', 'p', 'e', now_us, 'b', now_us, 'n', ARGV[5], 'q', 0)
 end
 -- The epoch follows the clock, and is never less than one more than the last: a
@@ -46,4 +72,4 @@ else
   redis.call('PERSIST', KEYS[1])
   redis.call('XADD', KEYS[3], '*', 'd', ARGV[1])
 end
-return {'ok', epoch, redis.call('HGET', KEYS[1], 'c'), now_us}
+return {'ok', epoch, redis.call('HGET', KEYS[1], 'c'), now_us, aside}

@@ -30,7 +30,8 @@
 --       queue a flush, is read from the meta key's name then.)
 -- Returns one integer per item, seq * 32 + status * 4 + decision: status 0 staged,
 -- 1 a repeat (the first answer's seq and decision), 2 'mismatch', 3 'refused',
--- 4 'unknown' (those three with seq and decision 0); decision 0 'p', 1 'g', 2 'r'.
+-- 4 'unknown', 5 'set aside' (keys of a wrong type moved aside; nothing staged; those
+-- four with seq and decision 0); decision 0 'p', 1 'g', 2 'r'.
 -- Integers, not strings: Redis turns a Lua number into a reply without formatting it
 -- (a string per item cost ~2.3k of ~54k instructions per message), and a table of
 -- tables was dearer still.
@@ -57,8 +58,40 @@ local stamp = ':' .. now_us .. ':'
 local window, keep_ids, keep_ids_arg, refresh_ids, latest_ids
 local DECISION = { p = 0, g = 1, r = 2 }
 
+-- A key of the dialog that holds another type than dapi writes there (a hand edit, a
+-- bug) must not fail the call (the other items of a batch) nor answer 500: the keys of
+-- the wrong type are set aside as they are — the whole dialog when its meta is one of
+-- them — under the quarantine names beside them, the reason goes into the shard's
+-- quarantine index, and the item answers SET_ASIDE: the caller counts and logs it, and
+-- stages the message as for a dialog Redis forgot. Only reached when a read failed.
+local SET_ASIDE = 20
+local function set_aside(meta, msgs, ids)
+  local stem = string.sub(meta, 1, -6)
+  local wanted = { meta = 'hash', msgs = 'list', ids = 'hash' }
+  local keys = { meta = meta, msgs = msgs, ids = ids }
+  local types = {}
+  for name, key in pairs(keys) do types[name] = redis.call('TYPE', key).ok end
+  local moved = {}
+  for _, name in ipairs({ 'meta', 'msgs', 'ids' }) do
+    local wrong = types[name] ~= 'none' and types[name] ~= wanted[name]
+    local with_meta = name == 'msgs' and types.meta ~= 'none' and types.meta ~= 'hash' and types.msgs ~= 'none'
+    if wrong or with_meta then
+      local target = stem .. ':quarantined:' .. name
+      if redis.call('EXISTS', target) == 1 then target = target .. ':' .. now_us end
+      redis.call('RENAME', keys[name], target)
+      redis.call('PERSIST', target)
+      moved[#moved + 1] = name .. ' (a ' .. types[name] .. ')'
+    end
+  end
+  local index = string.match(meta, '^(.*):d%d+:meta$') .. ':quarantine'
+  redis.call('HSET', index, string.match(meta, ':d(%d+):meta$'),
+    string.format('%d ', sec) .. 'ingest found keys of a type dapi does not write there: ' .. table.concat(moved, ', '))
+  return SET_ASIDE
+end
+
 local function stage(meta, msgs, ids, stream, customer, language, text, mid, mode)
-  local m = redis.call('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r')
+  local m = redis.pcall('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r')
+  if m.err then return set_aside(meta, msgs, ids) end
   local created = false
   local decision, queued, unerased, unverified = m[2], m[3], m[4], m[5]
   local lives = m[6] or '0'
@@ -70,7 +103,7 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     if m[1] == '-1' then redis.call('HSET', meta, 'c', customer) end
   elseif mode == '' then
     return 16
-  elseif mid ~= '' and redis.call('HEXISTS', ids, mid) == 1 then
+  elseif mid ~= '' and redis.pcall('HEXISTS', ids, mid) == 1 then
     -- A repeat of a message of a life of the dialog Redis forgot: answered below,
     -- without creating a dialog that nothing would expire.
     decision = nil
@@ -83,7 +116,8 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
   end
   local ids_live
   if mid ~= '' then
-    local got = redis.call('HMGET', ids, mid, '~r')
+    local got = redis.pcall('HMGET', ids, mid, '~r')
+    if got.err then return set_aside(meta, msgs, ids) end
     local first = got[1]
     ids_live = got[2] or '0'
     if not first and not decision then return 16 end
@@ -102,6 +136,14 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
   local staged
   if mid ~= '' then
     staged = seq_arg .. stamp .. language .. '|' .. mid .. '|:' .. text
+  else
+    staged = seq_arg .. stamp .. language .. ':' .. text
+  end
+  -- Appended before the messageId is recorded: a list of another type must leave no
+  -- messageId pointing at a message that was never staged.
+  local length = redis.pcall('RPUSH', msgs, staged)
+  if type(length) == 'table' and length.err then return set_aside(meta, msgs, ids) end
+  if mid ~= '' then
     local answer = seq_arg .. ':' .. decision
     if not window then
       window = tonumber(ARGV[2])
@@ -115,10 +157,7 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     else
       redis.call('HSET', ids, mid, answer)
     end
-  else
-    staged = seq_arg .. stamp .. language .. ':' .. text
   end
-  local length = redis.call('RPUSH', msgs, staged)
   local queue = (decision == 'g' or unverified == '1') and queued ~= '1'
   if created then
     -- The epoch starts at the clock, so that a dialog started again after Redis forgot
