@@ -24,6 +24,7 @@ mod observe;
 mod ops;
 mod outage;
 mod plans;
+mod quarantine;
 mod read;
 mod redis_loss;
 mod redis_replicas;
