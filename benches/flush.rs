@@ -48,7 +48,7 @@ async fn stage_and_grant(sandbox: &common::Sandbox, first: u64) {
                     MESSAGES as usize
                 ];
                 staging.stage(&batch).await.unwrap();
-                staging.decide(dialog, true, None).await.unwrap();
+                staging.decide(dialog, true, None, None).await.unwrap();
                 d += 32;
             }
         });

@@ -23,6 +23,8 @@ use crate::telemetry::chain;
 const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 /// How long a flusher's blocking read waits for new entries.
 const FLUSH_BLOCK: Duration = Duration::from_secs(1);
+/// How often the processes that run flushers look for customer erasures left pending.
+const ERASURE_PASS: Duration = Duration::from_secs(2);
 /// How often a flusher-role process checks the partitions of `messages`.
 const PARTITION_MAINTENANCE: Duration = Duration::from_secs(3600);
 
@@ -215,6 +217,37 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
                 tokio::select! {
                     _ = every.tick() => maintain_partitions(&store, retention).await,
                     () = stop.cancelled() => break,
+                }
+            }
+        });
+    }
+    // Customer erasures left pending (a crash, an outage, a request past its bound) are
+    // finished here, every few seconds, by the processes that run flushers; and audit
+    // events past DAPI_AUDIT_RETENTION leave. Never cancelled mid-pass (a transaction
+    // must not be dropped half-way): shutdown is checked between passes.
+    if roles.flusher {
+        let (staging, store, stop) = (staging.clone(), store.clone(), shutdown.clone());
+        let (replica_wait, grace) = (settings.replica_wait, settings.request_timeout * 2);
+        let audit_retention = settings.audit_retention;
+        tasks.spawn(async move {
+            let mut pass = 0_u64;
+            while !stop.is_cancelled() {
+                crate::erasure::finish_pending(&staging, &store, replica_wait, grace).await;
+                if let Some(retention) = audit_retention.filter(|_| pass.is_multiple_of(1800)) {
+                    match store.drop_old_audit(time::OffsetDateTime::now_utc() - retention).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(rows = n, "dropped audit events and receipts past DAPI_AUDIT_RETENTION")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %chain(&e), "could not drop old audit events; the next pass will")
+                        }
+                    }
+                }
+                pass += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(ERASURE_PASS) => {}
+                    () = stop.cancelled() => {}
                 }
             }
         });

@@ -161,8 +161,32 @@ pub struct SettingsArgs {
     )]
     pub read_tokens: Option<String>,
 
-    /// File of `ingest <token>` / `read <token>` lines (# comments allowed), merged with
-    /// the two token lists. No tokens at all: the service is open
+    /// Comma-separated bearer tokens of the privacy role: DELETE /customers/{id}, GET
+    /// /erasures/{id}, GET /audit and GET /consents/{id}, nothing else. Secret, like
+    /// DAPI_INGEST_TOKENS
+    #[arg(
+        long,
+        env = "DAPI_PRIVACY_TOKENS",
+        value_name = "TOKENS",
+        hide_env_values = true,
+        global = true
+    )]
+    pub privacy_tokens: Option<String>,
+
+    /// Audit events and completed erasure receipts older than this are deleted (unset:
+    /// kept for ever; at least DAPI_RETENTION plus 31 days, so that the proof of a grant
+    /// outlives its data). Pending receipts are never deleted
+    #[arg(
+        long,
+        env = "DAPI_AUDIT_RETENTION",
+        value_name = "DURATION",
+        hide_env_values = true,
+        global = true
+    )]
+    pub audit_retention: Option<String>,
+
+    /// File of `ingest <token>` / `read <token>` / `privacy <token>` lines (# comments
+    /// allowed), merged with the token lists. No tokens at all: the service is open
     #[arg(
         long,
         env = "DAPI_TOKENS_FILE",
@@ -300,6 +324,9 @@ pub struct Settings {
     pub staging_ttl: Duration,
     /// Delete consented messages older than this (`DAPI_RETENTION`; `None`: keep).
     pub retention: Option<Duration>,
+    /// Delete audit events and completed receipts older than this
+    /// (`DAPI_AUDIT_RETENTION`; `None`: keep).
+    pub audit_retention: Option<Duration>,
     pub max_text_bytes: usize,
     pub max_body_bytes: usize,
     pub flush_claim_idle: Duration,
@@ -357,14 +384,15 @@ impl std::fmt::Debug for Settings {
 pub struct Tokens {
     pub ingest: Vec<String>,
     pub read: Vec<String>,
+    pub privacy: Vec<String>,
 }
 
 impl Tokens {
     pub fn is_empty(&self) -> bool {
-        self.ingest.is_empty() && self.read.is_empty()
+        self.ingest.is_empty() && self.read.is_empty() && self.privacy.is_empty()
     }
 
-    /// Reads `role token` lines (`ingest` or `read`); blank lines and `#` comments are
+    /// Reads `role token` lines (`ingest`, `read` or `privacy`); blank lines and `#` comments are
     /// skipped. An error names the line, never its token.
     pub fn parse_file(text: &str) -> Result<Self, String> {
         let mut tokens = Tokens::default();
@@ -376,14 +404,20 @@ impl Tokens {
             let mut words = line.split_whitespace();
             let (Some(role), Some(token), None) = (words.next(), words.next(), words.next()) else {
                 return Err(format!(
-                    "line {}: expected `ingest <token>` or `read <token>`",
+                    "line {}: expected `ingest <token>`, `read <token>` or `privacy <token>`",
                     number + 1
                 ));
             };
             match role {
                 "ingest" => tokens.ingest.push(token.to_owned()),
                 "read" => tokens.read.push(token.to_owned()),
-                _ => return Err(format!("line {}: the role must be `ingest` or `read`", number + 1)),
+                "privacy" => tokens.privacy.push(token.to_owned()),
+                _ => {
+                    return Err(format!(
+                        "line {}: the role must be `ingest`, `read` or `privacy`",
+                        number + 1
+                    ));
+                }
             }
         }
         Ok(tokens)
@@ -395,6 +429,7 @@ impl std::fmt::Debug for Tokens {
         f.debug_struct("Tokens")
             .field("ingest", &self.ingest.len())
             .field("read", &self.read.len())
+            .field("privacy", &self.privacy.len())
             .finish()
     }
 }
@@ -468,6 +503,9 @@ impl TryFrom<SettingsArgs> for Settings {
             retention: given(args.retention.as_deref())
                 .map(|raw| duration("DAPI_RETENTION", raw))
                 .transpose()?,
+            audit_retention: given(args.audit_retention.as_deref())
+                .map(|raw| duration("DAPI_AUDIT_RETENTION", raw))
+                .transpose()?,
             max_text_bytes: number("DAPI_MAX_TEXT_BYTES", or(&args.max_text_bytes, default::MAX_TEXT_BYTES))?,
             max_body_bytes: number("DAPI_MAX_BODY_BYTES", or(&args.max_body_bytes, default::MAX_BODY_BYTES))?,
             flush_claim_idle: duration(
@@ -491,6 +529,7 @@ impl TryFrom<SettingsArgs> for Settings {
             tokens: tokens(
                 given(args.ingest_tokens.as_deref()),
                 given(args.read_tokens.as_deref()),
+                given(args.privacy_tokens.as_deref()),
                 given(args.tokens_file.as_deref()),
             )?,
             allow_open: boolean("DAPI_ALLOW_OPEN", or(&args.allow_open, default::ALLOW_OPEN))?,
@@ -535,6 +574,16 @@ impl Settings {
         }
         if self.retention.is_some_and(|r| r < Duration::from_secs(86_400)) {
             return Err(invalid("DAPI_RETENTION", "must be at least 1d"));
+        }
+        if let Some(audit) = self.audit_retention {
+            // The proof of a grant outlives its data: a month past the data's retention.
+            let floor = self.retention.unwrap_or(Duration::ZERO) + Duration::from_secs(31 * 86_400);
+            if self.retention.is_none() || audit < floor {
+                return Err(invalid(
+                    "DAPI_AUDIT_RETENTION",
+                    "must be at least DAPI_RETENTION plus 31 days (and needs DAPI_RETENTION set: without it the data is kept for ever, and so must its proof be)",
+                ));
+            }
         }
         if self.max_text_bytes == 0 {
             return Err(invalid("DAPI_MAX_TEXT_BYTES", "must be at least 1"));
@@ -722,7 +771,12 @@ fn host_name(from_env: Option<&str>) -> Result<String, ConfigError> {
 }
 
 /// Tokens from the two lists (comma-separated) and the file, merged.
-fn tokens(ingest: Option<&str>, read: Option<&str>, file: Option<&str>) -> Result<Tokens, ConfigError> {
+fn tokens(
+    ingest: Option<&str>,
+    read: Option<&str>,
+    privacy: Option<&str>,
+    file: Option<&str>,
+) -> Result<Tokens, ConfigError> {
     let list = |raw: Option<&str>| -> Vec<String> {
         raw.map(|v| {
             v.split(',')
@@ -736,6 +790,7 @@ fn tokens(ingest: Option<&str>, read: Option<&str>, file: Option<&str>) -> Resul
     let mut tokens = Tokens {
         ingest: list(ingest),
         read: list(read),
+        privacy: list(privacy),
     };
     if let Some(path) = file {
         let text = std::fs::read_to_string(path)
@@ -743,6 +798,7 @@ fn tokens(ingest: Option<&str>, read: Option<&str>, file: Option<&str>) -> Resul
         let from_file = Tokens::parse_file(&text).map_err(|reason| invalid("DAPI_TOKENS_FILE", &reason))?;
         tokens.ingest.extend(from_file.ingest);
         tokens.read.extend(from_file.read);
+        tokens.privacy.extend(from_file.privacy);
     }
     Ok(tokens)
 }
@@ -819,6 +875,9 @@ mod tests {
             ("DAPI_MAX_BODY_BYTES", "5000"),
             ("DAPI_INGEST_TOKENS", "i"),
             ("DAPI_READ_TOKENS", "r"),
+            ("DAPI_PRIVACY_TOKENS", "pv"),
+            ("DAPI_RETENTION", "30d"),
+            ("DAPI_AUDIT_RETENTION", "400d"),
             ("DAPI_ALLOW_OPEN", "yes"),
             ("DAPI_FLUSH_CLAIM_IDLE", "750ms"),
             ("DAPI_SHUTDOWN_TIMEOUT", "5"),
@@ -842,8 +901,19 @@ mod tests {
         assert_eq!(s.staging_ttl, Duration::from_secs(7200));
         assert_eq!((s.max_text_bytes, s.max_body_bytes), (100, 5000));
         assert_eq!(
-            (s.tokens.ingest.as_slice(), s.tokens.read.as_slice()),
-            (&["i".to_owned()][..], &["r".to_owned()][..])
+            (
+                s.tokens.ingest.as_slice(),
+                s.tokens.read.as_slice(),
+                s.tokens.privacy.as_slice()
+            ),
+            (&["i".to_owned()][..], &["r".to_owned()][..], &["pv".to_owned()][..])
+        );
+        assert_eq!(
+            (s.retention, s.audit_retention),
+            (
+                Some(Duration::from_secs(30 * 86_400)),
+                Some(Duration::from_secs(400 * 86_400))
+            )
         );
         assert!(s.allow_open);
         assert_eq!(s.flush_claim_idle, Duration::from_millis(750));
@@ -944,7 +1014,11 @@ mod tests {
     #[test]
     fn tokens_come_from_variables_and_a_file() {
         let dir = std::env::temp_dir().join(format!("dapi-tokens-{}", std::process::id()));
-        std::fs::write(&dir, "# tokens\ningest file-ingest\n\nread file-read\n").expect("writable temp dir"); // allow: test
+        std::fs::write(
+            &dir,
+            "# tokens\ningest file-ingest\n\nread file-read\nprivacy file-privacy\n",
+        )
+        .expect("writable temp dir"); // allow: test
         let path = dir.to_string_lossy().into_owned();
         let s = settings(&[
             ("DAPI_INGEST_TOKENS", "a, b,"),
@@ -954,16 +1028,29 @@ mod tests {
         .expect("valid"); // allow: test
         assert_eq!(s.tokens.ingest, ["a", "b", "file-ingest"]);
         assert_eq!(s.tokens.read, ["r", "file-read"]);
-        assert_eq!(format!("{:?}", s.tokens), "Tokens { ingest: 3, read: 2 }");
+        assert_eq!(s.tokens.privacy, ["file-privacy"]);
+        assert_eq!(format!("{:?}", s.tokens), "Tokens { ingest: 3, read: 2, privacy: 1 }");
         let _ = std::fs::remove_file(&dir);
     }
 
     #[test]
     fn a_bad_tokens_file_line_is_named_without_its_token() {
         let err = Tokens::parse_file("ingest ok\nadmin s3cret\n").expect_err("must fail");
-        assert_eq!(err, "line 2: the role must be `ingest` or `read`");
+        assert_eq!(err, "line 2: the role must be `ingest`, `read` or `privacy`");
         assert!(Tokens::parse_file("ingest").is_err());
         assert!(Tokens::parse_file("read a b").is_err());
+    }
+
+    #[test]
+    fn the_audit_is_kept_a_month_longer_than_the_data_or_dapi_refuses_to_start() {
+        for (retention, audit) in [(None, "400d"), (Some("30d"), "60d")] {
+            let mut vars = vec![("DAPI_AUDIT_RETENTION", audit)];
+            vars.extend(retention.map(|r| ("DAPI_RETENTION", r)));
+            let err = settings(&vars).expect_err(audit); // allow: test
+            assert!(err.to_string().starts_with("DAPI_AUDIT_RETENTION"), "{err}");
+        }
+        let s = settings(&[("DAPI_RETENTION", "30d"), ("DAPI_AUDIT_RETENTION", "61d")]).expect("valid"); // allow: test
+        assert_eq!(s.audit_retention, Some(Duration::from_secs(61 * 86_400)));
     }
 
     #[test]

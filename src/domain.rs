@@ -236,6 +236,38 @@ pub struct DialogState {
     pub unerased_refusal: Option<Refusal>,
     /// Staged messages in seq order (for a grant; empty for a refusal).
     pub messages: Vec<StagedMessage>,
+    /// What the audit trail still needs of this state (see [`Audit`]).
+    pub audit: Audit,
+}
+
+/// What the audit trail (GET /audit) needs of a state being written, beyond the state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Audit {
+    /// A grant whose event no transaction has written yet (Redis's meta `a`): written by
+    /// the one that first writes a decision at least as new to PostgreSQL — the grant's
+    /// flush, or a refusal that overtook it.
+    pub unwritten_grant: Option<GrantToAudit>,
+    /// The seqs of staged messages a refusal deleted from Redis: its event counts them
+    /// with what PostgreSQL erased, each once.
+    pub erased_staged: Vec<i64>,
+}
+
+/// A grant awaiting its audit event: its epoch and time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantToAudit {
+    pub epoch: i64,
+    pub decided_at_us: i64,
+}
+
+impl GrantToAudit {
+    /// Reads Redis's meta `a`: `<epoch>:<decided-at µs>`.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let (epoch, at) = raw.split_once(':')?;
+        Some(Self {
+            epoch: epoch.parse().ok()?,
+            decided_at_us: at.parse().ok()?,
+        })
+    }
 }
 
 /// A refusal as PostgreSQL must apply it: the epoch it was recorded under and when.

@@ -12,6 +12,7 @@
 //! - [`staging`] — the Redis keyspace, its Lua scripts and the flush queue.
 //! - [`store`] — PostgreSQL: migrations, the fenced batch write, reads and counts.
 //! - [`flusher`] — moves consented dialogs from `staging` to `store`.
+//! - [`erasure`] — erases a whole customer, and finishes every erasure left pending.
 //! - [`app`] — builds everything, runs it, stops it.
 
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@
 pub mod app;
 pub mod config;
 pub mod domain;
+pub mod erasure;
 pub mod flusher;
 pub mod http;
 pub mod staging;

@@ -55,6 +55,9 @@ pub const ERASED_MESSAGES: &str = "dapi_erased_messages_total";
 pub const STORE_ERRORS: &str = "dapi_store_errors_total";
 pub const FLUSH_QUARANTINED: &str = "dapi_flush_quarantined_total";
 pub const REQUEST_QUARANTINED: &str = "dapi_request_quarantined_total";
+pub const CUSTOMER_ERASURES: &str = "dapi_customer_erasures_total";
+pub const CUSTOMER_ERASURE_DURATION: &str = "dapi_customer_erasure_duration_seconds";
+pub const CUSTOMER_ERASURES_PENDING: &str = "dapi_customer_erasures_pending";
 pub const PARTITIONS_DROPPED: &str = "dapi_partitions_dropped_total";
 pub const REPLICA_LAG_BYTES: &str = "dapi_replica_lag_bytes";
 pub const REPLICA_LAG_SECONDS: &str = "dapi_replica_lag_seconds";
@@ -145,6 +148,19 @@ fn describe() {
     describe_counter!(
         REQUEST_QUARANTINED,
         "dialogs a request found holding Redis keys of a type dapi does not write there, and set aside (docs/operations.md, \"Quarantine\")"
+    );
+    describe_counter!(
+        CUSTOMER_ERASURES,
+        "customer erasures answered, by outcome: completed (200) or pending (503 erasure_pending)"
+    );
+    describe_histogram!(
+        CUSTOMER_ERASURE_DURATION,
+        Unit::Seconds,
+        "time a DELETE /customers/{customerId} took to answer"
+    );
+    describe_gauge!(
+        CUSTOMER_ERASURES_PENDING,
+        "customer erasures pending, as the last pass of the loop that finishes them found"
     );
     describe_counter!(FLUSH_BATCHES, "flush batches committed");
     describe_histogram!(

@@ -1,7 +1,10 @@
 //! Bearer-token access (docs/api.md, "Access"). Ingest tokens may POST /data and POST
-//! /consents; read tokens may GET /data. No or unknown token: 401 with
-//! `WWW-Authenticate: Bearer`; a token of the other role: 403. With no tokens configured
-//! the service is open. Tokens are compared in constant time and never logged.
+//! /consents; read tokens may GET /data; privacy tokens may erase customers and read
+//! receipts and the audit trail, and nothing else; all three may ask where a dialog's
+//! consent stands (a read token of granted dialogs only, which the handler checks). No
+//! or unknown token: 401 with `WWW-Authenticate: Bearer`; a token of another role: 403.
+//! With no tokens configured the service is open. Tokens are compared in constant time
+//! and never logged.
 
 use std::sync::Arc;
 
@@ -15,6 +18,21 @@ use crate::config::Tokens;
 pub enum Role {
     Ingest,
     Read,
+    Privacy,
+    /// `GET /consents/{dialogId}`: an ingest, a privacy or a read token.
+    Status,
+}
+
+/// Whose token a request carries, for the handlers that answer differently by role
+/// (`GET /consents/{dialogId}`: a read token sees granted dialogs only). The guard puts
+/// it in the request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// No tokens are configured: everyone may do everything.
+    Open,
+    Ingest,
+    Read,
+    Privacy,
 }
 
 /// The configured tokens, as bytes ready for comparison.
@@ -22,6 +40,7 @@ pub enum Role {
 pub struct Access {
     ingest: Arc<[Vec<u8>]>,
     read: Arc<[Vec<u8>]>,
+    privacy: Arc<[Vec<u8>]>,
 }
 
 impl std::fmt::Debug for Access {
@@ -29,6 +48,7 @@ impl std::fmt::Debug for Access {
         f.debug_struct("Access")
             .field("ingest", &self.ingest.len())
             .field("read", &self.read.len())
+            .field("privacy", &self.privacy.len())
             .finish()
     }
 }
@@ -39,31 +59,40 @@ impl Access {
         Self {
             ingest: bytes(&tokens.ingest),
             read: bytes(&tokens.read),
+            privacy: bytes(&tokens.privacy),
         }
     }
 
     pub fn is_open(&self) -> bool {
-        self.ingest.is_empty() && self.read.is_empty()
+        self.ingest.is_empty() && self.read.is_empty() && self.privacy.is_empty()
     }
 
-    /// Decides whether `authorization` (the header's value) may act as `role`.
-    pub fn check(&self, role: Role, authorization: Option<&[u8]>) -> Result<(), ApiError> {
+    /// Decides whether `authorization` (the header's value) may act as `role`, and whose
+    /// token it is.
+    pub fn check(&self, role: Role, authorization: Option<&[u8]>) -> Result<Caller, ApiError> {
         if self.is_open() {
-            return Ok(());
+            return Ok(Caller::Open);
         }
         let token = authorization.and_then(bearer_token).ok_or(ApiError::Unauthorized)?;
         // Compare against every token, whatever matches early, so the time taken says
         // nothing about which token (or how much of one) matched.
         let matches = |tokens: &[Vec<u8>]| {
-            tokens
-                .iter()
-                .fold(subtle::Choice::from(0), |hit, t| hit | t.as_slice().ct_eq(token))
+            bool::from(
+                tokens
+                    .iter()
+                    .fold(subtle::Choice::from(0), |hit, t| hit | t.as_slice().ct_eq(token)),
+            )
         };
-        let (is_ingest, is_read) = (bool::from(matches(&self.ingest)), bool::from(matches(&self.read)));
-        match (role, is_ingest, is_read) {
-            (Role::Ingest, true, _) | (Role::Read, _, true) => Ok(()),
-            (_, false, false) => Err(ApiError::Unauthorized),
-            _ => Err(ApiError::Forbidden),
+        let (ingest, read, privacy) = (matches(&self.ingest), matches(&self.read), matches(&self.privacy));
+        match role {
+            Role::Ingest if ingest => Ok(Caller::Ingest),
+            Role::Read if read => Ok(Caller::Read),
+            Role::Privacy if privacy => Ok(Caller::Privacy),
+            Role::Status if ingest => Ok(Caller::Ingest),
+            Role::Status if privacy => Ok(Caller::Privacy),
+            Role::Status if read => Ok(Caller::Read),
+            _ if ingest || read || privacy => Err(ApiError::Forbidden),
+            _ => Err(ApiError::Unauthorized),
         }
     }
 }
@@ -86,6 +115,7 @@ mod tests {
         Access::new(&Tokens {
             ingest: vec!["in-1".into(), "in-2".into()],
             read: vec!["rd".into()],
+            privacy: vec!["pv".into()],
         })
     }
 
@@ -94,6 +124,21 @@ mod tests {
         let a = access();
         assert!(a.check(Role::Ingest, Some(b"Bearer in-2")).is_ok());
         assert!(a.check(Role::Read, Some(b"bearer rd")).is_ok());
+        assert_eq!(a.check(Role::Privacy, Some(b"Bearer pv")).ok(), Some(Caller::Privacy));
+        assert_eq!(a.check(Role::Status, Some(b"Bearer rd")).ok(), Some(Caller::Read));
+        assert_eq!(a.check(Role::Status, Some(b"Bearer in-1")).ok(), Some(Caller::Ingest));
+        assert_eq!(a.check(Role::Status, Some(b"Bearer pv")).ok(), Some(Caller::Privacy));
+        for (role, token) in [
+            (Role::Ingest, &b"Bearer pv"[..]),
+            (Role::Read, b"Bearer pv"),
+            (Role::Privacy, b"Bearer in-1"),
+            (Role::Privacy, b"Bearer rd"),
+        ] {
+            assert!(
+                matches!(a.check(role, Some(token)), Err(ApiError::Forbidden)),
+                "{role:?}"
+            );
+        }
         assert!(matches!(
             a.check(Role::Read, Some(b"Bearer in-1")),
             Err(ApiError::Forbidden)

@@ -16,8 +16,8 @@ use serde::Serialize;
 
 use super::extract::{ConsentPath, JsonBody};
 use super::{ApiError, AppState};
-use crate::domain::{CustomerId, Decision, DialogState, Refusal, parse_consent};
-use crate::staging::Revival;
+use crate::domain::{Audit, CustomerId, Decision, DialogState, Refusal, parse_consent};
+use crate::staging::{Decided, Revival};
 use crate::store::{HeldDialog, StoreError};
 use crate::telemetry;
 
@@ -60,9 +60,9 @@ pub async fn decide(
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<ConsentAnswer>), ApiError> {
     let approved = parse_consent(&body).map_err(ApiError::InvalidBody)?;
-    let recorded = match state.staging.decide(dialog, approved, None).await? {
-        Some(recorded) => recorded,
-        None => {
+    let recorded = match state.staging.decide(dialog, approved, None, None).await? {
+        Decided::Recorded(recorded) => recorded,
+        Decided::Unknown | Decided::OtherCustomer => {
             // Redis does not know the dialog; PostgreSQL may still hold a decision of it
             // (Redis lost its data): the dialog is known. Bring it back — a grant so its
             // seqs keep counting, a refusal with nothing stored — and record the decision.
@@ -72,8 +72,13 @@ pub async fn decide(
                 Ok(Some(HeldDialog::Granted(granted))) => Revival {
                     customer: granted.customer,
                     last_seq: granted.last_seq,
+                    standing: Some(Decision::Granted),
                 },
-                Ok(Some(HeldDialog::Refused { customer, .. })) => Revival { customer, last_seq: 0 },
+                Ok(Some(HeldDialog::Refused { customer, .. })) => Revival {
+                    customer,
+                    last_seq: 0,
+                    standing: Some(Decision::Refused),
+                },
                 Ok(None) => return Err(ApiError::DialogNotFound),
                 // A refusal must hold even when PostgreSQL cannot say whose dialog it
                 // is: record it in Redis for an unknown customer, so that it is
@@ -81,14 +86,14 @@ pub async fn decide(
                 Err(e) if !approved && e.is_unavailable() => Revival {
                     customer: CustomerId::UNKNOWN,
                     last_seq: 0,
+                    standing: None,
                 },
                 Err(e) => return Err(e.into()),
             };
-            state
-                .staging
-                .decide(dialog, approved, Some(revival))
-                .await?
-                .ok_or(ApiError::DialogNotFound)?
+            match state.staging.decide(dialog, approved, Some(revival), None).await? {
+                Decided::Recorded(recorded) => recorded,
+                Decided::Unknown | Decided::OtherCustomer => return Err(ApiError::DialogNotFound),
+            }
         }
     };
     let answer = Json(ConsentAnswer {
@@ -99,6 +104,10 @@ pub async fn decide(
         return Ok((StatusCode::ACCEPTED, answer));
     }
     let refusal = DialogState {
+        audit: Audit {
+            unwritten_grant: recorded.unwritten_grant,
+            erased_staged: recorded.erased_staged.clone(),
+        },
         dialog,
         customer: recorded.customer,
         decision: Decision::Refused,

@@ -31,7 +31,7 @@ pub struct MessageOut {
     message_id: Option<String>,
 }
 
-const RFC3339_MICROS: &[FormatItem<'static>] =
+pub(super) const RFC3339_MICROS: &[FormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 
 impl From<StoredMessage> for MessageOut {
@@ -105,18 +105,18 @@ pub struct ListParams {
 
 /// The query string of GET /data, parsed. Django's `QueryDict.get` takes the last of
 /// repeated parameters; so do we.
-struct ListQuery {
+pub(super) struct ListQuery {
     pairs: Vec<(String, String)>,
 }
 
 impl ListQuery {
-    fn parse(raw: Option<&str>) -> Self {
+    pub(super) fn parse(raw: Option<&str>) -> Self {
         // form-urlencoded parsing never fails: bad escapes are kept as they are.
         let pairs = serde_urlencoded::from_str(raw.unwrap_or_default()).unwrap_or_default();
         Self { pairs }
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(super) fn get(&self, name: &str) -> Option<&str> {
         self.pairs
             .iter()
             .rev()
@@ -125,7 +125,7 @@ impl ListQuery {
     }
 
     /// A parameter that is absent or empty counts as not given.
-    fn given(&self, name: &str) -> Option<&str> {
+    pub(super) fn given(&self, name: &str) -> Option<&str> {
         self.get(name).filter(|v| !v.is_empty())
     }
 
@@ -147,7 +147,7 @@ impl ListQuery {
         Ok(Some(Filter { language, customer }))
     }
 
-    fn page_size(&self) -> Result<i64, ApiError> {
+    pub(super) fn page_size(&self) -> Result<i64, ApiError> {
         match self.given("pageSize") {
             None => Ok(DEFAULT_PAGE_SIZE),
             Some(raw) => raw
@@ -178,7 +178,7 @@ impl ListQuery {
 
     /// An absolute link to this resource with `name` set to `value` (or removed), the
     /// other parameters kept, in key order as Django REST framework writes them.
-    fn link(&self, base: &str, name: &str, value: Option<String>) -> String {
+    pub(super) fn link(&self, base: &str, name: &str, value: Option<String>) -> String {
         let mut pairs: Vec<(&str, &str)> = self
             .pairs
             .iter()
@@ -290,7 +290,7 @@ fn past_last() -> ApiError {
 }
 
 /// The request's Host, when it is a plausible authority; else `localhost`.
-fn host_of(headers: &HeaderMap) -> &str {
+pub(super) fn host_of(headers: &HeaderMap) -> &str {
     headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())

@@ -49,6 +49,12 @@ pub enum ApiError {
     ConsentRefused,
     #[error("no dialog with this id is known: post a message to it first")]
     DialogNotFound,
+    #[error("no erasure with this id: an erasureId is matched exactly as dapi issued it")]
+    ErasureNotFound,
+    #[error(
+        "the erasure is recorded and under way: nothing more of the customer is flushed and its dialogs refuse new messages; dapi finishes it by itself (its receipt is in `erasure`; GET /erasures/{{erasureId}} follows it), and repeating this call answers the same receipt"
+    )]
+    CustomerErasurePending(Box<serde_json::Value>),
     #[error("no such resource; /openapi.json of a dapi serving the API lists its paths")]
     NotFound,
     #[error("this method is not allowed on this resource")]
@@ -114,6 +120,7 @@ impl ApiError {
             E::CustomerMismatch => (StatusCode::CONFLICT, "customer_mismatch"),
             E::ConsentRefused => (StatusCode::CONFLICT, "consent_refused"),
             E::DialogNotFound => (StatusCode::NOT_FOUND, "dialog_not_found"),
+            E::ErasureNotFound => (StatusCode::NOT_FOUND, "erasure_not_found"),
             E::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             E::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             E::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
@@ -126,7 +133,9 @@ impl ApiError {
             E::Store(e) if e.is_unavailable() => (StatusCode::SERVICE_UNAVAILABLE, "postgres_unavailable"),
             // Whatever PostgreSQL answered, the refusal holds in Redis and the flusher
             // finishes the erasure: the client's truth is "pending", never a 500.
-            E::ErasurePending(_) | E::ReplicaBehind => (StatusCode::SERVICE_UNAVAILABLE, "erasure_pending"),
+            E::ErasurePending(_) | E::ReplicaBehind | E::CustomerErasurePending(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "erasure_pending")
+            }
             E::Staging(_) | E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -143,7 +152,10 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let detail = self.public_detail();
-        problem(status, code, &detail)
+        match self {
+            ApiError::CustomerErasurePending(receipt) => problem_with(status, code, &detail, Some(*receipt)),
+            _ => problem(status, code, &detail),
+        }
     }
 }
 
@@ -182,16 +194,26 @@ pub struct Problem<'a> {
     status: u16,
     code: &'a str,
     detail: &'a str,
+    /// The erasure receipt, on `erasure_pending` answers of DELETE /customers/{customerId}.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    erasure: Option<serde_json::Value>,
 }
 
 /// Builds a problem+json answer.
 pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
+    problem_with(status, code, detail, None)
+}
+
+/// Builds a problem+json answer carrying an erasure receipt.
+fn problem_with(status: StatusCode, code: &str, detail: &str, erasure: Option<serde_json::Value>) -> Response {
     let body = Problem {
         kind: "about:blank",
         title: status.canonical_reason().unwrap_or("Error"),
         status: status.as_u16(),
         code,
         detail,
+        erasure,
     };
     let mut response = (status, Json(body)).into_response();
     let headers = response.headers_mut();

@@ -31,6 +31,25 @@ impl<S: Send + Sync> FromRequestParts<S> for DataPath {
     }
 }
 
+/// `/customers/{customerId}`.
+#[derive(Debug, Clone, Copy)]
+pub struct CustomerPath {
+    pub customer: CustomerId,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CustomerPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(customer) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::InvalidId(crate::domain::Invalid::Id("customerId")))?;
+        Ok(Self {
+            customer: CustomerId::parse(&customer).map_err(ApiError::InvalidId)?,
+        })
+    }
+}
+
 /// `/consents/{dialogId}`.
 #[derive(Debug, Clone, Copy)]
 pub struct ConsentPath {

@@ -40,13 +40,16 @@ pub struct Guard {
 
 /// Middleware (one per request, for speed): admit the request if there is room, check
 /// its token, and bound its time.
-pub async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+pub async fn guard(State(guard): State<Guard>, mut request: Request, next: Next) -> Response {
     let Ok(_permit) = guard.limits.in_flight.try_acquire() else {
         return ApiError::Overloaded.into_response();
     };
     let authorization = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    if let Err(denied) = guard.access.check(guard.role, authorization) {
-        return denied.into_response();
+    match guard.access.check(guard.role, authorization) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+        }
+        Err(denied) => return denied.into_response(),
     }
     match tokio::time::timeout(guard.limits.timeout, next.run(request)).await {
         Ok(response) => response,

@@ -15,9 +15,10 @@ mod limits;
 mod observe;
 mod openapi;
 mod ops;
+mod privacy;
 mod recent;
 
-pub use access::{Access, Role};
+pub use access::{Access, Caller, Role};
 pub use error::{ApiError, problem};
 
 use std::sync::Arc;
@@ -109,7 +110,15 @@ fn routes(
             .layer(from_fn(encoding::spell_out_any_coding))
             .layer(encoding::encoding()),
     );
-    let api = ingest.merge(read);
+    let privacy = OpenApiRouter::new()
+        .routes(routes!(privacy::erase_customer))
+        .routes(routes!(privacy::erasure_receipt))
+        .routes(routes!(privacy::audit))
+        .route_layer(from_fn_with_state(guard(Role::Privacy), limits::guard));
+    let status = OpenApiRouter::new()
+        .routes(routes!(privacy::consent_status))
+        .route_layer(from_fn_with_state(guard(Role::Status), limits::guard));
+    let api = ingest.merge(read).merge(privacy).merge(status);
     let operations = operations().routes(routes!(ops::openapi));
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(api)

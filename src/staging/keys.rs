@@ -198,6 +198,18 @@ impl Keyspace {
             .and_then(|k| Shard::try_from(k).ok())
     }
 
+    /// The index of `customer`'s dialogs in `shard`: dialog id → the deadline (ms) its keys
+    /// were last set to expire by (written by ingest.lua and consent.lua).
+    pub fn customer_index(&self, shard: Shard, customer: i64) -> String {
+        format!("{}:c{customer}", self.shard_prefixes[usize::from(shard)])
+    }
+
+    /// Erasures PostgreSQL could not record, kept until it can (`erasure_record.lua`):
+    /// one fixed key, in the first shard's slot.
+    pub fn erasure_records(&self) -> String {
+        format!("{}:erasures", self.shard_prefixes[0])
+    }
+
     /// Dialog id → `<unix seconds> <reason>` of every dialog of the shard set aside.
     pub fn quarantine_index(&self, shard: Shard) -> String {
         format!("{}:quarantine", self.shard_prefixes[usize::from(shard)])

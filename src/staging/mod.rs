@@ -82,7 +82,7 @@ use std::time::Duration;
 use redis::{FromRedisValue, Script, ScriptInvocation};
 use tokio::sync::OnceCell;
 
-use crate::domain::{CustomerId, Decision, DialogId, IncomingMessage};
+use crate::domain::{CustomerId, Decision, DialogId, GrantToAudit, IncomingMessage};
 
 /// How long a `messageId` is remembered per dialog unless configured otherwise.
 pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
@@ -190,11 +190,15 @@ pub enum Create {
 }
 
 /// A decision as recorded in Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
     pub epoch: i64,
     pub customer: CustomerId,
     pub decided_at_us: i64,
+    /// A grant whose audit event no flush has written yet (a refusal overtook it).
+    pub unwritten_grant: Option<GrantToAudit>,
+    /// The seqs of the staged (and quarantined) messages a refusal deleted.
+    pub erased_staged: Vec<i64>,
 }
 
 /// A stream entry as XRANGE answers it: id and field/value pairs.
@@ -213,6 +217,39 @@ pub struct QueueStats {
 pub struct Revival {
     pub customer: CustomerId,
     pub last_seq: i64,
+    /// The decision PostgreSQL holds (`None`: none, as for a refusal recorded while
+    /// PostgreSQL could not be asked): the standing one a new decision is compared with.
+    pub standing: Option<Decision>,
+}
+
+/// Where a dialog stands in Redis ([`Staging::status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedStatus {
+    pub customer: CustomerId,
+    pub decision: Decision,
+    /// When the latest decision was recorded (µs; for a pending dialog, its creation).
+    pub decided_at_us: i64,
+    /// The seqs of its staged messages, in order.
+    pub staged: Vec<i64>,
+}
+
+/// An erasure PostgreSQL could not record, kept in Redis until it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErasureRecord {
+    pub customer: CustomerId,
+    pub erasure_id: uuid::Uuid,
+    pub requested_at_us: i64,
+}
+
+/// What [`Staging::decide`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decided {
+    Recorded(Recorded),
+    /// Redis does not know the dialog and no revival was given: nothing recorded.
+    Unknown,
+    /// The dialog belongs to another customer than the one the call named: nothing
+    /// recorded.
+    OtherCustomer,
 }
 
 /// The request path's handle on Redis: one multiplexed, self-reconnecting connection
@@ -250,6 +287,9 @@ impl std::fmt::Debug for Staging {
 struct Scripts {
     ingest: Script,
     consent: Script,
+    customer_dialogs: Script,
+    status: Script,
+    erasure_record: Script,
     finish: Script,
     expire: Script,
     relocate: Script,
@@ -291,6 +331,9 @@ impl Staging {
             scripts: Arc::new(Scripts {
                 ingest: Script::new(include_str!("lua/ingest.lua")),
                 consent: Script::new(include_str!("lua/consent.lua")),
+                customer_dialogs: Script::new(include_str!("lua/customer_dialogs.lua")),
+                status: Script::new(include_str!("lua/status.lua")),
+                erasure_record: Script::new(include_str!("lua/erasure_record.lua")),
                 finish: Script::new(include_str!("lua/finish.lua")),
                 expire: Script::new(include_str!("lua/expire.lua")),
                 relocate: Script::new(include_str!("lua/relocate.lua")),
@@ -497,14 +540,16 @@ impl Staging {
         self
     }
 
-    /// Records a decision. Returns `None` when Redis knows nothing of the dialog and no
-    /// `revival` was given; with one, the dialog is re-created from it first.
+    /// Records a decision. With a `revival`, a dialog Redis knows nothing of is
+    /// re-created from it first; with `only_for`, a dialog of another customer is left
+    /// alone.
     pub async fn decide(
         &self,
         dialog: DialogId,
         approved: bool,
         revival: Option<Revival>,
-    ) -> Result<Option<Recorded>, StagingError> {
+        only_for: Option<CustomerId>,
+    ) -> Result<Decided, StagingError> {
         self.layout_ready().await?;
         let d = dialog.get();
         let mut invocation = self.scripts.consent.prepare_invoke();
@@ -519,10 +564,15 @@ impl Staging {
             .arg(if approved { Decision::Granted } else { Decision::Refused }.letter())
             .arg(self.ttl_ms);
         match revival {
-            Some(r) => invocation.arg(r.customer.get()).arg(r.last_seq),
-            None => invocation.arg("").arg(0),
+            Some(r) => invocation
+                .arg(r.customer.get())
+                .arg(r.last_seq)
+                .arg(r.standing.map_or("", Decision::letter)),
+            None => invocation.arg("").arg(0).arg(""),
         };
-        let (status, epoch, customer, decided_at_us, aside): (String, i64, i64, i64, String) =
+        invocation.arg(only_for.map_or(String::new(), |c| c.get().to_string()));
+        type Reply = (String, i64, i64, i64, String, String, Vec<i64>);
+        let (status, epoch, customer, decided_at_us, aside, unaudited, erased_staged): Reply =
             self.invoke_acknowledged(Keyspace::shard_of(d), &invocation).await?;
         if aside == "set-aside" {
             metrics::counter!(crate::telemetry::REQUEST_QUARANTINED).increment(1);
@@ -532,11 +582,146 @@ impl Staging {
                  removed it, a grant set it aside (docs/operations.md, \"Quarantine\")"
             );
         }
-        Ok((status == "ok").then_some(Recorded {
-            epoch,
+        Ok(match status.as_str() {
+            "ok" => Decided::Recorded(Recorded {
+                epoch,
+                customer: CustomerId::from_stored(customer),
+                decided_at_us,
+                unwritten_grant: GrantToAudit::parse(&unaudited),
+                erased_staged,
+            }),
+            "other" => Decided::OtherCustomer,
+            "unknown" => Decided::Unknown,
+            _ => return Err(StagingError::Corrupt("consent reply")),
+        })
+    }
+
+    /// The dialogs Redis holds indexed under `customer`, in every shard (one script call
+    /// per slot group, at once): the staged dialogs an erasure must refuse. A dialog may
+    /// be named that belongs to another customer by now; [`Staging::decide`] with
+    /// `only_for` leaves such a one alone.
+    pub async fn customer_dialogs(&self, customer: CustomerId) -> Result<Vec<DialogId>, StagingError> {
+        let calls = self.keys.shard_groups().into_iter().map(|group| {
+            let mut invocation = self.scripts.customer_dialogs.prepare_invoke();
+            for shard in group {
+                invocation.key(self.keys.customer_index(shard, customer.get()));
+            }
+            let mut conn = self.conn.clone();
+            async move { self.bounded(invocation.invoke_async::<Vec<i64>>(&mut conn)).await }
+        });
+        let mut dialogs = Vec::new();
+        for found in futures_util::future::join_all(calls).await {
+            dialogs.extend(found?.into_iter().map(DialogId::from_stored));
+        }
+        dialogs.sort_unstable();
+        dialogs.dedup();
+        Ok(dialogs)
+    }
+
+    /// Where `dialog` stands in Redis; `None` when Redis does not know it.
+    pub async fn status(&self, dialog: DialogId) -> Result<Option<StagedStatus>, StagingError> {
+        let d = dialog.get();
+        let mut invocation = self.scripts.status.prepare_invoke();
+        invocation.key(self.keys.meta(d)).key(self.keys.msgs(d));
+        let mut conn = self.conn.clone();
+        let reply: Vec<redis::Value> = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+            _ => None,
+        };
+        let [customer, decision, at, seqs] = reply.as_slice() else {
+            return Ok(None);
+        };
+        let (Some(customer), Some(decision)) = (
+            text(customer).and_then(|c| c.parse::<i64>().ok()),
+            text(decision)
+                .as_deref()
+                .and_then(|d| Decision::from_letter(d.as_bytes())),
+        ) else {
+            return Ok(None);
+        };
+        let staged = match seqs {
+            redis::Value::Array(items) => items.iter().filter_map(|v| text(v)?.parse().ok()).collect(),
+            _ => Vec::new(),
+        };
+        Ok(Some(StagedStatus {
             customer: CustomerId::from_stored(customer),
-            decided_at_us,
+            decision,
+            decided_at_us: text(at).and_then(|t| t.parse().ok()).unwrap_or_default(),
+            staged,
         }))
+    }
+
+    /// Records the erasure of `customer` in Redis (PostgreSQL being away), or finds the
+    /// one recorded already.
+    pub async fn record_erasure(
+        &self,
+        customer: CustomerId,
+        id: uuid::Uuid,
+        now_us: i64,
+    ) -> Result<ErasureRecord, StagingError> {
+        let mut invocation = self.scripts.erasure_record.prepare_invoke();
+        invocation
+            .key(self.keys.erasure_records())
+            .arg(customer.get())
+            .arg(id.hyphenated().to_string())
+            .arg(now_us);
+        let mut conn = self.conn.clone();
+        let record: String = self.bounded(invocation.invoke_async(&mut conn)).await?;
+        parse_record(customer.get(), &record).ok_or(StagingError::Corrupt("erasure record"))
+    }
+
+    /// The erasure recorded in Redis under `id`, if any.
+    pub async fn erasure_record(&self, id: uuid::Uuid) -> Result<Option<ErasureRecord>, StagingError> {
+        let mut conn = self.conn.clone();
+        let field = format!("e{}", id.hyphenated());
+        let raw: Option<String> = self
+            .bounded(
+                redis::cmd("HGET")
+                    .arg(self.keys.erasure_records())
+                    .arg(field)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(raw.and_then(|raw| {
+            let (customer, at) = raw.split_once(' ')?;
+            Some(ErasureRecord {
+                customer: CustomerId::from_stored(customer.parse().ok()?),
+                erasure_id: id,
+                requested_at_us: at.parse().ok()?,
+            })
+        }))
+    }
+
+    /// Every erasure recorded in Redis.
+    pub async fn erasure_records(&self) -> Result<Vec<ErasureRecord>, StagingError> {
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, String)> = self
+            .bounded(
+                redis::cmd("HGETALL")
+                    .arg(self.keys.erasure_records())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(all
+            .iter()
+            .filter_map(|(field, value)| parse_record(field.strip_prefix('c')?.parse().ok()?, value))
+            .collect())
+    }
+
+    /// Forgets an erasure recorded in Redis (PostgreSQL holds it now).
+    pub async fn forget_erasure_record(&self, record: &ErasureRecord) -> Result<(), StagingError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .bounded(
+                redis::cmd("HDEL")
+                    .arg(self.keys.erasure_records())
+                    .arg(format!("c{}", record.customer.get()))
+                    .arg(format!("e{}", record.erasure_id.hyphenated()))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Tells Redis that PostgreSQL has applied the refusal recorded under `epoch`: the
@@ -643,6 +828,16 @@ impl Staging {
             Err(_) => Err(StagingError::Timeout),
         }
     }
+}
+
+/// A customer's erasure record, `<erasure id> <requested-at µs>`.
+fn parse_record(customer: i64, raw: &str) -> Option<ErasureRecord> {
+    let (id, at) = raw.split_once(' ')?;
+    Some(ErasureRecord {
+        customer: CustomerId::from_stored(customer),
+        erasure_id: uuid::Uuid::parse_str(id).ok()?,
+        requested_at_us: at.parse().ok()?,
+    })
 }
 
 /// The ingest script's answer: one integer per message, `seq * 32 + status * 4 +

@@ -56,7 +56,9 @@ use redis::{Script, Value};
 use tokio::time::Instant;
 
 use super::{Connector, GROUP, Keyspace, RedisConn, SHARDS, Shard, StagingError, Timeouts, ttl_millis};
-use crate::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage, TakeBack};
+use crate::domain::{
+    Audit, CustomerId, Decision, DialogId, DialogState, GrantToAudit, Refusal, StagedMessage, TakeBack,
+};
 
 /// How often a flusher looks for consumers that are gone.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -732,6 +734,7 @@ fn read_snapshot(dialog: i64, fields: &[Value]) -> Option<Snapshot> {
         unverified,
         messages,
         life,
+        unwritten_grant,
     ] = fields
     else {
         return unreadable("the snapshot answer has the wrong shape");
@@ -783,8 +786,22 @@ fn read_snapshot(dialog: i64, fields: &[Value]) -> Option<Snapshot> {
             None => return unreadable("life stamp is not text"),
         },
     };
+    let unwritten_grant = match unwritten_grant {
+        Value::Nil => None,
+        other => match bytes(other)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(GrantToAudit::parse)
+        {
+            Some(grant) => Some(grant),
+            None => return unreadable("the grant awaiting its audit event is not one dapi writes"),
+        },
+    };
     Some(Snapshot::Ready(
         DialogState {
+            audit: Audit {
+                unwritten_grant,
+                erased_staged: Vec::new(),
+            },
             dialog: DialogId::from_stored(dialog),
             customer: CustomerId::from_stored(customer),
             decision,

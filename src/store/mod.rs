@@ -68,14 +68,15 @@ use time::OffsetDateTime;
 
 use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState, Refusal, TakeBack};
 
+pub mod erasure;
 mod lookup;
 pub mod retention;
 pub mod sql;
 
 use sql::{
-    AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS,
-    DELETE_DIALOGS_MESSAGES, INSERT_MESSAGES, NEWER_DECISIONS, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE,
-    PAGE_BY_LANGUAGE, PING, RAISE_LAST_SEQ, REFUSED_AT, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
+    AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS, ERASE_DIALOGS_ROWS,
+    INSERT_MESSAGES, MARK_ERASED, NEWER_DECISIONS, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE,
+    PAGE_BY_LANGUAGE, PING, PRIOR_DECISIONS, RAISE_LAST_SEQ, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -348,6 +349,327 @@ async fn known_in(
     Ok(Known { dialogs, message_ids })
 }
 
+/// What PostgreSQL holds of a dialog before a transaction writes it.
+#[derive(Debug, Clone, Copy)]
+struct Prior {
+    refused: bool,
+    epoch: i64,
+    decided_at_us: i64,
+}
+
+/// The decisions PostgreSQL holds of the dialogs `states` write, read (and locked) first:
+/// the fence's outcome for the audit trail, and the refusals a grant replaces.
+async fn prior_decisions(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    states: &[&DialogState],
+) -> Result<HashMap<i64, Prior>, StoreError> {
+    let rows: Vec<(i64, bool, i64, OffsetDateTime)> = sqlx::query_as(PRIOR_DECISIONS)
+        .persistent(false)
+        .bind(states.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(dialog, refused, epoch, at)| {
+            let decided_at_us = micros_of(at);
+            (
+                dialog,
+                Prior {
+                    refused,
+                    epoch,
+                    decided_at_us,
+                },
+            )
+        })
+        .collect())
+}
+
+/// The event of a grant that no transaction has written yet, if `state` carries one newer
+/// than what PostgreSQL held (`prior`).
+fn grant_event(state: &DialogState, prior: Option<&Prior>) -> Option<erasure::Event> {
+    let grant = state.audit.unwritten_grant?;
+    (prior.is_none_or(|p| p.epoch < grant.epoch)).then(|| erasure::Event {
+        at: time_of(grant.decided_at_us),
+        event: "granted",
+        customer: Some(state.customer.get()),
+        dialog: Some(state.dialog.get()),
+        messages: None,
+        erasure: None,
+    })
+}
+
+/// Step 1: refusals not yet applied, each erasing its whole dialog if it takes, with
+/// their audit events (a grant one overtook first, then the refusal's own, unless
+/// PostgreSQL held a refusal already).
+async fn apply_refusals(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    states: &[&DialogState],
+    shard: i16,
+    prior: &mut HashMap<i64, Prior>,
+    applied: &mut Applied,
+    events: &mut Vec<erasure::Event>,
+) -> Result<(), StoreError> {
+    let refusals: Vec<(&DialogState, Refusal)> = states
+        .iter()
+        .filter_map(|s| s.unerased_refusal.map(|r| (*s, r)))
+        .collect();
+    if refusals.is_empty() {
+        return Ok(());
+    }
+    let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
+        .bind(refusals.iter().map(|(s, _)| s.dialog.get()).collect::<Vec<_>>())
+        .bind(refusals.iter().map(|(s, _)| s.customer.get()).collect::<Vec<_>>())
+        .bind(vec![Decision::Refused.as_str(); refusals.len()])
+        .bind(refusals.iter().map(|(_, r)| r.epoch).collect::<Vec<_>>())
+        .bind(
+            refusals
+                .iter()
+                .map(|(_, r)| time_of(r.decided_at_us))
+                .collect::<Vec<_>>(),
+        )
+        .bind(vec![0_i64; refusals.len()])
+        .fetch_all(&mut **tx)
+        .await?;
+    applied.fenced += (refusals.len() - took.len()) as u64;
+    if took.is_empty() {
+        return Ok(());
+    }
+    // Never a sequential scan of `messages`, whatever the statistics: see
+    // `ERASE_DIALOGS_ROWS`.
+    sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut **tx).await?;
+    let rows: Vec<(i64, i64)> = sqlx::query_as(ERASE_DIALOGS_ROWS)
+        .persistent(false)
+        .bind(&took)
+        .bind(shard)
+        .fetch_all(&mut **tx)
+        .await?;
+    sqlx::query(MARK_ERASED).bind(&took).execute(&mut **tx).await?;
+    applied.erased = rows.len() as u64;
+    let mut erased: HashMap<i64, BTreeSet<i64>> = HashMap::new();
+    for (dialog, seq) in rows {
+        erased.entry(dialog).or_default().insert(seq);
+    }
+    for (state, refusal) in refusals.iter().filter(|(s, _)| took.contains(&s.dialog.get())) {
+        let dialog = state.dialog.get();
+        let before = prior.get(&dialog).copied();
+        let grant = grant_event(state, before.as_ref());
+        let customer = (state.customer.get() >= 0).then(|| state.customer.get());
+        if before.is_none_or(|p| !p.refused) || grant.is_some() {
+            let mut seqs = erased.remove(&dialog).unwrap_or_default();
+            seqs.extend(&state.audit.erased_staged);
+            events.extend(grant);
+            events.push(erasure::Event {
+                at: time_of(refusal.decided_at_us),
+                event: "refused",
+                customer,
+                dialog: Some(dialog),
+                messages: Some(seqs.len() as i64),
+                erasure: None,
+            });
+        }
+        prior.insert(
+            dialog,
+            Prior {
+                refused: true,
+                epoch: refusal.epoch,
+                decided_at_us: refusal.decided_at_us,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Step 2: grants, and their messages where the grant took (see [`Store::apply_claiming`]
+/// for the claim), with a grant's audit event when this is the transaction that first
+/// writes it. A customer whose erasure is pending has nothing flushed: its dialogs stay
+/// queued until the erasure completes.
+async fn apply_grants(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    states: &[&DialogState],
+    shard: i16,
+    claim: &ClaimFn<'_>,
+    prior: &HashMap<i64, Prior>,
+    applied: &mut Applied,
+    events: &mut Vec<erasure::Event>,
+) -> Result<(), StoreError> {
+    let grants: Vec<&DialogState> = states
+        .iter()
+        .copied()
+        .filter(|s| s.decision == Decision::Granted)
+        .collect();
+    if grants.is_empty() {
+        return Ok(());
+    }
+    let mut customers: Vec<i64> = grants.iter().map(|s| s.customer.get()).collect();
+    customers.sort_unstable();
+    customers.dedup();
+    let erasing = Store::customers_being_erased(tx, &customers).await?;
+    let grants: Vec<&DialogState> = grants
+        .into_iter()
+        .filter(|s| !erasing.contains(&s.customer.get()))
+        .collect();
+    if grants.is_empty() {
+        return Ok(());
+    }
+    let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
+        .bind(grants.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+        .bind(grants.iter().map(|s| s.customer.get()).collect::<Vec<_>>())
+        .bind(vec![Decision::Granted.as_str(); grants.len()])
+        .bind(grants.iter().map(|s| s.epoch).collect::<Vec<_>>())
+        .bind(grants.iter().map(|s| time_of(s.decided_at_us)).collect::<Vec<_>>())
+        // The highest seq this batch writes (a message it skips below only leaves a gap:
+        // the dialog's next seq is higher, never reused).
+        .bind(
+            grants
+                .iter()
+                .map(|s| s.messages.iter().map(|m| m.seq).max().unwrap_or(0))
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut **tx)
+        .await?;
+    applied.fenced += (grants.len() - took.len()) as u64;
+    applied.granted = took.into_iter().collect();
+    let fenced: Vec<i64> = grants
+        .iter()
+        .map(|s| s.dialog.get())
+        .filter(|d| !applied.granted.contains(d))
+        .collect();
+    if !fenced.is_empty() {
+        applied.newer_in_store = newer_decisions(tx, &fenced).await?;
+    }
+    let written: Vec<&DialogState> = grants
+        .into_iter()
+        .filter(|s| applied.granted.contains(&s.dialog.get()))
+        .collect();
+    events.extend(
+        written
+            .iter()
+            .filter_map(|s| grant_event(s, prior.get(&s.dialog.get()))),
+    );
+    let count = written.iter().map(|s| s.messages.len()).sum();
+    if count == 0 {
+        return Ok(());
+    }
+    let renumbered = renumber_claimed(tx, &written, claim).await?;
+    applied.renumbered = renumbered.iter().map(|s| s.dialog.get()).collect();
+    let written: Vec<&DialogState> = written
+        .into_iter()
+        .map(|s| renumbered.iter().find(|r| r.dialog == s.dialog).unwrap_or(s))
+        .collect();
+    let copies = copies_of_stored_ids(tx, &written).await?;
+    let mut cols = MessageColumns::with_capacity(count);
+    for s in &written {
+        // A message received before its dialog's refusal was erased by it and must never
+        // come back, even when Redis still holds it (a failover lost the refusal there)
+        // and a later grant takes.
+        let erased_before = prior
+            .get(&s.dialog.get())
+            .filter(|p| p.refused)
+            .map_or(i64::MIN, |p| p.decided_at_us);
+        for m in s
+            .messages
+            .iter()
+            .filter(|m| m.received_at_us > erased_before)
+            .filter(|m| !copies.contains(&(s.dialog.get(), m.seq)))
+        {
+            cols.dialog_id.push(s.dialog.get());
+            cols.seq.push(m.seq);
+            cols.customer_id.push(s.customer.get());
+            cols.language.push(&m.language);
+            cols.text.push(&m.text);
+            cols.received_at.push(time_of(m.received_at_us));
+            cols.message_id.push(m.message_id.as_deref());
+        }
+    }
+    let inserted: i64 = sqlx::query_scalar(INSERT_MESSAGES)
+        .bind(cols.dialog_id)
+        .bind(cols.seq)
+        .bind(cols.customer_id)
+        .bind(cols.language)
+        .bind(cols.text)
+        .bind(cols.received_at)
+        .bind(cols.message_id)
+        .bind(shard)
+        .fetch_one(&mut **tx)
+        .await?;
+    applied.inserted = inserted.unsigned_abs();
+    Ok(())
+}
+
+/// The newer decision PostgreSQL holds of each of `fenced` (grants the fence turned
+/// away), for Redis to take back.
+async fn newer_decisions(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    fenced: &[i64],
+) -> Result<BTreeMap<i64, TakeBack>, StoreError> {
+    let newer: Vec<(i64, bool, i64, OffsetDateTime)> = sqlx::query_as(NEWER_DECISIONS)
+        .persistent(false)
+        .bind(fenced)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(newer
+        .into_iter()
+        .map(|(dialog, refused, epoch, at)| {
+            let take_back = if refused {
+                TakeBack::Refusal { epoch }
+            } else {
+                TakeBack::Grant {
+                    epoch,
+                    decided_at_us: micros_of(at),
+                }
+            };
+            (dialog, take_back)
+        })
+        .collect())
+}
+
+/// Claims `written` in Redis (inside the transaction, rows locked) and renumbers the
+/// messages of the dialogs the claim says must take seqs of their own, raising their
+/// `last_seq`. Returns the renumbered states.
+async fn renumber_claimed(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    written: &[&DialogState],
+    claim: &ClaimFn<'_>,
+) -> Result<Vec<DialogState>, StoreError> {
+    let claims = written
+        .iter()
+        .filter_map(|s| {
+            Some(Claiming {
+                dialog: s.dialog.get(),
+                customer: s.customer,
+                epoch: s.epoch,
+                last_seq: s.messages.last()?.seq,
+                count: s.messages.len(),
+            })
+        })
+        .collect();
+    let renumbered = claim(claims).await.map_err(StoreError::Claim)?;
+    let renumbered: Vec<DialogState> = written
+        .iter()
+        .filter_map(|s| {
+            let after = *renumbered.get(&s.dialog.get())?;
+            let mut s = (*s).clone();
+            for (m, seq) in s.messages.iter_mut().zip(after + 1..) {
+                m.seq = seq;
+            }
+            Some(s)
+        })
+        .collect();
+    if !renumbered.is_empty() {
+        sqlx::query(RAISE_LAST_SEQ)
+            .bind(renumbered.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+            .bind(
+                renumbered
+                    .iter()
+                    .map(|s| s.messages.last().map_or(0, |m| m.seq))
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(renumbered)
+}
+
 /// The messages of `written` (grants whose upsert took, their rows locked) that are
 /// copies of a messageId the dialog stores already under another seq, or carries twice in
 /// this batch: (dialog, seq) of each copy, never to be inserted (Guarantee 8). A copy is
@@ -538,186 +860,11 @@ impl Store {
         let shard = next_counter_shard();
         let mut tx = self.pool.begin().await?;
         let mut applied = Applied::default();
-
-        // Step 1: refusals not yet applied, each erasing its whole dialog if it takes.
-        let refusals: Vec<(&DialogState, Refusal)> = states
-            .iter()
-            .filter_map(|s| s.unerased_refusal.map(|r| (*s, r)))
-            .collect();
-        if !refusals.is_empty() {
-            let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
-                .bind(refusals.iter().map(|(s, _)| s.dialog.get()).collect::<Vec<_>>())
-                .bind(refusals.iter().map(|(s, _)| s.customer.get()).collect::<Vec<_>>())
-                .bind(vec![Decision::Refused.as_str(); refusals.len()])
-                .bind(refusals.iter().map(|(_, r)| r.epoch).collect::<Vec<_>>())
-                .bind(
-                    refusals
-                        .iter()
-                        .map(|(_, r)| time_of(r.decided_at_us))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(vec![0_i64; refusals.len()])
-                .fetch_all(&mut *tx)
-                .await?;
-            applied.fenced += (refusals.len() - took.len()) as u64;
-            if !took.is_empty() {
-                // Never a sequential scan of `messages`, whatever the statistics: a plan
-                // made while the table was small (and never analysed since: autovacuum
-                // off) would scan it whole on every refusal as it grows. So this
-                // statement is planned afresh on each call, with sequential scans off
-                // for this transaction only.
-                sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await?;
-                let erased: i64 = sqlx::query_scalar(DELETE_DIALOGS_MESSAGES)
-                    .persistent(false)
-                    .bind(&took)
-                    .bind(shard)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                applied.erased = erased.unsigned_abs();
-            }
-        }
-
-        // Step 2: grants, and their messages where the grant took.
-        let grants: Vec<&DialogState> = states
-            .iter()
-            .copied()
-            .filter(|s| s.decision == Decision::Granted)
-            .collect();
-        if !grants.is_empty() {
-            // Refusals these grants replace, and when they were made: a message received
-            // before its dialog's refusal was erased by it and must never come back, even
-            // when Redis still holds it (a failover lost the refusal there) and a later
-            // grant takes. Read (and locked) before the upsert overwrites them.
-            let refused_at: HashMap<i64, i64> = sqlx::query_as::<_, (i64, OffsetDateTime)>(REFUSED_AT)
-                .persistent(false)
-                .bind(grants.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .map(|(dialog, at)| (dialog, micros_of(at)))
-                .collect();
-            let took: Vec<i64> = sqlx::query_scalar(UPSERT_DIALOGS)
-                .bind(grants.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
-                .bind(grants.iter().map(|s| s.customer.get()).collect::<Vec<_>>())
-                .bind(vec![Decision::Granted.as_str(); grants.len()])
-                .bind(grants.iter().map(|s| s.epoch).collect::<Vec<_>>())
-                .bind(grants.iter().map(|s| time_of(s.decided_at_us)).collect::<Vec<_>>())
-                // The highest seq this batch writes (a message it skips below only
-                // leaves a gap: the dialog's next seq is higher, never reused).
-                .bind(
-                    grants
-                        .iter()
-                        .map(|s| s.messages.iter().map(|m| m.seq).max().unwrap_or(0))
-                        .collect::<Vec<_>>(),
-                )
-                .fetch_all(&mut *tx)
-                .await?;
-            applied.fenced += (grants.len() - took.len()) as u64;
-            applied.granted = took.into_iter().collect();
-            let fenced: Vec<i64> = grants
-                .iter()
-                .map(|s| s.dialog.get())
-                .filter(|d| !applied.granted.contains(d))
-                .collect();
-            if !fenced.is_empty() {
-                let newer: Vec<(i64, bool, i64, OffsetDateTime)> = sqlx::query_as(NEWER_DECISIONS)
-                    .persistent(false)
-                    .bind(&fenced)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                applied.newer_in_store = newer
-                    .into_iter()
-                    .map(|(dialog, refused, epoch, at)| {
-                        let decided_at_us = micros_of(at);
-                        let take_back = if refused {
-                            TakeBack::Refusal { epoch }
-                        } else {
-                            TakeBack::Grant { epoch, decided_at_us }
-                        };
-                        (dialog, take_back)
-                    })
-                    .collect();
-            }
-            let written: Vec<&DialogState> = grants
-                .into_iter()
-                .filter(|s| applied.granted.contains(&s.dialog.get()))
-                .collect();
-            let count = written.iter().map(|s| s.messages.len()).sum();
-            if count > 0 {
-                let claims = written
-                    .iter()
-                    .filter_map(|s| {
-                        Some(Claiming {
-                            dialog: s.dialog.get(),
-                            customer: s.customer,
-                            epoch: s.epoch,
-                            last_seq: s.messages.last()?.seq,
-                            count: s.messages.len(),
-                        })
-                    })
-                    .collect();
-                let renumbered = claim(claims).await.map_err(StoreError::Claim)?;
-                let renumbered: Vec<DialogState> = written
-                    .iter()
-                    .filter_map(|s| {
-                        let after = *renumbered.get(&s.dialog.get())?;
-                        let mut s = (*s).clone();
-                        for (m, seq) in s.messages.iter_mut().zip(after + 1..) {
-                            m.seq = seq;
-                        }
-                        Some(s)
-                    })
-                    .collect();
-                if !renumbered.is_empty() {
-                    sqlx::query(RAISE_LAST_SEQ)
-                        .bind(renumbered.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
-                        .bind(
-                            renumbered
-                                .iter()
-                                .map(|s| s.messages.last().map_or(0, |m| m.seq))
-                                .collect::<Vec<_>>(),
-                        )
-                        .execute(&mut *tx)
-                        .await?;
-                    applied.renumbered = renumbered.iter().map(|s| s.dialog.get()).collect();
-                }
-                let written: Vec<&DialogState> = written
-                    .into_iter()
-                    .map(|s| renumbered.iter().find(|r| r.dialog == s.dialog).unwrap_or(s))
-                    .collect();
-                let copies = copies_of_stored_ids(&mut tx, &written).await?;
-                let mut cols = MessageColumns::with_capacity(count);
-                for s in &written {
-                    let erased_before = refused_at.get(&s.dialog.get()).copied().unwrap_or(i64::MIN);
-                    for m in s
-                        .messages
-                        .iter()
-                        .filter(|m| m.received_at_us > erased_before)
-                        .filter(|m| !copies.contains(&(s.dialog.get(), m.seq)))
-                    {
-                        cols.dialog_id.push(s.dialog.get());
-                        cols.seq.push(m.seq);
-                        cols.customer_id.push(s.customer.get());
-                        cols.language.push(&m.language);
-                        cols.text.push(&m.text);
-                        cols.received_at.push(time_of(m.received_at_us));
-                        cols.message_id.push(m.message_id.as_deref());
-                    }
-                }
-                let inserted: i64 = sqlx::query_scalar(INSERT_MESSAGES)
-                    .bind(cols.dialog_id)
-                    .bind(cols.seq)
-                    .bind(cols.customer_id)
-                    .bind(cols.language)
-                    .bind(cols.text)
-                    .bind(cols.received_at)
-                    .bind(cols.message_id)
-                    .bind(shard)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                applied.inserted = inserted.unsigned_abs();
-            }
-        }
+        let mut prior = prior_decisions(&mut tx, states).await?;
+        let mut events = Vec::new();
+        apply_refusals(&mut tx, states, shard, &mut prior, &mut applied, &mut events).await?;
+        apply_grants(&mut tx, states, shard, claim, &prior, &mut applied, &mut events).await?;
+        erasure::write_events(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -1013,7 +1160,7 @@ const COUNTER_SHARDS: u32 = 16;
 
 /// The shard this transaction writes its counts into: round-robin within a process, and
 /// offset by the pid so that processes do not march in step.
-fn next_counter_shard() -> i16 {
+pub(crate) fn next_counter_shard() -> i16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(std::process::id());

@@ -170,7 +170,27 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         // Every count row of a month before `high` counts messages of this partition
-        // (older partitions are gone already).
+        // (older partitions are gone already): their total is what the drop deletes, for
+        // the audit trail's `retention` event.
+        let rows: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(n), 0)::int8 FROM message_counts
+             WHERE part < messages_month($1) AND customer_id = -1 AND language = ''",
+        )
+        .bind(high)
+        .fetch_one(&mut *tx)
+        .await?;
+        super::erasure::write_events(
+            &mut tx,
+            &[super::erasure::Event {
+                at: OffsetDateTime::now_utc(),
+                event: "retention",
+                customer: None,
+                dialog: None,
+                messages: Some(rows),
+                erasure: None,
+            }],
+        )
+        .await?;
         sqlx::query("DELETE FROM message_counts WHERE part < messages_month($1)")
             .bind(high)
             .execute(&mut *tx)
@@ -188,6 +208,30 @@ impl Store {
             .await?;
         tx.commit().await?;
         Ok(Some(name))
+    }
+}
+
+impl Store {
+    /// Deletes audit events and completed receipts older than `horizon`
+    /// (`DAPI_AUDIT_RETENTION`), a bounded batch per statement; pending receipts stay.
+    /// Returns how many rows went.
+    pub async fn drop_old_audit(&self, horizon: OffsetDateTime) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        for statement in [super::sql::DROP_OLD_EVENTS, super::sql::DROP_OLD_RECEIPTS] {
+            loop {
+                let done = sqlx::query(statement)
+                    .bind(horizon)
+                    .bind(10_000_i64)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                dropped += done;
+                if done < 10_000 {
+                    break;
+                }
+            }
+        }
+        Ok(dropped)
     }
 }
 

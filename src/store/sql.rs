@@ -57,25 +57,6 @@ WITH changed AS (
 )
 SELECT coalesce(sum(n), 0)::int8 FROM delta WHERE customer_id = -1 AND language = ''";
 
-/// Erasure of refused dialogs: every message of the dialogs `$1`, whatever its seq,
-/// subtracted from the counters of its month in shard `$2`; returns how many were deleted.
-/// `dialog_id = ANY($1)` is a primary-key index scan in the generic plan too (a join
-/// against `UNNEST` was planned as a sequential scan of `messages`).
-pub const DELETE_DIALOGS_MESSAGES: &str = "\
-WITH changed AS (
-    DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
-    RETURNING customer_id, lower(language) AS language, messages_month(received_at) AS part
-), delta AS (
-    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
-    HAVING count(*) > 0
-), bumped AS (
-    INSERT INTO message_counts (customer_id, language, part, shard, n)
-    SELECT customer_id, language, part, $2::int2, -n FROM delta ORDER BY customer_id, language, part
-    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
-)
-SELECT coalesce(sum(n), 0)::int8 FROM delta WHERE customer_id = -1 AND language = ''";
-
 /// Of the dialogs `$1` (new to Redis), every one PostgreSQL holds a decision of: a grant
 /// to bring back, a refusal to keep.
 pub const DECIDED_DIALOGS: &str = "\
@@ -96,16 +77,139 @@ CROSS JOIN LATERAL (
 ) s
 WHERE s.seq IS NOT NULL";
 
-/// Of the dialogs `$1` (grants about to be written), those PostgreSQL holds as refused,
-/// with when the refusal was made; locked until the transaction ends.
-pub const REFUSED_AT: &str = "\
-SELECT dialog_id, decided_at FROM dialogs WHERE dialog_id = ANY($1::int8[]) AND decision = 'refused'
+/// Of the dialogs `$1` (about to be written), the decision PostgreSQL holds of each, with
+/// its epoch and time; locked until the transaction ends. What the audit trail needs (was
+/// this decision written before?) and the refusals a grant replaces (a message received
+/// before its dialog's refusal was erased by it and never comes back).
+pub const PRIOR_DECISIONS: &str = "\
+SELECT dialog_id, decision = 'refused' AS refused, epoch, decided_at FROM dialogs WHERE dialog_id = ANY($1::int8[])
 ORDER BY dialog_id FOR UPDATE";
 
 /// Of the dialogs `$1` (grants the fence turned away), the newer decision PostgreSQL
 /// holds of each: its kind, epoch and time, for Redis to take back what a failover lost.
 pub const NEWER_DECISIONS: &str = "\
 SELECT dialog_id, decision = 'refused' AS refused, epoch, decided_at FROM dialogs WHERE dialog_id = ANY($1::int8[])";
+
+/// Erasure of refused dialogs `$1` (their refusals took): every message of them, whatever
+/// its seq, subtracted from the counters of its month in shard `$2`; answers every message
+/// deleted as (dialog, seq), which the refusal's audit event and an erasure's receipt
+/// count, each once with what Redis removed. `dialog_id = ANY($1)` is a primary-key index
+/// scan in the generic plan too (a join against `UNNEST` was planned as a sequential scan
+/// of `messages`), and the transactions that run it turn sequential scans off: a plan
+/// made while the table was small would otherwise scan it whole as it grows.
+pub const ERASE_DIALOGS_ROWS: &str = "\
+WITH changed AS (
+    DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
+    RETURNING dialog_id, seq, customer_id, lower(language) AS language, messages_month(received_at) AS part
+), delta AS (
+    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped AS (
+    INSERT INTO message_counts (customer_id, language, part, shard, n)
+    SELECT customer_id, language, part, $2::int2, -n FROM delta ORDER BY customer_id, language, part
+    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+)
+SELECT dialog_id, seq FROM changed";
+
+/// Dialogs `$1`, just erased: when (GET /consents' `erasedAt`).
+pub const MARK_ERASED: &str = "UPDATE dialogs SET erased_at = now() WHERE dialog_id = ANY($1::int8[])";
+
+/// Records erasure `$1` for customer `$2`, requested at `$3`, unless one is pending
+/// already (then nothing, and `PENDING_ERASURE_OF` finds it).
+pub const BEGIN_ERASURE: &str = "\
+INSERT INTO erasures (erasure_id, customer_id, status, requested_at) VALUES ($1, $2, 'pending', $3)
+ON CONFLICT (customer_id) WHERE status = 'pending' DO NOTHING
+RETURNING erasure_id, customer_id, status, dialogs, messages, requested_at, completed_at";
+
+/// Records erasure `$1` (customer `$2`, requested at `$3`) that Redis kept while
+/// PostgreSQL was away, unless PostgreSQL holds it already or another erasure of the
+/// customer is pending.
+pub const ADOPT_ERASURE: &str = "\
+INSERT INTO erasures (erasure_id, customer_id, status, requested_at) VALUES ($1, $2, 'pending', $3)
+ON CONFLICT DO NOTHING";
+
+/// The pending erasure of customer `$1`.
+pub const PENDING_ERASURE_OF: &str = "\
+SELECT erasure_id, customer_id, status, dialogs, messages, requested_at, completed_at
+FROM erasures WHERE customer_id = $1 AND status = 'pending'";
+
+/// Every pending erasure, oldest first.
+pub const PENDING_ERASURES: &str = "\
+SELECT erasure_id, customer_id, status, dialogs, messages, requested_at, completed_at
+FROM erasures WHERE status = 'pending' ORDER BY requested_at";
+
+/// Of customers `$1`, those with an erasure pending (a flush leaves their dialogs queued).
+pub const PENDING_ERASURE_CUSTOMERS: &str = "\
+SELECT customer_id FROM erasures WHERE customer_id = ANY($1::int8[]) AND status = 'pending'";
+
+/// Erasure `$1`'s receipt.
+pub const ERASURE: &str = "\
+SELECT erasure_id, customer_id, status, dialogs, messages, requested_at, completed_at
+FROM erasures WHERE erasure_id = $1";
+
+/// Adds to erasure `$1`'s counts (`$2` dialogs, `$3` messages); returns the new ones.
+pub const RECORD_ERASURE_PROGRESS: &str = "\
+UPDATE erasures SET dialogs = dialogs + $2, messages = messages + $3 WHERE erasure_id = $1
+RETURNING dialogs, messages";
+
+/// Marks erasure `$1` completed, if it is pending; returns its receipt.
+pub const COMPLETE_ERASURE: &str = "\
+UPDATE erasures SET status = 'completed', completed_at = now() WHERE erasure_id = $1 AND status = 'pending'
+RETURNING erasure_id, customer_id, status, dialogs, messages, requested_at, completed_at";
+
+/// Up to `$3` dialogs of customer `$1` after dialog `$2`, in id order.
+pub const CUSTOMER_DIALOGS: &str = "\
+SELECT dialog_id FROM dialogs WHERE customer_id = $1 AND dialog_id > $2 ORDER BY dialog_id LIMIT $3";
+
+/// Of dialogs `$2`, those erasure `$1` has written its `refused` event for already.
+pub const ERASURE_EVENTS_WRITTEN: &str = "\
+SELECT dialog_id FROM consent_events WHERE dialog_id = ANY($2::int8[]) AND erasure_id = $1 AND event = 'refused'";
+
+/// Audit events, one per element of the arrays: at, event, customer, dialog, messages,
+/// erasure.
+pub const WRITE_EVENTS: &str = "\
+INSERT INTO consent_events (at, event, customer_id, dialog_id, messages, erasure_id)
+SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::uuid[])";
+
+/// Where dialog `$1` stands in PostgreSQL: its decision and, counted by an index-only
+/// probe of each partition's primary key, its stored messages.
+pub const DIALOG_STATUS: &str = "\
+SELECT d.customer_id, d.decision, d.decided_at, d.last_seq, d.erased_at,
+       (SELECT count(*) FROM messages m WHERE m.dialog_id = d.dialog_id) AS stored
+FROM dialogs d WHERE d.dialog_id = $1";
+
+/// The audit trail, newest first: `$1` limit, `$2`, `$3` the position (at, event id) to
+/// continue after.
+pub const AUDIT_ALL: &str = "\
+SELECT event_id, at, event, customer_id, dialog_id, messages, erasure_id FROM consent_events
+WHERE (at, event_id) < ($2, $3) ORDER BY at DESC, event_id DESC LIMIT $1";
+
+/// The audit trail of customer `$4`.
+pub const AUDIT_BY_CUSTOMER: &str = "\
+SELECT event_id, at, event, customer_id, dialog_id, messages, erasure_id FROM consent_events
+WHERE customer_id = $4 AND (at, event_id) < ($2, $3) ORDER BY at DESC, event_id DESC LIMIT $1";
+
+/// The audit trail of dialog `$4`.
+pub const AUDIT_BY_DIALOG: &str = "\
+SELECT event_id, at, event, customer_id, dialog_id, messages, erasure_id FROM consent_events
+WHERE dialog_id = $4 AND (at, event_id) < ($2, $3) ORDER BY at DESC, event_id DESC LIMIT $1";
+
+/// The audit trail of customer `$4` and dialog `$5` together.
+pub const AUDIT_BY_CUSTOMER_DIALOG: &str = "\
+SELECT event_id, at, event, customer_id, dialog_id, messages, erasure_id FROM consent_events
+WHERE customer_id = $4 AND dialog_id = $5 AND (at, event_id) < ($2, $3) ORDER BY at DESC, event_id DESC LIMIT $1";
+
+/// Audit events and completed receipts before `$1`: what `DAPI_AUDIT_RETENTION` deletes,
+/// a bounded batch at a time (`$2` rows). Pending receipts are never deleted.
+pub const DROP_OLD_EVENTS: &str = "\
+DELETE FROM consent_events WHERE event_id IN (
+    SELECT event_id FROM consent_events WHERE at < $1 ORDER BY at LIMIT $2)";
+
+/// Completed receipts before `$1`, `$2` at a time.
+pub const DROP_OLD_RECEIPTS: &str = "\
+DELETE FROM erasures WHERE erasure_id IN (
+    SELECT erasure_id FROM erasures WHERE status = 'completed' AND completed_at < $1 ORDER BY completed_at LIMIT $2)";
 
 /// Page mode, no filter: `$1` limit, `$2` offset, `$3` language, `$4` customer (both
 /// NULL here; they pick the count row). Count and rows in one statement, one snapshot.
@@ -214,11 +318,30 @@ pub const ALL: &[(&str, &str)] = &[
     ("UPSERT_DIALOGS", UPSERT_DIALOGS),
     ("INSERT_MESSAGES", INSERT_MESSAGES),
     ("RAISE_LAST_SEQ", RAISE_LAST_SEQ),
-    ("DELETE_DIALOGS_MESSAGES", DELETE_DIALOGS_MESSAGES),
     ("DECIDED_DIALOGS", DECIDED_DIALOGS),
     ("STORED_MESSAGE_IDS", STORED_MESSAGE_IDS),
-    ("REFUSED_AT", REFUSED_AT),
+    ("PRIOR_DECISIONS", PRIOR_DECISIONS),
     ("NEWER_DECISIONS", NEWER_DECISIONS),
+    ("ERASE_DIALOGS_ROWS", ERASE_DIALOGS_ROWS),
+    ("MARK_ERASED", MARK_ERASED),
+    ("BEGIN_ERASURE", BEGIN_ERASURE),
+    ("ADOPT_ERASURE", ADOPT_ERASURE),
+    ("PENDING_ERASURE_OF", PENDING_ERASURE_OF),
+    ("PENDING_ERASURES", PENDING_ERASURES),
+    ("PENDING_ERASURE_CUSTOMERS", PENDING_ERASURE_CUSTOMERS),
+    ("ERASURE", ERASURE),
+    ("RECORD_ERASURE_PROGRESS", RECORD_ERASURE_PROGRESS),
+    ("COMPLETE_ERASURE", COMPLETE_ERASURE),
+    ("CUSTOMER_DIALOGS", CUSTOMER_DIALOGS),
+    ("ERASURE_EVENTS_WRITTEN", ERASURE_EVENTS_WRITTEN),
+    ("WRITE_EVENTS", WRITE_EVENTS),
+    ("DIALOG_STATUS", DIALOG_STATUS),
+    ("AUDIT_ALL", AUDIT_ALL),
+    ("AUDIT_BY_CUSTOMER", AUDIT_BY_CUSTOMER),
+    ("AUDIT_BY_DIALOG", AUDIT_BY_DIALOG),
+    ("AUDIT_BY_CUSTOMER_DIALOG", AUDIT_BY_CUSTOMER_DIALOG),
+    ("DROP_OLD_EVENTS", DROP_OLD_EVENTS),
+    ("DROP_OLD_RECEIPTS", DROP_OLD_RECEIPTS),
     ("PAGE_ALL", PAGE_ALL),
     ("PAGE_BY_LANGUAGE", PAGE_BY_LANGUAGE),
     ("PAGE_BY_CUSTOMER", PAGE_BY_CUSTOMER),

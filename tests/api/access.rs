@@ -13,6 +13,7 @@ async fn guarded() -> TestApp {
     settings.tokens = Tokens {
         ingest: vec!["bot-token".into()],
         read: vec!["analyst-token".into()],
+        privacy: vec!["officer-token".into()],
     };
     spawn_full(settings).await
 }

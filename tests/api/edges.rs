@@ -124,6 +124,7 @@ async fn hole_1_a_fenced_flush_keeps_the_messages_it_did_not_write() {
     assert_eq!(app.consent(10, true).await.status(), StatusCode::ACCEPTED);
     let epoch: i64 = meta_field(&app, 10, "e").await.unwrap().parse().unwrap();
     let newer = DialogState {
+        audit: Default::default(),
         dialog: DialogId::from_stored(10),
         customer: CustomerId::from_stored(1),
         decision: Decision::Granted,

@@ -24,6 +24,7 @@ mod observe;
 mod ops;
 mod outage;
 mod plans;
+mod privacy;
 mod quarantine;
 mod read;
 mod redis_loss;

@@ -137,6 +137,7 @@ async fn plans_made_on_a_small_table_do_not_scan_it_once_it_is_large() {
         .unwrap();
     let store = Store::from_pool(pool.clone());
     let state = |dialog: i64, decision: Decision, epoch: i64| DialogState {
+        audit: Default::default(),
         dialog: DialogId::from_stored(dialog),
         customer: CustomerId::from_stored(1),
         decision,

@@ -21,6 +21,7 @@ async fn store_granted(app: &TestApp, rows: &[(i64, i64, i64, &str, i64)]) {
         match states.iter_mut().find(|s| s.dialog.get() == dialog) {
             Some(state) => state.messages.push(message),
             None => states.push(DialogState {
+                audit: Default::default(),
                 dialog: DialogId::from_stored(dialog),
                 customer: CustomerId::from_stored(customer),
                 decision: Decision::Granted,
@@ -268,6 +269,7 @@ async fn counts_stay_exact_through_duplicates_and_erasures() {
     assert_eq!(app.get_json("/data/").await["count"], 3);
 
     let refusal = DialogState {
+        audit: Default::default(),
         dialog: DialogId::from_stored(1),
         customer: CustomerId::from_stored(1),
         decision: Decision::Refused,

@@ -18,6 +18,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// in English and German.
 fn granted(dialog: i64, at: &[OffsetDateTime]) -> DialogState {
     DialogState {
+        audit: Default::default(),
         dialog: DialogId::from_stored(dialog),
         customer: CustomerId::from_stored(dialog % 3),
         decision: Decision::Granted,
@@ -40,6 +41,7 @@ fn granted(dialog: i64, at: &[OffsetDateTime]) -> DialogState {
 
 fn refused(dialog: i64, epoch: i64) -> DialogState {
     DialogState {
+        audit: Default::default(),
         dialog: DialogId::from_stored(dialog),
         customer: CustomerId::from_stored(dialog % 3),
         decision: Decision::Refused,

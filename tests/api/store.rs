@@ -10,6 +10,7 @@ use crate::helpers::{spawn_api_only, test_settings};
 /// Dialog 1's state at `epoch`, carrying the unconfirmed refusal of epoch `refused` (if any).
 fn state(decision: Decision, epoch: i64, refused: Option<i64>, seqs: &[i64]) -> DialogState {
     DialogState {
+        audit: Default::default(),
         dialog: DialogId::from_stored(1),
         customer: CustomerId::from_stored(9),
         decision,

@@ -15,12 +15,28 @@
 -- forgotten the dialog.
 -- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 the dialog's quarantined messages (a refusal
 --       erases those too), 5 its quarantined meta, 6 its shard's quarantine index
+-- The audit (GET /audit): a grant that changes the decision leaves `a` =
+-- '<epoch>:<decided-at µs>' in meta, for whichever transaction first writes a decision at
+-- least that new to PostgreSQL to write the grant's event (the grant's flush, or a
+-- refusal that overtook it: a refusal hands `a` back to its caller). PostgreSQL's epoch
+-- tells whether it was written already, so `a` simply stays until a later grant
+-- replaces it. Redis re-learning a dialog sets none.
+-- A dialog Redis forgot is created (revived) in the decision PostgreSQL holds, and indexed
+-- under its customer (`<shard>:c<customer>`, dialog → deadline in ms): what an erasure
+-- reads to find a customer's staged dialogs without a scan.
+-- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 the dialog's quarantined messages (a refusal
+--       erases those too), 5 its quarantined meta, 6 its shard's quarantine index
 -- ARGV: 1 dialog id, 2 decision 'g' | 'r', 3 ttl (ms),
 --       4 customer id to revive a dialog Redis forgot ('' = do not; '-1' = a refusal of a
 --       dialog whose customer PostgreSQL could not tell: ingest adopts the next
---       poster's), 5 its last seq
--- Returns {'ok', epoch, customer id, decided-at (µs), aside} or {'unknown', 0, 0, 0,
--- aside}: aside is 'set-aside' when the meta was of a wrong type (removed or set aside).
+--       poster's), 5 its last seq, 6 the decision PostgreSQL holds of it ('g', 'r' or ''),
+--       7 the customer the dialog must belong to ('' = any; an erasure names its own)
+-- Returns {status, epoch, customer id, decided-at (µs), aside, unaudited grant, {seqs of
+-- the staged and quarantined messages a refusal deleted}}: status 'ok', or 'unknown'
+-- (Redis does not know the dialog and no revival was given) or 'other' (it belongs to
+-- another customer than ARGV[7]), both with nothing recorded; aside 'set-aside' when the
+-- meta was of a wrong type (removed or set aside); unaudited grant meta's `a` for a
+-- refusal ('' none).
 local now = redis.call('TIME')
 local now_us = string.format('%d', now[1] * 1000000 + now[2])
 local aside = ''
@@ -44,17 +60,32 @@ if kind ~= 'none' and kind ~= 'hash' then
   end
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  if ARGV[4] == '' then return {'unknown', 0, 0, 0, aside} end
-  redis.call('HSET', KEYS[1], 'c', ARGV[4], 'd', 'p', 'e', now_us, 'b', now_us, 'n', ARGV[5], 'q', 0)
+  if ARGV[4] == '' then return {'unknown', 0, 0, 0, aside, '', {}} end
+  local standing = ARGV[6] ~= '' and ARGV[6] or 'p'
+  redis.call('HSET', KEYS[1], 'c', ARGV[4], 'd', standing, 'e', now_us, 'b', now_us, 'n', ARGV[5], 'q', 0)
+  if ARGV[4] ~= '-1' then
+    local index = string.match(KEYS[1], '^(.*):d%d+:meta$') .. ':c' .. ARGV[4]
+    local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+    redis.call('ZADD', index, now_ms + tonumber(ARGV[3]), ARGV[1])
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', now_ms)
+    redis.call('PEXPIRE', index, ARGV[3])
+  end
 end
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'c') ~= ARGV[7] then
+  return {'other', 0, 0, 0, aside, '', {}}
+end
+local was = redis.call('HMGET', KEYS[1], 'd', 'a')
 -- The epoch follows the clock, and is never less than one more than the last: a
 -- decision made after a failover lost earlier ones (whose epochs PostgreSQL may hold)
 -- still carries a newer epoch than any of them.
 local epoch = math.max((tonumber(redis.call('HGET', KEYS[1], 'e')) or 0) + 1, now[1] * 1000000 + now[2])
+local epoch_arg = string.format('%d', epoch)
 -- `r` 0: the expiries set below are not ingest.lua's deadline; its next message
 -- refreshes them.
-redis.call('HSET', KEYS[1], 'e', string.format('%d', epoch), 'd', ARGV[2], 't', now_us, 'r', 0)
+redis.call('HSET', KEYS[1], 'e', epoch_arg, 'd', ARGV[2], 't', now_us, 'r', 0)
+local unaudited, erased = '', {}
 if ARGV[2] == 'g' then
+  if was[1] ~= 'g' then redis.call('HSET', KEYS[1], 'a', epoch_arg .. ':' .. now_us) end
   if redis.call('HGET', KEYS[1], 'q') ~= '1' then
     redis.call('HSET', KEYS[1], 'q', 1)
     redis.call('XADD', KEYS[3], '*', 'd', ARGV[1])
@@ -67,9 +98,19 @@ if ARGV[2] == 'g' then
     redis.call('PEXPIRE', KEYS[2], ARGV[3])
   end
 else
-  redis.call('HSET', KEYS[1], 'x', string.format('%d', epoch), 'xt', now_us)
+  unaudited = was[2] or ''
+  for _, key in ipairs({ KEYS[2], KEYS[4] }) do
+    local items = redis.pcall('LRANGE', key, 0, -1)
+    if not items.err then
+      for _, item in ipairs(items) do
+        local seq = string.match(item, '^(%d+):')
+        if seq then erased[#erased + 1] = seq end
+      end
+    end
+  end
+  redis.call('HSET', KEYS[1], 'x', epoch_arg, 'xt', now_us)
   redis.call('DEL', KEYS[2], KEYS[4])
   redis.call('PERSIST', KEYS[1])
   redis.call('XADD', KEYS[3], '*', 'd', ARGV[1])
 end
-return {'ok', epoch, redis.call('HGET', KEYS[1], 'c'), now_us, aside}
+return {'ok', epoch, redis.call('HGET', KEYS[1], 'c'), now_us, aside, unaudited, erased}

@@ -89,6 +89,20 @@ local function set_aside(meta, msgs, ids)
   return SET_ASIDE
 end
 
+-- The customer's index in the dialog's shard (`<shard>:c<customer>`: dialog id → the
+-- deadline, ms, its keys were last set to expire by), written where this script sets a
+-- dialog's expiry — its creation, a refresh of its deadline, the adoption of a refusal
+-- recorded for an unknown customer — so that it rides the rare branch, not every message.
+-- What an erasure reads to find the customer's staged dialogs without a scan; members
+-- past their deadline are dropped as it is written, and it expires with its newest one.
+local function index(meta, customer)
+  local key = string.match(meta, '^(.*):d%d+:meta$') .. ':c' .. customer
+  redis.call('ZADD', key, latest, string.match(meta, ':d(%d+):meta$'))
+  -- now in ms: now_us without its last three digits.
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', string.sub(now_us, 1, -4))
+  redis.call('PEXPIRE', key, keep_arg)
+end
+
 local function stage(meta, msgs, ids, stream, customer, language, text, mid, mode)
   local m = redis.pcall('HMGET', meta, 'c', 'd', 'q', 'x', 'u', 'r')
   if m.err then return set_aside(meta, msgs, ids) end
@@ -100,7 +114,10 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     -- for anyone, and a later grant's messages belong to whoever posts first.
     if m[1] ~= customer and m[1] ~= '-1' then return 8 end
     if decision == 'r' then return 12 end
-    if m[1] == '-1' then redis.call('HSET', meta, 'c', customer) end
+    if m[1] == '-1' then
+      redis.call('HSET', meta, 'c', customer)
+      index(meta, customer)
+    end
   elseif mode == '' then
     return 16
   elseif mid ~= '' and redis.pcall('HEXISTS', ids, mid) == 1 then
@@ -162,8 +179,9 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
   if created then
     -- The epoch starts at the clock, so that a dialog started again after Redis forgot
     -- it carries a newer epoch than anything PostgreSQL holds of it. `b`, the same
-    -- instant, stamps this life of the dialog in Redis for good (claim.lua, finish.lua). Its keys' expiry
-    -- is set here, its deadline `r` with the rest.
+    -- instant, stamps this life of the dialog in Redis for good (claim.lua, finish.lua). Its
+    -- keys' expiry is set here, its deadline `r` with the rest, and it is indexed under its
+    -- customer.
     local q = queue and '1' or '0'
     if unverified then
       redis.call('HSET', meta, 'c', customer, 'd', decision, 'e', now_us, 'b', now_us, 'n', seq_arg, 'q', q, 't', now_us,
@@ -174,6 +192,7 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     end
     redis.call('PEXPIRE', meta, keep_arg)
     redis.call('PEXPIRE', msgs, keep_arg)
+    index(meta, customer)
   elseif queue then
     redis.call('HSET', meta, 'q', '1')
   end
@@ -190,6 +209,7 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     redis.call('PEXPIRE', meta, keep_arg)
     redis.call('PEXPIRE', msgs, keep_arg)
     redis.call('HSET', meta, 'r', latest)
+    index(meta, customer)
   end
   return answer
 end

@@ -3,7 +3,7 @@
 -- ARGV: 1 most messages per dialog, 2 byte budget for all messages together
 -- Returns per dialog {customer, decision, epoch, decided-at, unerased refusal's epoch,
 -- its decided-at, unverified, {messages}, life stamp `b` (nil for a meta written before
--- dapi stamped lives)}; fields of a forgotten dialog are nil, and the
+-- dapi stamped lives), a grant awaiting its audit event `a` (nil: none)}; fields of a forgotten dialog are nil, and the
 -- caller checks every field (a dialog it cannot read is set aside, not failed on).
 -- Only a granted, settled dialog's messages are read. The budget stops reading once
 -- reached (the first message always fits), so a batch of large texts stays bounded; the
@@ -14,7 +14,7 @@ local out = {}
 for i = 1, #KEYS / 2 do
   -- pcall: a key of the wrong type (a hand edit) must spoil only its own dialog, which
   -- the caller then sets aside (an answer of the wrong shape), not the whole batch.
-  local meta = redis.pcall('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'x', 'xt', 'u', 'z', 'b')
+  local meta = redis.pcall('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'x', 'xt', 'u', 'z', 'b', 'a')
   if meta.err then meta = {} end
   -- A refusal staged by a dapi before `x` existed kept `z` instead; erase it as unconfirmed.
   if meta[2] == 'r' and not meta[5] and meta[8] then
@@ -38,9 +38,9 @@ for i = 1, #KEYS / 2 do
   if meta[1] == nil and meta[2] == nil and next(meta) == nil then
     out[i] = {'unreadable'}
   elseif msgs == false then
-    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], 'unreadable', meta[9]}
+    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], 'unreadable', meta[9], meta[10]}
   else
-    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], msgs, meta[9]}
+    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], msgs, meta[9], meta[10]}
   end
 end
 return out

@@ -1,0 +1,388 @@
+//! Erasure a person can be shown: where a dialog's consent stands, a whole customer
+//! erased with a receipt (through a PostgreSQL outage and a crash too), the audit trail,
+//! and who may ask.
+
+use std::time::Duration;
+
+use dapi::config::Tokens;
+use dapi::domain::CustomerId;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::edges::{drain, flusher, post_to};
+use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
+use crate::outage::without_postgres;
+
+async fn delete_customer(app: &TestApp, customer: i64) -> reqwest::Response {
+    app.http
+        .delete(format!("{}/customers/{customer}", app.base))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn status(app: &TestApp, dialog: i64) -> Value {
+    app.get_json(&format!("/consents/{dialog}")).await
+}
+
+/// Every event of the audit trail, newest first, following `next`.
+async fn audit(app: &TestApp, query: &str) -> Vec<Value> {
+    let mut events = Vec::new();
+    let mut url = format!("{}/audit?pageSize=2&{query}", app.base);
+    loop {
+        let page: Value = app.http.get(&url).send().await.unwrap().json().await.unwrap();
+        assert!(page["results"].is_array(), "{url}: {page}");
+        events.extend(page["results"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => url = next.to_owned(),
+            None => return events,
+        }
+    }
+}
+
+fn kinds(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["event"].as_str().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn consent_status_follows_a_dialog_from_pending_to_erased() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 500, "a", "EN").await;
+    app.stage(1, 500, "b", "EN").await;
+    let pending = status(&app, 500).await;
+    assert_eq!(
+        (
+            &pending["consent"],
+            &pending["decidedAt"],
+            &pending["staged"],
+            &pending["stored"],
+            &pending["customerId"]
+        ),
+        (&json!("pending"), &Value::Null, &json!(2), &json!(0), &json!(1)),
+        "{pending}"
+    );
+    app.consent(500, true).await;
+    drain(&mut flusher).await;
+    let granted = status(&app, 500).await;
+    assert_eq!(
+        (&granted["consent"], &granted["staged"], &granted["stored"]),
+        (&json!("granted"), &json!(0), &json!(2))
+    );
+    assert!(granted["decidedAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(granted["erasedAt"], Value::Null);
+
+    assert_eq!(app.consent(500, false).await.status(), StatusCode::OK);
+    let refused = status(&app, 500).await;
+    assert_eq!(
+        (&refused["consent"], &refused["staged"], &refused["stored"]),
+        (&json!("refused"), &json!(0), &json!(0))
+    );
+    assert!(refused["erasedAt"].is_string(), "{refused}");
+    // Redis forgets it: PostgreSQL still tells.
+    app.lose(500).await;
+    assert_eq!(status(&app, 500).await["consent"], "refused");
+    assert_problem(
+        app.get("/consents/501").await,
+        StatusCode::NOT_FOUND,
+        "dialog_not_found",
+    )
+    .await;
+    assert_problem(app.get("/consents/x").await, StatusCode::BAD_REQUEST, "invalid_id").await;
+}
+
+#[tokio::test]
+async fn a_customer_is_erased_everywhere_with_an_exact_receipt() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    // Customer 7: a granted, flushed dialog with one more message staged; a pending one;
+    // a granted one Redis forgot; and customer 8's dialog, which stays.
+    for text in ["a", "b"] {
+        app.stage(7, 510, text, "EN").await;
+    }
+    app.consent(510, true).await;
+    app.stage(7, 512, "x", "EN").await;
+    app.consent(512, true).await;
+    drain(&mut flusher).await;
+    app.lose(512).await;
+    app.stage(7, 510, "c, staged", "EN").await;
+    app.stage(7, 511, "pending", "EN").await;
+    app.stage(8, 520, "someone else", "EN").await;
+    app.consent(520, true).await;
+    drain(&mut flusher).await;
+    app.stage(7, 510, "d, staged after the flush", "EN").await;
+
+    let response = delete_customer(&app, 7).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let receipt: Value = response.json().await.unwrap();
+    // 510: a, b, c stored, d staged (4); 511: 1 staged; 512: x stored (1).
+    assert_eq!(
+        (
+            &receipt["customerId"],
+            &receipt["status"],
+            &receipt["dialogs"],
+            &receipt["messages"]
+        ),
+        (&json!(7), &json!("completed"), &json!(3), &json!(6)),
+        "{receipt}"
+    );
+    let id = receipt["erasureId"].as_str().unwrap();
+    assert_eq!(id.len(), 36);
+    assert!(receipt["completedAt"].is_string() && receipt["requestedAt"].is_string());
+
+    for dialog in [510, 511, 512] {
+        assert!(app.stored_seqs(dialog).await.is_empty(), "{dialog}");
+        assert_eq!(app.staged_len(dialog).await, 0, "{dialog}");
+        assert_eq!(status(&app, dialog).await["consent"], "refused");
+        let later = app
+            .post_json(&format!("/data/7/{dialog}"), &json!({"text": "t", "language": "EN"}))
+            .await;
+        assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
+    }
+    assert_eq!(app.get_json("/data?customerId=7").await["count"], 0);
+    assert_eq!(app.get_json("/data?customerId=8").await["count"], 1);
+    // A later grant brings nothing back.
+    assert_eq!(app.consent(510, true).await.status(), StatusCode::ACCEPTED);
+    drain(&mut flusher).await;
+    assert!(app.stored_seqs(510).await.is_empty());
+
+    assert_eq!(app.get_json(&format!("/erasures/{id}")).await, receipt);
+    let again: Value = delete_customer(&app, 7).await.json().await.unwrap();
+    assert_ne!(
+        again["erasureId"], receipt["erasureId"],
+        "a completed erasure is not answered again"
+    );
+
+    let events = audit(&app, "customerId=7").await;
+    let erased: Vec<&Value> = events.iter().filter(|e| e["erasureId"] == json!(id)).collect();
+    assert_eq!(
+        kinds(&erased.iter().map(|e| (*e).clone()).collect::<Vec<_>>())[0],
+        "customer_erased"
+    );
+    assert_eq!(erased.len(), 4, "three refused and one customer_erased: {events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e.get("text").is_none() && e.get("language").is_none())
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_customer_gets_a_receipt_of_nothing_and_an_event() {
+    let app = spawn_api_only(test_settings()).await;
+    let receipt: Value = delete_customer(&app, 99).await.json().await.unwrap();
+    assert_eq!(
+        (&receipt["dialogs"], &receipt["messages"], &receipt["status"]),
+        (&json!(0), &json!(0), &json!("completed"))
+    );
+    let events = audit(&app, "customerId=99").await;
+    assert_eq!(kinds(&events), ["customer_erased"]);
+    assert_eq!(events[0]["messages"], 0);
+    assert_eq!(events[0]["at"], receipt["completedAt"]);
+}
+
+#[tokio::test]
+async fn receipts_are_found_by_the_exact_id_only() {
+    let app = spawn_api_only(test_settings()).await;
+    let receipt: Value = delete_customer(&app, 5).await.json().await.unwrap();
+    let id = receipt["erasureId"].as_str().unwrap();
+    for bad in [
+        id.to_uppercase(),
+        id.replace('-', ""),
+        format!("{{{id}}}"),
+        "nope".to_owned(),
+        uuid::Uuid::now_v7().to_string(),
+    ] {
+        assert_problem(
+            app.get(&format!("/erasures/{bad}")).await,
+            StatusCode::NOT_FOUND,
+            "erasure_not_found",
+        )
+        .await;
+    }
+    assert_problem(delete_customer(&app, -1).await, StatusCode::BAD_REQUEST, "invalid_id").await;
+}
+
+#[tokio::test]
+async fn the_audit_holds_one_event_per_decision_and_pages_newest_first() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(3, 530, "a", "EN").await;
+    app.consent(530, true).await;
+    app.consent(530, true).await; // equal to the standing one: no event
+    drain(&mut flusher).await;
+    app.stage(3, 530, "b", "EN").await;
+    drain(&mut flusher).await;
+    assert_eq!(app.consent(530, false).await.status(), StatusCode::OK);
+    assert_eq!(app.consent(530, false).await.status(), StatusCode::OK);
+    // A grant refused before it was ever flushed still has its event, before the refusal.
+    app.stage(3, 531, "c", "EN").await;
+    app.consent(531, true).await;
+    assert_eq!(app.consent(531, false).await.status(), StatusCode::OK);
+    // Redis re-learning a granted dialog is no decision.
+    app.stage(3, 532, "d", "EN").await;
+    app.consent(532, true).await;
+    drain(&mut flusher).await;
+    app.lose(532).await;
+    app.stage(3, 532, "e", "EN").await;
+    drain(&mut flusher).await;
+
+    let d530 = audit(&app, "dialogId=530").await;
+    assert_eq!(kinds(&d530), ["refused", "granted"], "{d530:?}");
+    assert_eq!(d530[0]["messages"], 2);
+    let d531 = audit(&app, "dialogId=531&customerId=3").await;
+    assert_eq!(kinds(&d531), ["refused", "granted"], "{d531:?}");
+    assert_eq!(kinds(&audit(&app, "dialogId=532").await), ["granted"]);
+    let all = audit(&app, "customerId=3").await;
+    assert_eq!(all.len(), 5);
+    let ats: Vec<&str> = all.iter().map(|e| e["at"].as_str().unwrap()).collect();
+    assert!(ats.windows(2).all(|w| w[0] >= w[1]), "newest first: {ats:?}");
+    assert!(audit(&app, "customerId=4").await.is_empty());
+    for bad in ["page=1", "customerId=x", "dialogId=-1", "pageSize=0", "cursor=zz"] {
+        let response = app.get(&format!("/audit?{bad}")).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+}
+
+/// With PostgreSQL away the erasure is recorded in Redis and the customer's staged
+/// dialogs refused at once (503 `erasure_pending` with the receipt); dapi finishes it
+/// once PostgreSQL answers, under the same erasureId.
+#[tokio::test]
+async fn an_erasure_through_a_postgresql_outage_is_finished_by_itself() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(9, 540, "stored", "EN").await;
+    app.consent(540, true).await;
+    drain(&mut flusher).await;
+    app.stage(9, 541, "staged", "EN").await;
+
+    let broken = without_postgres(&app).await;
+    let response = app.http.delete(format!("{broken}/customers/9")).send().await.unwrap();
+    let problem = assert_problem(response, StatusCode::SERVICE_UNAVAILABLE, "erasure_pending").await;
+    let receipt = &problem["erasure"];
+    assert_eq!(
+        (&receipt["status"], &receipt["completedAt"]),
+        (&json!("pending"), &Value::Null),
+        "{problem}"
+    );
+    let id = receipt["erasureId"].as_str().unwrap().to_owned();
+    // The staged dialog refuses new messages already.
+    let later = post_to(&app, &broken, "/data/9/541", json!({"text": "t", "language": "EN"})).await;
+    assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
+    // A repeat answers the same receipt.
+    let again = app.http.delete(format!("{broken}/customers/9")).send().await.unwrap();
+    let again = assert_problem(again, StatusCode::SERVICE_UNAVAILABLE, "erasure_pending").await;
+    assert_eq!(again["erasure"]["erasureId"], json!(id));
+    // Its receipt is served from Redis meanwhile.
+    let pending: Value = app
+        .http
+        .get(format!("{broken}/erasures/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pending["status"], "pending");
+
+    let staging = dapi::staging::Staging::new(
+        crate::helpers::connector(&app.settings),
+        &app.settings.redis_prefix,
+        app.settings.staging_ttl,
+    )
+    .unwrap();
+    let left = dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1), Duration::ZERO).await;
+    assert_eq!(left, 0);
+    let done = app.get_json(&format!("/erasures/{id}")).await;
+    assert_eq!(
+        (&done["status"], &done["messages"]),
+        (&json!("completed"), &json!(1)),
+        "{done}"
+    );
+    assert!(app.stored_seqs(540).await.is_empty());
+}
+
+/// A crash right after the erasure was recorded: any flusher-role process finishes it;
+/// meanwhile the flush leaves the customer's dialogs queued.
+#[tokio::test]
+async fn an_erasure_recorded_then_abandoned_is_finished_and_nothing_flushes_meanwhile() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(11, 550, "a", "EN").await;
+    app.consent(550, true).await;
+    let receipt = app
+        .store
+        .begin_erasure(
+            CustomerId::from_stored(11),
+            uuid::Uuid::now_v7(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+    // The process died here. The flusher does not write the customer's dialog meanwhile.
+    flusher.flush_once().await.unwrap();
+    assert!(app.stored_seqs(550).await.is_empty());
+
+    let staging = dapi::staging::Staging::new(
+        crate::helpers::connector(&app.settings),
+        &app.settings.redis_prefix,
+        app.settings.staging_ttl,
+    )
+    .unwrap();
+    assert_eq!(
+        dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1), Duration::ZERO).await,
+        0
+    );
+    let done = app.store.receipt(receipt.erasure_id).await.unwrap().unwrap();
+    assert!(done.is_completed());
+    assert_eq!((done.dialogs, done.messages), (1, 1));
+    drain(&mut flusher).await;
+    assert!(app.stored_seqs(550).await.is_empty());
+}
+
+#[tokio::test]
+async fn the_privacy_role_does_only_its_own_work_and_reads_see_only_granted_status() {
+    let mut settings = test_settings();
+    settings.tokens = Tokens {
+        ingest: vec!["bot".into()],
+        read: vec!["analyst".into()],
+        privacy: vec!["officer".into()],
+    };
+    let app = spawn_api_only(settings).await;
+    let send = async |method: reqwest::Method, path: &str, token: &str| {
+        let mut request = app
+            .http
+            .request(method, format!("{}{path}", app.base))
+            .bearer_auth(token);
+        if path.starts_with("/data/1") || path.starts_with("/consents/1?") {
+            request = request.json(&json!({"text": "t", "language": "EN"}));
+        }
+        request.send().await.unwrap().status()
+    };
+    use reqwest::Method as M;
+    assert_eq!(send(M::POST, "/data/1/600", "bot").await, StatusCode::ACCEPTED);
+    for (method, path) in [(M::GET, "/data"), (M::POST, "/data/1/600")] {
+        assert_eq!(send(method, path, "officer").await, StatusCode::FORBIDDEN, "{path}");
+    }
+    for token in ["bot", "analyst"] {
+        for (method, path) in [(M::DELETE, "/customers/1"), (M::GET, "/audit"), (M::GET, "/erasures/x")] {
+            assert_eq!(send(method, path, token).await, StatusCode::FORBIDDEN, "{token} {path}");
+        }
+    }
+    assert_eq!(send(M::GET, "/consents/600", "bot").await, StatusCode::OK);
+    assert_eq!(send(M::GET, "/consents/600", "officer").await, StatusCode::OK);
+    // Pending: a read token sees nothing of it.
+    assert_eq!(send(M::GET, "/consents/600", "analyst").await, StatusCode::NOT_FOUND);
+    assert_eq!(send(M::GET, "/audit", "officer").await, StatusCode::OK);
+    assert_eq!(send(M::GET, "/audit", "nobody").await, StatusCode::UNAUTHORIZED);
+    let grant = app
+        .http
+        .post(format!("{}/consents/600", app.base))
+        .bearer_auth("bot")
+        .json(&json!(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(grant.status(), StatusCode::ACCEPTED);
+    assert_eq!(send(M::GET, "/consents/600", "analyst").await, StatusCode::OK);
+}
