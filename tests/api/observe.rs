@@ -40,10 +40,14 @@ async fn metrics_count_requests_by_route_template_and_show_the_flush_queue() {
 }
 
 /// The API as docs/api.md describes it: every operation, by method and path template.
-const OPERATIONS: [(&str, &str); 8] = [
+const OPERATIONS: [(&str, &str); 12] = [
     ("post", "/data/{customerId}/{dialogId}"),
     ("post", "/data"),
     ("post", "/consents/{dialogId}"),
+    ("get", "/consents/{dialogId}"),
+    ("delete", "/customers/{customerId}"),
+    ("get", "/erasures/{erasureId}"),
+    ("get", "/audit"),
     ("get", "/data"),
     ("get", "/healthz"),
     ("get", "/readyz"),
@@ -73,10 +77,13 @@ async fn the_openapi_document_describes_every_route_that_is_served() {
         let url = format!(
             "{}{}",
             app.base,
-            path.replace("{customerId}", "1").replace("{dialogId}", "1")
+            path.replace("{customerId}", "1")
+                .replace("{dialogId}", "1")
+                .replace("{erasureId}", "0193a7c2-5b1e-7c3d-9a40-2f6f1d3c8e11")
         );
         let request = match method {
             "post" => app.http.post(url).json(&serde_json::json!(true)),
+            "delete" => app.http.delete(url),
             _ => app.http.get(url),
         };
         let response = request.send().await.unwrap();
