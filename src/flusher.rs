@@ -263,7 +263,11 @@ impl Flusher {
                     read: s.messages.len(),
                     // The transaction committed: the refusal took (and erased), or
                     // PostgreSQL held a newer decision of this dialog, which erased it.
-                    erased_refusal: s.unerased_refusal.map_or(0, |r| r.epoch),
+                    erased_refusal: if applied.deferred.contains(&s.dialog.get()) {
+                        0
+                    } else {
+                        s.unerased_refusal.map_or(0, |r| r.epoch)
+                    },
                     // A grant fenced by a newer decision in PostgreSQL: Redis lost that
                     // decision; without taking it back the dialog would be flushed and
                     // fenced again, for ever.

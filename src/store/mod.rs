@@ -157,6 +157,9 @@ pub struct Applied {
     /// had started a new life of the dialog since the snapshot): none of the batch's
     /// messages is in that life's list, so nothing is trimmed.
     pub renumbered: BTreeSet<i64>,
+    /// Dialogs not written because their customer's erasure is pending: the erasure
+    /// writes them. Nothing of them may be trimmed or confirmed.
+    pub deferred: BTreeSet<i64>,
 }
 
 /// A granted dialog a flush is about to write, as [`Store::apply_claiming`] names it to
@@ -481,8 +484,7 @@ async fn apply_refusals(
 
 /// Step 2: grants, and their messages where the grant took (see [`Store::apply_claiming`]
 /// for the claim), with a grant's audit event when this is the transaction that first
-/// writes it. A customer whose erasure is pending has nothing flushed: its dialogs stay
-/// queued until the erasure completes.
+/// writes it.
 async fn apply_grants(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     states: &[&DialogState],
@@ -496,17 +498,6 @@ async fn apply_grants(
         .iter()
         .copied()
         .filter(|s| s.decision == Decision::Granted)
-        .collect();
-    if grants.is_empty() {
-        return Ok(());
-    }
-    let mut customers: Vec<i64> = grants.iter().map(|s| s.customer.get()).collect();
-    customers.sort_unstable();
-    customers.dedup();
-    let erasing = Store::customers_being_erased(tx, &customers).await?;
-    let grants: Vec<&DialogState> = grants
-        .into_iter()
-        .filter(|s| !erasing.contains(&s.customer.get()))
         .collect();
     if grants.is_empty() {
         return Ok(());
@@ -860,10 +851,20 @@ impl Store {
         let shard = next_counter_shard();
         let mut tx = self.pool.begin().await?;
         let mut applied = Applied::default();
-        let mut prior = prior_decisions(&mut tx, states).await?;
+        // A customer whose erasure is pending has nothing written here: its erasure
+        // writes its refusals (and counts what they erase), and nothing of it is flushed;
+        // its dialogs stay queued (grants) or unconfirmed (refusals) until it completes.
+        let mut customers: Vec<i64> = states.iter().map(|s| s.customer.get()).collect();
+        customers.sort_unstable();
+        customers.dedup();
+        let erasing = Store::customers_being_erased(&mut tx, &customers).await?;
+        let (deferred, states): (Vec<&DialogState>, Vec<&DialogState>) =
+            states.iter().partition(|s| erasing.contains(&s.customer.get()));
+        applied.deferred = deferred.iter().map(|s| s.dialog.get()).collect();
+        let mut prior = prior_decisions(&mut tx, &states).await?;
         let mut events = Vec::new();
-        apply_refusals(&mut tx, states, shard, &mut prior, &mut applied, &mut events).await?;
-        apply_grants(&mut tx, states, shard, claim, &prior, &mut applied, &mut events).await?;
+        apply_refusals(&mut tx, &states, shard, &mut prior, &mut applied, &mut events).await?;
+        apply_grants(&mut tx, &states, shard, claim, &prior, &mut applied, &mut events).await?;
         erasure::write_events(&mut tx, &events).await?;
         tx.commit().await?;
         Ok(applied)

@@ -386,3 +386,24 @@ async fn the_privacy_role_does_only_its_own_work_and_reads_see_only_granted_stat
     assert_eq!(grant.status(), StatusCode::ACCEPTED);
     assert_eq!(send(M::GET, "/consents/600", "analyst").await, StatusCode::OK);
 }
+
+/// With flushers running beside the erasure, the refusals it records in Redis are its
+/// own to write: no flusher erases them first (which left the receipt short and wrote a
+/// second, erasure-less `refused` event per dialog).
+#[tokio::test]
+async fn a_running_flusher_leaves_an_erasures_refusals_to_it_and_the_counts_stay_exact() {
+    let app = crate::helpers::spawn_app().await;
+    for round in 0..5 {
+        let (stored, staged) = (600 + 2 * round, 601 + 2 * round);
+        app.stage(20 + round, stored, "stored", "EN").await;
+        app.consent(stored, true).await;
+        app.wait_for_seqs(stored, &[1]).await;
+        app.stage(20 + round, staged, "staged", "EN").await;
+        let receipt: Value = delete_customer(&app, 20 + round).await.json().await.unwrap();
+        assert_eq!((&receipt["dialogs"], &receipt["messages"]), (&json!(2), &json!(2)), "{receipt}");
+        let events = audit(&app, &format!("customerId={}", 20 + round)).await;
+        let refused: Vec<&Value> = events.iter().filter(|e| e["event"] == "refused").collect();
+        assert_eq!(refused.len(), 2, "{events:?}");
+        assert!(refused.iter().all(|e| e["erasureId"] == receipt["erasureId"]), "{events:?}");
+    }
+}
