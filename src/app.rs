@@ -192,21 +192,6 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
         }
     }
 
-    // Once per Redis, by the processes that run flushers: the keys older releases left
-    // brought up to this one's (staging/upgrade.rs), so that requests rarely wait for
-    // it (they do, until it is done). Abandoned at shutdown: it is idempotent, and the
-    // next start, or the next request, runs it again.
-    if roles.flusher {
-        let (preparing, stop) = (staging.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            tokio::select! {
-                prepared = preparing.prepare() => if let Err(e) = prepared {
-                    tracing::warn!(error = %chain(&e), "could not check Redis for keys of an older release; the next request will");
-                },
-                () = stop.cancelled() => {}
-            }
-        });
-    }
     // Partitions of `messages`: months ahead created, months past DAPI_RETENTION
     // dropped (src/store/retention.rs), at start and then hourly.
     if roles.flusher {

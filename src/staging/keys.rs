@@ -215,18 +215,6 @@ impl Keyspace {
         format!("{}:quarantine", self.shard_prefixes[usize::from(shard)])
     }
 
-    /// The marker that [`Staging::expire_keys_older_releases_kept`](super::Staging) has
-    /// run: one fixed key per prefix, which does not expire.
-    pub fn expiry_sweep_marker(&self) -> String {
-        format!("{}:upgrade:expiry-v1", self.prefix)
-    }
-
-    /// The marker that the keys of releases before the shards were moved (see
-    /// `upgrade`): one fixed key per prefix, which does not expire.
-    pub fn layout_marker(&self) -> String {
-        format!("{}:upgrade:layout-v2", self.prefix)
-    }
-
     /// The key a replication round increments before its `WAIT`, on the shard's primary.
     pub fn replication_fence(&self, shard: Shard) -> String {
         format!("{}:replication-fence", self.shard_prefixes[usize::from(shard)])
@@ -235,39 +223,6 @@ impl Keyspace {
     /// A pattern matching every key of this prefix (for tests and operators' `SCAN`).
     pub fn pattern(&self) -> String {
         format!("{}:*", self.prefix)
-    }
-}
-
-/// The keys of releases before the shards: `<prefix>:{d<id>}:<suffix>` per dialog, one
-/// flush stream and one quarantine index. Read only by the upgrade that moves them.
-pub mod legacy {
-    pub fn dialog_key(prefix: &str, dialog: i64, suffix: &str) -> String {
-        format!("{prefix}:{{d{dialog}}}:{suffix}")
-    }
-
-    /// Every dialog's meta key of the old layout (for `SCAN`).
-    pub fn meta_pattern(prefix: &str) -> String {
-        format!("{prefix}:{{d*}}:meta")
-    }
-
-    /// Every dialog key of the old layout (for `SCAN`).
-    pub fn dialog_pattern(prefix: &str) -> String {
-        format!("{prefix}:{{d*}}:*")
-    }
-
-    /// The dialog id and suffix of an old-layout dialog key.
-    pub fn parse<'k>(prefix: &str, key: &'k str) -> Option<(i64, &'k str)> {
-        let rest = key.strip_prefix(prefix)?.strip_prefix(":{d")?;
-        let (id, suffix) = rest.split_once("}:")?;
-        Some((id.parse().ok()?, suffix))
-    }
-
-    pub fn flush_stream(prefix: &str) -> String {
-        format!("{prefix}:flush")
-    }
-
-    pub fn quarantine_index(prefix: &str) -> String {
-        format!("{prefix}:quarantine")
     }
 }
 
@@ -355,17 +310,6 @@ mod tests {
             let (min, max) = (counts.iter().min().copied(), counts.iter().max().copied());
             assert!(min > Some(800) && max < Some(1200), "stride {stride}: {min:?}..{max:?}");
         }
-    }
-
-    #[test]
-    fn old_layout_keys_parse() {
-        assert_eq!(legacy::parse("dapi", "dapi:{d42}:meta"), Some((42, "meta")));
-        assert_eq!(
-            legacy::parse("dapi", "dapi:{d42}:quarantined:msgs"),
-            Some((42, "quarantined:msgs"))
-        );
-        assert_eq!(legacy::parse("dapi", "dapi:flush"), None);
-        assert_eq!(legacy::dialog_key("dapi", 42, "ids"), "dapi:{d42}:ids");
     }
 
     #[test]

@@ -14,9 +14,7 @@
 //! | `<prefix>:{<tag>}:flush` | stream | the shard's flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
 //! | `<prefix>:{<tag>}:d<id>:quarantined:meta`, `…:quarantined:msgs` | hash, list | a dialog the flusher could not read, set aside as it was |
 //! | `<prefix>:{<tag>}:quarantine` | hash | dialog id → `<unix seconds> <reason>` of every dialog of the shard set aside |
-//!
-//! Releases before the shards used `<prefix>:{d<id>}:…`, one `<prefix>:flush` and one
-//! `<prefix>:quarantine`; [`Staging::upgrade_layout`] moves them (see `upgrade`).
+
 //!
 //! # Expiry (Guarantee 5)
 //!
@@ -25,9 +23,7 @@
 //! long after its last message. The one exception is a refusal whose erasure PostgreSQL
 //! has not confirmed (`x` set): its keys do not expire until the erasure commits (the
 //! refusal handler's or the flusher's), however long PostgreSQL is away, and then the
-//! TTL starts. Only the flush stream and the quarantine outlive that. dapi's first
-//! release kept granted dialogs' keys without expiry; on start, once per Redis,
-//! [`Staging::expire_keys_older_releases_kept`] gives such keys their TTL.
+//! TTL starts. Only the flush stream and the quarantine outlive that.
 //!
 //! # Redis forgetting a dialog
 //!
@@ -67,7 +63,6 @@ mod conn;
 pub mod keys;
 mod queue;
 mod replication;
-mod upgrade;
 
 pub use conn::{CLUSTER_RETRIES, Connector, RedisConn, Timeouts};
 pub use keys::{Keyspace, SHARDS, Shard};
@@ -80,7 +75,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{FromRedisValue, Script, ScriptInvocation};
-use tokio::sync::OnceCell;
 
 use crate::domain::{CustomerId, Decision, DialogId, GrantToAudit, IncomingMessage};
 
@@ -268,9 +262,6 @@ pub struct Staging {
     /// Waits for replicas before a write is acknowledged (`DAPI_REDIS_WAIT_REPLICAS`);
     /// `None`: do not wait.
     replication: Option<replication::Replication>,
-    /// Set once the keys of releases before the shards have been moved (see `upgrade`):
-    /// nothing is staged or decided before.
-    layout: Arc<OnceCell<()>>,
     /// Stages single messages together under load (see `coalesce`); started at the first
     /// one. `None` in the handle that task itself uses.
     coalescer: Option<Arc<std::sync::OnceLock<coalesce::Coalescer>>>,
@@ -291,8 +282,6 @@ struct Scripts {
     status: Script,
     erasure_record: Script,
     finish: Script,
-    expire: Script,
-    relocate: Script,
 }
 
 /// Milliseconds for `PEXPIRE`.
@@ -335,13 +324,10 @@ impl Staging {
                 status: Script::new(include_str!("lua/status.lua")),
                 erasure_record: Script::new(include_str!("lua/erasure_record.lua")),
                 finish: Script::new(include_str!("lua/finish.lua")),
-                expire: Script::new(include_str!("lua/expire.lua")),
-                relocate: Script::new(include_str!("lua/relocate.lua")),
             }),
             call_timeout,
             connector,
             replication: None,
-            layout: Arc::new(OnceCell::new()),
             coalescer: Some(Arc::new(std::sync::OnceLock::new())),
         })
     }
@@ -399,26 +385,6 @@ impl Staging {
         Ok(value)
     }
 
-    /// Waits until the keys of an older release are where this one looks for them (once
-    /// per process; see `upgrade`).
-    async fn layout_ready(&self) -> Result<(), StagingError> {
-        self.layout
-            .get_or_try_init(|| async {
-                let moved = self.upgrade_layout().await?;
-                if moved.dialog_keys > 0 || moved.entries > 0 {
-                    tracing::info!(
-                        keys = moved.dialog_keys,
-                        entries = moved.entries,
-                        conflicts = moved.conflicts,
-                        "moved the staged dialogs of an older release to the sharded layout"
-                    );
-                }
-                Ok::<_, StagingError>(())
-            })
-            .await?;
-        Ok(())
-    }
-
     /// Stages messages: one script call per slot group (one for everything on one Redis,
     /// one per shard on a cluster), the groups at once, an outcome per message, in order.
     /// `create` says, per message, what to do when Redis does not know its dialog (see
@@ -442,7 +408,6 @@ impl Staging {
             });
             return Ok(vec![Ok(coalescer.stage(message).await?)]);
         }
-        self.layout_ready().await?;
         // One slot group (one Redis, or a single message): one call, nothing to sort.
         if !self.keys.is_cluster() || messages.len() == 1 {
             let shard = Keyspace::shard_of(messages[0].dialog.get());
@@ -550,7 +515,6 @@ impl Staging {
         revival: Option<Revival>,
         only_for: Option<CustomerId>,
     ) -> Result<Decided, StagingError> {
-        self.layout_ready().await?;
         let d = dialog.get();
         let mut invocation = self.scripts.consent.prepare_invoke();
         invocation

@@ -18,7 +18,6 @@ mod fuzz;
 mod harness;
 mod helpers;
 mod ingest;
-mod layout;
 mod limits;
 mod observe;
 mod ops;

@@ -400,10 +400,17 @@ async fn a_running_flusher_leaves_an_erasures_refusals_to_it_and_the_counts_stay
         app.wait_for_seqs(stored, &[1]).await;
         app.stage(20 + round, staged, "staged", "EN").await;
         let receipt: Value = delete_customer(&app, 20 + round).await.json().await.unwrap();
-        assert_eq!((&receipt["dialogs"], &receipt["messages"]), (&json!(2), &json!(2)), "{receipt}");
+        assert_eq!(
+            (&receipt["dialogs"], &receipt["messages"]),
+            (&json!(2), &json!(2)),
+            "{receipt}"
+        );
         let events = audit(&app, &format!("customerId={}", 20 + round)).await;
         let refused: Vec<&Value> = events.iter().filter(|e| e["event"] == "refused").collect();
         assert_eq!(refused.len(), 2, "{events:?}");
-        assert!(refused.iter().all(|e| e["erasureId"] == receipt["erasureId"]), "{events:?}");
+        assert!(
+            refused.iter().all(|e| e["erasureId"] == receipt["erasureId"]),
+            "{events:?}"
+        );
     }
 }
