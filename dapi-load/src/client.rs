@@ -34,7 +34,7 @@ impl Staged {
     }
 }
 
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(50 * u64::from(attempt))
 }
 
@@ -43,6 +43,9 @@ pub(crate) struct Client {
     pub(crate) url: String,
     pub(crate) ingest_token: Option<String>,
     pub(crate) read_token: Option<String>,
+    /// For `DELETE /customers/{customerId}`, `GET /erasures/{erasureId}` and the check's
+    /// `GET /consents/{dialogId}` (the ingest token there when there is none).
+    pub(crate) privacy_token: Option<String>,
     /// Per-request timeout of the traffic, and resends after a timeout, a broken
     /// connection or a 503.
     pub(crate) timeout: Duration,
@@ -60,10 +63,38 @@ impl Client {
 
     /// One try: a POST of `body` with the ingest token, or a GET with the read token.
     pub(crate) async fn once(&self, url: &str, body: Option<&Value>, timeout: Duration) -> Reply {
-        let (request, token) = match body {
-            Some(body) => (self.http.post(url).json(body), &self.ingest_token),
-            None => (self.http.get(url), &self.read_token),
+        let request = match body {
+            Some(body) => self.http.post(url).json(body),
+            None => self.http.get(url),
         };
+        let token = if body.is_some() {
+            &self.ingest_token
+        } else {
+            &self.read_token
+        };
+        self.send(request, token.as_deref(), timeout).await
+    }
+
+    /// One try of a privacy request with the privacy token: `DELETE` (`delete`) or `GET`
+    /// of `path`.
+    pub(crate) async fn privacy(&self, path: &str, delete: bool, timeout: Duration) -> Reply {
+        let url = self.url(path);
+        let request = if delete {
+            self.http.delete(url)
+        } else {
+            self.http.get(url)
+        };
+        self.send(request, self.privacy_token.as_deref(), timeout).await
+    }
+
+    /// One try of `GET /consents/{dialogId}`: with the privacy token, else the ingest one.
+    pub(crate) async fn consent(&self, dialog: i64, timeout: Duration) -> Reply {
+        let request = self.http.get(self.url(&format!("/consents/{dialog}")));
+        let token = self.privacy_token.as_deref().or(self.ingest_token.as_deref());
+        self.send(request, token, timeout).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, token: Option<&str>, timeout: Duration) -> Reply {
         let mut request = request.timeout(timeout);
         if let Some(token) = token {
             request = request.bearer_auth(token);

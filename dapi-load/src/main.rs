@@ -14,6 +14,13 @@
 //! checks: every acknowledged message of a granted dialog readable exactly once, under
 //! the `messageId` it was sent with, and no `messageId` stored twice; nothing of a
 //! refused or undecided dialog readable. Any loss, duplicate or leak makes it exit 1.
+//!
+//! With `--erase-rate N` it also erases N customers a second while the traffic runs
+//! (`DELETE /customers/{customerId}`, polling `GET /erasures/{erasureId}` after a 503
+//! `erasure_pending`), picked among those it has had messages acknowledged for; the check
+//! then counts as leaked any message acknowledged before its customer's erasure was sent
+//! that is still readable, or whose dialog does not read as refused, and the report shows
+//! the erasures' latency until completed.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +29,7 @@
 // ties them together.
 mod check;
 mod client;
+mod erase;
 mod record;
 mod report;
 mod worker;
@@ -29,7 +37,7 @@ mod worker;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -95,6 +103,18 @@ struct Args {
     ingest_token: Option<String>,
     #[arg(long, env = "DAPI_LOAD_READ_TOKEN")]
     read_token: Option<String>,
+    /// Privacy token, for `--erase-rate` (and the check's `GET /consents`).
+    #[arg(long, env = "DAPI_LOAD_PRIVACY_TOKEN")]
+    privacy_token: Option<String>,
+    /// Customers erased per second while the traffic runs (`DELETE /customers/{customerId}`
+    /// with the privacy token; after a 503 `erasure_pending`, `GET /erasures/{erasureId}`
+    /// until completed), each picked among those a message was acknowledged for. The
+    /// check then requires every message acknowledged before its customer's erasure was
+    /// sent to be unreadable and its dialog refused (else it counts as leaked); messages
+    /// in flight while an erasure ran may go either way. The report adds the erasures'
+    /// latency from the request until completed. 0: none.
+    #[arg(long, default_value_t = 0)]
+    erase_rate: u64,
     /// How long to wait for the flusher before the loss check.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     settle: Duration,
@@ -139,6 +159,7 @@ async fn main() -> ExitCode {
         url: args.url.trim_end_matches('/').to_owned(),
         ingest_token: args.ingest_token.clone(),
         read_token: args.read_token.clone(),
+        privacy_token: args.privacy_token.clone(),
         timeout: args.timeout,
         retries: args.retries,
     });
@@ -158,6 +179,12 @@ async fn main() -> ExitCode {
         visibility: std::sync::Mutex::new(new_histogram()),
         invisible: AtomicU64::new(0),
         deadline: Instant::now() + args.duration,
+        posted: if args.erase_rate > 0 {
+            (0..args.customers).map(|_| AtomicBool::new(false)).collect()
+        } else {
+            Vec::new()
+        },
+        erased: std::sync::Mutex::new(std::collections::HashSet::new()),
         args,
     });
 
@@ -165,6 +192,7 @@ async fn main() -> ExitCode {
     let workers: Vec<_> = (0..plan.args.concurrency)
         .map(|i| tokio::spawn(worker(plan.clone(), client.clone(), i)))
         .collect();
+    let eraser = (plan.args.erase_rate > 0).then(|| tokio::spawn(erase::eraser(plan.clone(), client.clone())));
     let progress = {
         let plan = plan.clone();
         tokio::spawn(async move {
@@ -192,15 +220,26 @@ async fn main() -> ExitCode {
             record.merge(r);
         }
     }
-    progress.abort();
     let elapsed = started.elapsed().as_secs_f64();
+    let mut erasures = Vec::new();
+    if let Some(eraser) = eraser
+        && let Ok((done, r)) = eraser.await
+    {
+        erasures = done;
+        record.merge(r);
+    }
+    progress.abort();
     eprintln!(); // allow: this tool reports on the terminal
+    let rejected = erasures.iter().filter(|e| e.state == erase::State::Rejected).count();
+    if rejected > 0 {
+        eprintln!("dapi-load: {rejected} erasures were refused (is --privacy-token set?)"); // allow: this tool reports on the terminal
+    }
 
     let check = if plan.args.no_check {
         None
     } else {
         eprintln!("checking: reading back every message of this run's customers …"); // allow: this tool reports on the terminal
-        match check(&client, &record, plan.args.settle).await {
+        match check(&client, &record, &erasures, plan.args.settle).await {
             Some(check) => Some(check),
             None => {
                 eprintln!("dapi-load: the loss check could not read the messages back"); // allow: this tool reports on the terminal
@@ -209,7 +248,11 @@ async fn main() -> ExitCode {
         }
     };
 
-    let summary = summary(&plan, &record, check.as_ref(), elapsed);
+    let mut summary = summary(&plan, &record, check.as_ref(), elapsed);
+    if plan.args.erase_rate > 0 {
+        summary["erase_rate"] = json!(plan.args.erase_rate);
+        summary["erasures"] = erase::summary(&erasures);
+    }
     if plan.args.json {
         println!("{summary:#}"); // allow: this tool reports on the terminal
     } else {

@@ -15,6 +15,9 @@ pub(crate) enum Endpoint {
     Grant,
     Refuse,
     Read,
+    /// `DELETE /customers/{customerId}` of `--erase-rate`: its first answer (200 or 503
+    /// `erasure_pending`); the time until a pending one completed is in the erasure line.
+    Erase,
 }
 
 impl Endpoint {
@@ -25,6 +28,7 @@ impl Endpoint {
             Endpoint::Grant => "POST /consents (grant)",
             Endpoint::Refuse => "POST /consents (refuse)",
             Endpoint::Read => "GET /data",
+            Endpoint::Erase => "DELETE /customers",
         }
     }
 }
@@ -117,12 +121,22 @@ pub(crate) enum Fate {
     Undecided,
 }
 
+/// One acknowledged message: the `messageId` sent for it, when its request was first sent
+/// (its scheduled time with `--rate`) and when its 202 arrived.
+pub(crate) struct Acked {
+    pub(crate) id: String,
+    pub(crate) sent: Instant,
+    pub(crate) at: Instant,
+}
+
 /// A dialog as the check sees it.
 pub(crate) struct Outcome {
     pub(crate) customer: i64,
-    /// Acknowledged seq → the `messageId` sent for it.
-    pub(crate) acked: BTreeMap<i64, String>,
+    /// Acknowledged seq → the message.
+    pub(crate) acked: BTreeMap<i64, Acked>,
     pub(crate) fate: Fate,
+    /// When its decision was sent and when it was answered, if it was.
+    pub(crate) decision: Option<(Instant, Instant)>,
 }
 
 /// What one worker saw.

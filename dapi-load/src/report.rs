@@ -64,6 +64,23 @@ pub(crate) fn report(summary: &Value, check: Option<&Check>) -> String {
         num(visibility, "max_ms"),
         visibility["not_readable_after_10s"]
     );
+    let erasures = &summary["erasures"];
+    if erasures.is_object() {
+        let _ = write!(
+            out,
+            "\nerasures: {} requested — {} completed ({} of them after 503 erasure_pending), {} still pending, {} refused, {} without an answer; request → completed: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            erasures["requested"],
+            erasures["completed"],
+            erasures["completed_after_pending"],
+            erasures["pending"],
+            erasures["rejected"],
+            erasures["unanswered"],
+            num(erasures, "p50_ms"),
+            num(erasures, "p90_ms"),
+            num(erasures, "p99_ms"),
+            num(erasures, "max_ms"),
+        );
+    }
     if let Some(c) = check {
         let _ = write!(
             out,
@@ -78,6 +95,18 @@ pub(crate) fn report(summary: &Value, check: Option<&Check>) -> String {
             c.unacknowledged_but_stored,
             c.wrong_message_id
         );
+        if let Some(e) = &c.erasure {
+            let _ = write!(
+                out,
+                "\nerasure check: {} messages acknowledged before their customer's erasure — readable {}, in a dialog not read as refused {} (of {} dialogs: {} not refused); {} in flight while an erasure ran (either way is right)",
+                e.erased_messages,
+                e.erased_but_readable,
+                e.erased_dialog_not_refused,
+                e.erased_dialogs,
+                e.erased_dialogs_not_refused,
+                e.racing_messages
+            );
+        }
     }
     out
 }

@@ -2,9 +2,9 @@
 //! messages, one at a time or in batches, decisions, analysts' reads — and probing how
 //! soon granted messages are readable.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::Args;
 use crate::client::{Client, PATIENT, Reply, Staged};
-use crate::record::{Endpoint, Fate, Outcome, Record, Tally};
+use crate::record::{Acked, Endpoint, Fate, Outcome, Record, Tally};
 
 /// What all workers share: the arguments, this run's IDs, the counters and the deadline.
 pub(crate) struct Plan {
@@ -29,6 +29,23 @@ pub(crate) struct Plan {
     pub(crate) sent: AtomicU64,
     pub(crate) staged: AtomicU64,
     pub(crate) deadline: Instant,
+    /// With `--erase-rate`: by customer index, whether a message of it was acknowledged
+    /// (the eraser picks among those); empty without.
+    pub(crate) posted: Vec<AtomicBool>,
+    /// Customers whose erasure was requested: a probe of theirs that never sees its
+    /// message readable is not counted as not readable.
+    pub(crate) erased: std::sync::Mutex<HashSet<i64>>,
+}
+
+impl Plan {
+    fn posted_for(&self, customer: i64) {
+        if let Some(flag) = usize::try_from(customer - self.customer_base)
+            .ok()
+            .and_then(|i| self.posted.get(i))
+        {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A dialog a worker is running.
@@ -45,7 +62,9 @@ struct Dialog {
     sent: u64,
     /// Whether its decision was answered.
     decided: bool,
-    acked: BTreeMap<i64, String>,
+    /// When its decision was sent and answered.
+    decision: Option<(Instant, Instant)>,
+    acked: BTreeMap<i64, Acked>,
 }
 
 impl Dialog {
@@ -55,6 +74,7 @@ impl Dialog {
             acked: self.acked,
             // A decision never sent leaves the dialog undecided.
             fate: if self.decided { self.fate } else { Fate::Undecided },
+            decision: self.decision,
         }
     }
 }
@@ -167,6 +187,7 @@ impl Worker {
             queued: 0,
             sent: 0,
             decided: false,
+            decision: None,
             acked: BTreeMap::new(),
         }
     }
@@ -262,6 +283,7 @@ impl Worker {
                 break;
             };
             let results = self.ingest(&messages, started).await;
+            let answered = Instant::now();
             let mut staged = 0;
             for (message, result) in messages.iter().zip(&results) {
                 let Some(dialog) = live.get_mut(&message.dialog) else {
@@ -269,8 +291,16 @@ impl Worker {
                 };
                 dialog.sent += 1;
                 if let Some(Staged { seq: Some(seq), .. }) = result {
-                    dialog.acked.insert(*seq, message.id.clone());
+                    dialog.acked.insert(
+                        *seq,
+                        Acked {
+                            id: message.id.clone(),
+                            sent: started,
+                            at: answered,
+                        },
+                    );
                     staged += 1;
+                    self.plan.posted_for(dialog.customer);
                 }
             }
             let duplicates = results
@@ -313,6 +343,7 @@ impl Worker {
                     continue;
                 }
                 dialog.decided = true;
+                dialog.decision = Some((started, Instant::now()));
                 if dialog.fate == Fate::Granted
                     && let Some(&last) = dialog.acked.keys().next_back()
                     && self.rng.chance(self.plan.args.probe)
@@ -382,11 +413,15 @@ async fn probe(plan: Arc<Plan>, client: Arc<Client>, customer: i64, dialog: i64,
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if plan.erased.lock().is_ok_and(|erased| erased.contains(&customer)) {
+        // Its customer's erasure may have taken it.
+        return;
+    }
     plan.invisible.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A small, fast, deterministic-per-worker generator (xorshift64*).
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -396,7 +431,7 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 
