@@ -212,12 +212,12 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
     // must not be dropped half-way): shutdown is checked between passes.
     if roles.flusher {
         let (staging, store, stop) = (staging.clone(), store.clone(), shutdown.clone());
-        let (replica_wait, grace) = (settings.replica_wait, settings.request_timeout * 2);
+        let replica_wait = settings.replica_wait;
         let audit_retention = settings.audit_retention;
         tasks.spawn(async move {
             let mut pass = 0_u64;
             while !stop.is_cancelled() {
-                crate::erasure::finish_pending(&staging, &store, replica_wait, grace).await;
+                crate::erasure::finish_pending(&staging, &store, replica_wait).await;
                 if let Some(retention) = audit_retention.filter(|_| pass.is_multiple_of(1800)) {
                     match store.drop_old_audit(time::OffsetDateTime::now_utc() - retention).await {
                         Ok(0) => {}

@@ -40,6 +40,34 @@ pub enum ErasureError {
     Store(#[from] StoreError),
 }
 
+/// The erasures a task of this process is running: the loop that finishes pending ones
+/// leaves them alone. (Another process running the same erasure at once is harmless:
+/// every step is idempotent and the counts are kept by row locks, not by who runs.)
+static RUNNING: std::sync::Mutex<Vec<Uuid>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks an erasure as running in this process while it lives.
+struct Running(Uuid);
+
+impl Running {
+    fn start(id: Uuid) -> Option<Self> {
+        let mut running = RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if running.contains(&id) {
+            return None;
+        }
+        running.push(id);
+        Some(Self(id))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|id| *id != self.0);
+    }
+}
+
 /// Runs erasure `receipt` to its end: every dialog of its customer refused and erased,
 /// the replica waited for (at most `replica_wait`), the receipt completed.
 pub async fn run(
@@ -51,6 +79,7 @@ pub async fn run(
     if receipt.is_completed() {
         return Ok(receipt);
     }
+    let _running = Running::start(receipt.erasure_id);
     let customer = CustomerId::from_stored(receipt.customer_id);
     let in_redis = staging.customer_dialogs(customer).await?;
     let mut in_store = Vec::new();
@@ -191,9 +220,9 @@ async fn current(store: &Store, fallback: Receipt) -> Receipt {
 }
 
 /// Finishes every erasure left pending (a crash, an outage, a timeout): run by the
-/// processes that run flushers, every few seconds. Erasures younger than `grace` are
-/// left to the request that started them. Returns how many are still pending.
-pub async fn finish_pending(staging: &Staging, store: &Store, replica_wait: Duration, grace: Duration) -> usize {
+/// processes that run flushers, every few seconds. One a task of this process is running
+/// is left to it. Returns how many are still pending.
+pub async fn finish_pending(staging: &Staging, store: &Store, replica_wait: Duration) -> usize {
     // Erasures Redis kept while PostgreSQL was away: PostgreSQL records them first.
     match staging.erasure_records().await {
         Ok(records) => {
@@ -221,8 +250,11 @@ pub async fn finish_pending(staging: &Staging, store: &Store, replica_wait: Dura
         }
     };
     let mut left = pending.len();
-    let young = OffsetDateTime::now_utc() - grace;
-    for receipt in pending.into_iter().filter(|r| r.requested_at < young) {
+    let running: Vec<Uuid> = RUNNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    for receipt in pending.into_iter().filter(|r| !running.contains(&r.erasure_id)) {
         let customer = receipt.customer_id;
         match run(staging, store, receipt, replica_wait).await {
             Ok(_) => {

@@ -291,7 +291,7 @@ async fn an_erasure_through_a_postgresql_outage_is_finished_by_itself() {
         app.settings.staging_ttl,
     )
     .unwrap();
-    let left = dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1), Duration::ZERO).await;
+    let left = dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1)).await;
     assert_eq!(left, 0);
     let done = app.get_json(&format!("/erasures/{id}")).await;
     assert_eq!(
@@ -330,7 +330,7 @@ async fn an_erasure_recorded_then_abandoned_is_finished_and_nothing_flushes_mean
     )
     .unwrap();
     assert_eq!(
-        dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1), Duration::ZERO).await,
+        dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1)).await,
         0
     );
     let done = app.store.receipt(receipt.erasure_id).await.unwrap().unwrap();
@@ -412,5 +412,55 @@ async fn a_running_flusher_leaves_an_erasures_refusals_to_it_and_the_counts_stay
             refused.iter().all(|e| e["erasureId"] == receipt["erasureId"]),
             "{events:?}"
         );
+    }
+}
+
+/// Writers racing an erasure: every message acknowledged before the DELETE was sent is
+/// gone when it answers, and every message of those dialogs after the answer is refused;
+/// nothing of the customer is stored afterwards.
+#[tokio::test]
+async fn writers_racing_an_erasure_leave_nothing_of_the_customer_stored() {
+    let app = crate::helpers::spawn_app().await;
+    for dialog in 700..705 {
+        app.stage(30, dialog, "before", "EN").await;
+        app.consent(dialog, true).await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (700..705)
+        .map(|dialog| {
+            let (http, base, stop) = (app.http.clone(), app.base.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut after_stop = Vec::new();
+                for i in 0.. {
+                    let done = stop.load(std::sync::atomic::Ordering::SeqCst);
+                    let response = http
+                        .post(format!("{base}/data/30/{dialog}"))
+                        .json(&json!({"text": format!("racing {i}"), "language": "EN"}))
+                        .send()
+                        .await
+                        .unwrap();
+                    if done {
+                        after_stop.push(response.status());
+                        if after_stop.len() == 3 {
+                            return after_stop;
+                        }
+                    }
+                }
+                after_stop
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let receipt = delete_customer(&app, 30).await;
+    assert_eq!(receipt.status(), StatusCode::OK);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for writer in writers {
+        let after = writer.await.unwrap();
+        assert!(after.iter().all(|s| *s == StatusCode::CONFLICT), "{after:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.get_json("/data?customerId=30").await["count"], 0);
+    for dialog in 700..705 {
+        assert!(app.stored_seqs(dialog).await.is_empty(), "{dialog}");
     }
 }

@@ -171,3 +171,41 @@ async fn a_replica_that_has_not_replayed_the_schema_yet_answers_reads_503_not_50
     let ready = assert_problem(ready, StatusCode::SERVICE_UNAVAILABLE, "not_ready").await;
     assert!(ready["detail"].as_str().unwrap().contains("replica"), "{ready}");
 }
+
+/// A customer erasure waits for the replica as a refusal does: with replay paused it
+/// answers 503 `erasure_pending` with its receipt, and completes by itself once the
+/// replica replays (a flusher-role process finishes it); then nothing of the customer
+/// reads from the replica.
+#[tokio::test]
+async fn a_customer_erasure_with_replay_paused_is_pending_then_completes_by_itself() {
+    let (app, replica) = spawn_with_replica(Duration::from_millis(600)).await;
+    app.stage(9, 30, "stored", "EN").await;
+    app.consent(30, true).await;
+    wait_until(Duration::from_secs(10), async || {
+        let n = readable(&app, 9, 30).await;
+        (n == 1).then_some(()).ok_or(format!("{n} of 1 readable"))
+    })
+    .await;
+    pause(&replica).await;
+
+    let response = app
+        .http
+        .delete(format!("{}/customers/9", app.base))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(response, StatusCode::SERVICE_UNAVAILABLE, "erasure_pending").await;
+    let id = problem["erasure"]["erasureId"].as_str().unwrap().to_owned();
+    assert_eq!(problem["erasure"]["status"], "pending");
+    assert!(app.stored_seqs(30).await.is_empty(), "erased on the primary");
+
+    resume(&replica).await;
+    wait_until(Duration::from_secs(15), async || {
+        let receipt = app.get_json(&format!("/erasures/{id}")).await;
+        (receipt["status"] == "completed")
+            .then_some(())
+            .ok_or(format!("{receipt}"))
+    })
+    .await;
+    assert_eq!(readable(&app, 9, 30).await, 0);
+}
