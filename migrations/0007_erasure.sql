@@ -25,15 +25,45 @@ CREATE UNIQUE INDEX erasures_pending ON erasures (customer_id) WHERE status = 'p
 CREATE INDEX erasures_completed ON erasures (completed_at) WHERE status = 'completed';
 
 -- The consent and erasure trail (GET /audit): never a text, a language or a messageId.
+-- Partitioned by the month (UTC) of `at`, so that DAPI_AUDIT_RETENTION drops whole
+-- months, never rows one by one (src/store/retention.rs). `audit_partitions` lists the
+-- monthly partitions with their bounds; this month's and the next two are made here,
+-- and the processes that run flushers keep two months ahead. The default partition
+-- only catches an event outside every month made (a clock far off): retention never
+-- drops it.
 CREATE TABLE consent_events (
-    event_id    bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id    bigint      GENERATED ALWAYS AS IDENTITY,
     at          timestamptz NOT NULL,
     event       text        NOT NULL CHECK (event IN ('granted', 'refused', 'customer_erased', 'retention')),
     customer_id bigint,
     dialog_id   bigint,
     messages    bigint,
-    erasure_id  uuid
-);
+    erasure_id  uuid,
+    PRIMARY KEY (event_id, at)
+) PARTITION BY RANGE (at);
 CREATE INDEX consent_events_newest ON consent_events (at, event_id);
 CREATE INDEX consent_events_customer ON consent_events (customer_id, at, event_id);
 CREATE INDEX consent_events_dialog ON consent_events (dialog_id, at, event_id);
+CREATE TABLE consent_events_default PARTITION OF consent_events DEFAULT;
+
+CREATE TABLE audit_partitions (
+    name text        PRIMARY KEY,
+    low  timestamptz NOT NULL UNIQUE,
+    high timestamptz NOT NULL UNIQUE
+);
+
+DO $$
+DECLARE
+    this_month timestamp := date_trunc('month', now() AT TIME ZONE 'UTC');
+    low timestamp;
+BEGIN
+    FOR i IN 0..2 LOOP
+        low := this_month + make_interval(months => i);
+        EXECUTE format('CREATE TABLE %I PARTITION OF consent_events FOR VALUES FROM (%L) TO (%L)',
+                       'consent_events_' || to_char(low, 'YYYYMM'), low AT TIME ZONE 'UTC',
+                       (low + interval '1 month') AT TIME ZONE 'UTC');
+        INSERT INTO audit_partitions
+        VALUES ('consent_events_' || to_char(low, 'YYYYMM'), low AT TIME ZONE 'UTC',
+                (low + interval '1 month') AT TIME ZONE 'UTC');
+    END LOOP;
+END $$;

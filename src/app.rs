@@ -220,9 +220,13 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
                 crate::erasure::finish_pending(&staging, &store, replica_wait).await;
                 if let Some(retention) = audit_retention.filter(|_| pass.is_multiple_of(1800)) {
                     match store.drop_old_audit(time::OffsetDateTime::now_utc() - retention).await {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            tracing::info!(rows = n, "dropped audit events and receipts past DAPI_AUDIT_RETENTION")
+                        Ok((partitions, receipts)) => {
+                            for name in partitions {
+                                tracing::info!(partition = %name, "dropped a month of audit events past DAPI_AUDIT_RETENTION");
+                            }
+                            if receipts > 0 {
+                                tracing::info!(receipts, "deleted completed erasure receipts past DAPI_AUDIT_RETENTION");
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(error = %chain(&e), "could not drop old audit events; the next pass will")

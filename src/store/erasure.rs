@@ -14,8 +14,7 @@ use uuid::Uuid;
 use super::sql::{
     ADOPT_ERASURE, AUDIT_ALL, AUDIT_BY_CUSTOMER, AUDIT_BY_CUSTOMER_DIALOG, AUDIT_BY_DIALOG, BEGIN_ERASURE,
     COMPLETE_ERASURE, CUSTOMER_DIALOGS, DIALOG_STATUS, ERASE_DIALOGS_ROWS, ERASURE, ERASURE_EVENTS_WRITTEN,
-    MARK_ERASED, PENDING_ERASURE_CUSTOMERS, PENDING_ERASURE_OF, PENDING_ERASURES, RECORD_ERASURE_PROGRESS,
-    UPSERT_DIALOGS, WRITE_EVENTS,
+    PENDING_ERASURE_OF, PENDING_ERASURES, RECORD_ERASURE_PROGRESS, UPSERT_DIALOGS, WRITE_EVENTS,
 };
 use super::{Store, StoreError, micros_of, time_of};
 use crate::domain::{CustomerId, Decision, DialogId};
@@ -203,7 +202,6 @@ impl Store {
             .bind(super::next_counter_shard())
             .fetch_all(&mut *tx)
             .await?;
-        sqlx::query(MARK_ERASED).bind(&took).execute(&mut *tx).await?;
         let mut removed: HashMap<i64, BTreeSet<i64>> = HashMap::new();
         for (dialog, seq) in rows {
             removed.entry(dialog).or_default().insert(seq);
@@ -271,20 +269,6 @@ impl Store {
         };
         tx.commit().await?;
         Ok(receipt)
-    }
-
-    /// Of `customers`, those with an erasure pending: a flush leaves their dialogs queued.
-    pub(super) async fn customers_being_erased(
-        tx: &mut sqlx::Transaction<'_, Postgres>,
-        customers: &[i64],
-    ) -> Result<HashSet<i64>, StoreError> {
-        Ok(sqlx::query_scalar::<_, i64>(PENDING_ERASURE_CUSTOMERS)
-            .persistent(false)
-            .bind(customers)
-            .fetch_all(&mut **tx)
-            .await?
-            .into_iter()
-            .collect())
     }
 
     /// Where `dialog` stands in PostgreSQL, if it holds a decision of it.

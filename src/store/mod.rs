@@ -75,8 +75,8 @@ pub mod sql;
 
 use sql::{
     AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS, ERASE_DIALOGS_ROWS,
-    INSERT_MESSAGES, MARK_ERASED, NEWER_DECISIONS, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE,
-    PAGE_BY_LANGUAGE, PING, PRIOR_DECISIONS, RAISE_LAST_SEQ, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
+    INSERT_MESSAGES, NEWER_DECISIONS, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE, PING,
+    PRIOR_DECISIONS, RAISE_LAST_SEQ, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -358,33 +358,43 @@ struct Prior {
     refused: bool,
     epoch: i64,
     decided_at_us: i64,
+    last_seq: i64,
 }
 
-/// The decisions PostgreSQL holds of the dialogs `states` write, read (and locked) first:
-/// the fence's outcome for the audit trail, and the refusals a grant replaces.
+/// The decisions PostgreSQL holds of the dialogs `states` write, read (and locked) first,
+/// and the customers among theirs whose erasure is pending (`PRIOR_DECISIONS`).
 async fn prior_decisions(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     states: &[&DialogState],
-) -> Result<HashMap<i64, Prior>, StoreError> {
-    let rows: Vec<(i64, bool, i64, OffsetDateTime)> = sqlx::query_as(PRIOR_DECISIONS)
+) -> Result<(HashMap<i64, Prior>, BTreeSet<i64>), StoreError> {
+    let mut customers: Vec<i64> = states.iter().map(|s| s.customer.get()).collect();
+    customers.sort_unstable();
+    customers.dedup();
+    let rows: Vec<(i64, bool, i64, OffsetDateTime, i64, bool)> = sqlx::query_as(PRIOR_DECISIONS)
         .persistent(false)
         .bind(states.iter().map(|s| s.dialog.get()).collect::<Vec<_>>())
+        .bind(customers)
         .fetch_all(&mut **tx)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(dialog, refused, epoch, at)| {
+    let mut prior = HashMap::new();
+    let mut erasing = BTreeSet::new();
+    for (id, refused, epoch, at, last_seq, is_erasing) in rows {
+        if is_erasing {
+            erasing.insert(id);
+        } else {
             let decided_at_us = micros_of(at);
-            (
-                dialog,
+            prior.insert(
+                id,
                 Prior {
                     refused,
                     epoch,
                     decided_at_us,
+                    last_seq,
                 },
-            )
-        })
-        .collect())
+            );
+        }
+    }
+    Ok((prior, erasing))
 }
 
 /// The event of a grant that no transaction has written yet, if `state` carries one newer
@@ -446,7 +456,6 @@ async fn apply_refusals(
         .bind(shard)
         .fetch_all(&mut **tx)
         .await?;
-    sqlx::query(MARK_ERASED).bind(&took).execute(&mut **tx).await?;
     applied.erased = rows.len() as u64;
     let mut erased: HashMap<i64, BTreeSet<i64>> = HashMap::new();
     for (dialog, seq) in rows {
@@ -476,6 +485,7 @@ async fn apply_refusals(
                 refused: true,
                 epoch: refusal.epoch,
                 decided_at_us: refusal.decided_at_us,
+                last_seq: 0,
             },
         );
     }
@@ -547,7 +557,7 @@ async fn apply_grants(
         .into_iter()
         .map(|s| renumbered.iter().find(|r| r.dialog == s.dialog).unwrap_or(s))
         .collect();
-    let copies = copies_of_stored_ids(tx, &written).await?;
+    let copies = copies_of_stored_ids(tx, &written, prior).await?;
     let mut cols = MessageColumns::with_capacity(count);
     for s in &written {
         // A message received before its dialog's refusal was erased by it and must never
@@ -669,9 +679,14 @@ async fn renumber_claimed(
 async fn copies_of_stored_ids(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     written: &[&DialogState],
+    prior: &HashMap<i64, Prior>,
 ) -> Result<BTreeSet<(i64, i64)>, StoreError> {
     let mut first: HashMap<(i64, &str), i64> = HashMap::new();
     let mut copies = BTreeSet::new();
+    // Only a dialog PostgreSQL holds as granted with messages stored can hold a copy's
+    // original: a first flush (no row) or one after a refusal (erased) asks nothing.
+    let may_hold = |dialog: i64| prior.get(&dialog).is_some_and(|p| !p.refused && p.last_seq > 0);
+    let mut asked: Vec<(i64, &str)> = Vec::new();
     for s in written {
         for m in &s.messages {
             let Some(id) = m.message_id.as_deref() else { continue };
@@ -687,11 +702,11 @@ async fn copies_of_stored_ids(
             }
         }
     }
-    if first.is_empty() {
+    asked.extend(first.keys().copied().filter(|(dialog, _)| may_hold(*dialog)));
+    if asked.is_empty() {
         return Ok(copies);
     }
-    let pairs: Vec<(i64, &str)> = first.keys().copied().collect();
-    for ((dialog, id), stored) in stored_message_ids_in(&mut **tx, &pairs).await? {
+    for ((dialog, id), stored) in stored_message_ids_in(&mut **tx, &asked).await? {
         if let Some(&seq) = first.get(&(dialog, id.as_str()))
             && seq != stored
         {
@@ -854,14 +869,10 @@ impl Store {
         // A customer whose erasure is pending has nothing written here: its erasure
         // writes its refusals (and counts what they erase), and nothing of it is flushed;
         // its dialogs stay queued (grants) or unconfirmed (refusals) until it completes.
-        let mut customers: Vec<i64> = states.iter().map(|s| s.customer.get()).collect();
-        customers.sort_unstable();
-        customers.dedup();
-        let erasing = Store::customers_being_erased(&mut tx, &customers).await?;
+        let (mut prior, erasing) = prior_decisions(&mut tx, states).await?;
         let (deferred, states): (Vec<&DialogState>, Vec<&DialogState>) =
             states.iter().partition(|s| erasing.contains(&s.customer.get()));
         applied.deferred = deferred.iter().map(|s| s.dialog.get()).collect();
-        let mut prior = prior_decisions(&mut tx, &states).await?;
         let mut events = Vec::new();
         apply_refusals(&mut tx, &states, shard, &mut prior, &mut applied, &mut events).await?;
         apply_grants(&mut tx, &states, shard, claim, &prior, &mut applied, &mut events).await?;

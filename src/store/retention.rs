@@ -43,6 +43,8 @@ const LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
 pub struct Maintained {
     pub created: Vec<String>,
     pub dropped: Vec<String>,
+    /// Monthly partitions of the audit trail created ahead.
+    pub audit_created: Vec<String>,
 }
 
 /// The first instant (UTC) of the month `at` falls in.
@@ -95,6 +97,7 @@ impl Store {
         let mut done = Maintained {
             created: self.ensure_partitions_through(ahead).await?,
             dropped: Vec::new(),
+            audit_created: self.ensure_audit_partitions_through(ahead).await?,
         };
         if let Some(retention) = retention {
             let horizon = now - retention;
@@ -212,26 +215,88 @@ impl Store {
 }
 
 impl Store {
-    /// Deletes audit events and completed receipts older than `horizon`
-    /// (`DAPI_AUDIT_RETENTION`), a bounded batch per statement; pending receipts stay.
-    /// Returns how many rows went.
-    pub async fn drop_old_audit(&self, horizon: OffsetDateTime) -> Result<u64, StoreError> {
-        let mut dropped = 0;
-        for statement in [super::sql::DROP_OLD_EVENTS, super::sql::DROP_OLD_RECEIPTS] {
-            loop {
-                let done = sqlx::query(statement)
-                    .bind(horizon)
-                    .bind(10_000_i64)
-                    .execute(&self.pool)
-                    .await?
-                    .rows_affected();
-                dropped += done;
-                if done < 10_000 {
-                    break;
-                }
+    /// The audit trail's monthly partitions (`consent_events`, migration 0007) up to the
+    /// one `at` falls in; returns the names created. A month whose events already sit in
+    /// the default partition (a clock far off) cannot get its own: that is logged, and
+    /// its events stay where they are.
+    pub async fn ensure_audit_partitions_through(&self, at: OffsetDateTime) -> Result<Vec<String>, StoreError> {
+        let mut tx = self.maintenance_transaction().await?;
+        let mut low: OffsetDateTime = sqlx::query_scalar("SELECT max(high) FROM audit_partitions")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut created = Vec::new();
+        while low <= at {
+            let high = next_month(low);
+            let name = format!("consent_events_{:04}{:02}", low.year(), u8::from(low.month()));
+            // Made of digits and our own words only.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TABLE {name} PARTITION OF consent_events FOR VALUES FROM ({}) TO ({})",
+                literal(low),
+                literal(high)
+            )))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("INSERT INTO audit_partitions (name, low, high) VALUES ($1, $2, $3)")
+                .bind(&name)
+                .bind(low)
+                .bind(high)
+                .execute(&mut *tx)
+                .await?;
+            created.push(name);
+            low = high;
+        }
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// `DAPI_AUDIT_RETENTION`: drops every monthly partition of the audit trail wholly
+    /// older than `horizon` (never the newest), and deletes completed receipts completed
+    /// before it, a bounded batch at a time (pending receipts stay). Returns the
+    /// partitions dropped and the receipts deleted.
+    pub async fn drop_old_audit(&self, horizon: OffsetDateTime) -> Result<(Vec<String>, u64), StoreError> {
+        let mut partitions = Vec::new();
+        loop {
+            let mut tx = self.maintenance_transaction().await?;
+            let oldest: Option<(String, OffsetDateTime)> = sqlx::query_as(
+                "SELECT name, high FROM audit_partitions
+                 WHERE (SELECT count(*) FROM audit_partitions) > 1 ORDER BY high LIMIT 1",
+            )
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((name, _)) = oldest.filter(|(_, high)| *high <= horizon) else {
+                break;
+            };
+            sqlx::query("LOCK TABLE ONLY consent_events IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await?;
+            // A name from `audit_partitions`, quoted as an identifier.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP TABLE \"{}\"",
+                name.replace('"', "\"\"")
+            )))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM audit_partitions WHERE name = $1")
+                .bind(&name)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            partitions.push(name);
+        }
+        let mut receipts = 0;
+        loop {
+            let done = sqlx::query(super::sql::DROP_OLD_RECEIPTS)
+                .bind(horizon)
+                .bind(10_000_i64)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            receipts += done;
+            if done < 10_000 {
+                break;
             }
         }
-        Ok(dropped)
+        Ok((partitions, receipts))
     }
 }
 

@@ -9,19 +9,23 @@
 //! The read statements come in four forms, one per filter (see `Filter::form`): none,
 //! language, customer, both, so that each is planned for its own index.
 
-/// Upsert under the epoch fence; returns the dialogs whose row was written. A customer
+/// Upsert under the epoch fence; returns the dialogs whose row was written. A refusal
+/// that takes erases the dialog in the same transaction: it sets `erased_at` (GET
+/// /consents' `erasedAt`). A customer
 /// of -1 (`CustomerId::UNKNOWN`: a refusal recorded while PostgreSQL was away) keeps the
 /// stored one. `last_seq` (`$6`): a refusal sets 0 (it erases every message), a grant
 /// raises it to the highest seq it writes, never lowers it.
 pub const UPSERT_DIALOGS: &str = "\
-INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at, last_seq)
-SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[], $6::int8[])
+INSERT INTO dialogs (dialog_id, customer_id, decision, epoch, decided_at, last_seq, erased_at)
+SELECT d, c, decision, e, at, l, CASE WHEN decision = 'refused' THEN now() END
+FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[], $6::int8[]) AS u (d, c, decision, e, at, l)
 ON CONFLICT (dialog_id) DO UPDATE
 SET customer_id = CASE WHEN EXCLUDED.customer_id < 0 THEN dialogs.customer_id ELSE EXCLUDED.customer_id END,
     decision = EXCLUDED.decision,
     epoch = EXCLUDED.epoch, decided_at = EXCLUDED.decided_at,
     last_seq = CASE WHEN EXCLUDED.decision = 'refused' THEN 0
-                    ELSE greatest(dialogs.last_seq, EXCLUDED.last_seq) END
+                    ELSE greatest(dialogs.last_seq, EXCLUDED.last_seq) END,
+    erased_at = coalesce(EXCLUDED.erased_at, dialogs.erased_at)
 WHERE dialogs.epoch <= EXCLUDED.epoch
 RETURNING dialog_id";
 
@@ -78,12 +82,20 @@ CROSS JOIN LATERAL (
 WHERE s.seq IS NOT NULL";
 
 /// Of the dialogs `$1` (about to be written), the decision PostgreSQL holds of each, with
-/// its epoch and time; locked until the transaction ends. What the audit trail needs (was
-/// this decision written before?) and the refusals a grant replaces (a message received
-/// before its dialog's refusal was erased by it and never comes back).
+/// its epoch, time and last seq, locked until the transaction ends; and, as rows with
+/// `erasing` true (their customer in `dialog_id`), which of the customers `$2` have an
+/// erasure pending. What the audit trail needs (was this decision written before?), the
+/// refusals a grant replaces (a message received before its dialog's refusal was erased
+/// by it and never comes back), and the customers whose states wait for their erasure:
+/// one round trip.
 pub const PRIOR_DECISIONS: &str = "\
-SELECT dialog_id, decision = 'refused' AS refused, epoch, decided_at FROM dialogs WHERE dialog_id = ANY($1::int8[])
-ORDER BY dialog_id FOR UPDATE";
+WITH prior AS (
+    SELECT dialog_id, decision = 'refused' AS refused, epoch, decided_at, last_seq FROM dialogs
+    WHERE dialog_id = ANY($1::int8[]) ORDER BY dialog_id FOR UPDATE
+)
+SELECT dialog_id, refused, epoch, decided_at, last_seq, false AS erasing FROM prior
+UNION ALL
+SELECT customer_id, false, 0, now(), 0, true FROM erasures WHERE customer_id = ANY($2::int8[]) AND status = 'pending'";
 
 /// Of the dialogs `$1` (grants the fence turned away), the newer decision PostgreSQL
 /// holds of each: its kind, epoch and time, for Redis to take back what a failover lost.
@@ -112,9 +124,6 @@ WITH changed AS (
 )
 SELECT dialog_id, seq FROM changed";
 
-/// Dialogs `$1`, just erased: when (GET /consents' `erasedAt`).
-pub const MARK_ERASED: &str = "UPDATE dialogs SET erased_at = now() WHERE dialog_id = ANY($1::int8[])";
-
 /// Records erasure `$1` for customer `$2`, requested at `$3`, unless one is pending
 /// already (then nothing, and `PENDING_ERASURE_OF` finds it).
 pub const BEGIN_ERASURE: &str = "\
@@ -138,10 +147,6 @@ FROM erasures WHERE customer_id = $1 AND status = 'pending'";
 pub const PENDING_ERASURES: &str = "\
 SELECT erasure_id, customer_id, status, dialogs, messages, requested_at, completed_at
 FROM erasures WHERE status = 'pending' ORDER BY requested_at";
-
-/// Of customers `$1`, those with an erasure pending (a flush leaves their dialogs queued).
-pub const PENDING_ERASURE_CUSTOMERS: &str = "\
-SELECT customer_id FROM erasures WHERE customer_id = ANY($1::int8[]) AND status = 'pending'";
 
 /// Erasure `$1`'s receipt.
 pub const ERASURE: &str = "\
@@ -200,13 +205,8 @@ pub const AUDIT_BY_CUSTOMER_DIALOG: &str = "\
 SELECT event_id, at, event, customer_id, dialog_id, messages, erasure_id FROM consent_events
 WHERE customer_id = $4 AND dialog_id = $5 AND (at, event_id) < ($2, $3) ORDER BY at DESC, event_id DESC LIMIT $1";
 
-/// Audit events and completed receipts before `$1`: what `DAPI_AUDIT_RETENTION` deletes,
-/// a bounded batch at a time (`$2` rows). Pending receipts are never deleted.
-pub const DROP_OLD_EVENTS: &str = "\
-DELETE FROM consent_events WHERE event_id IN (
-    SELECT event_id FROM consent_events WHERE at < $1 ORDER BY at LIMIT $2)";
-
-/// Completed receipts before `$1`, `$2` at a time.
+/// Completed receipts before `$1`, `$2` at a time: what `DAPI_AUDIT_RETENTION` deletes
+/// of the receipts (pending ones are never deleted); the events leave by partition.
 pub const DROP_OLD_RECEIPTS: &str = "\
 DELETE FROM erasures WHERE erasure_id IN (
     SELECT erasure_id FROM erasures WHERE status = 'completed' AND completed_at < $1 ORDER BY completed_at LIMIT $2)";
@@ -323,12 +323,10 @@ pub const ALL: &[(&str, &str)] = &[
     ("PRIOR_DECISIONS", PRIOR_DECISIONS),
     ("NEWER_DECISIONS", NEWER_DECISIONS),
     ("ERASE_DIALOGS_ROWS", ERASE_DIALOGS_ROWS),
-    ("MARK_ERASED", MARK_ERASED),
     ("BEGIN_ERASURE", BEGIN_ERASURE),
     ("ADOPT_ERASURE", ADOPT_ERASURE),
     ("PENDING_ERASURE_OF", PENDING_ERASURE_OF),
     ("PENDING_ERASURES", PENDING_ERASURES),
-    ("PENDING_ERASURE_CUSTOMERS", PENDING_ERASURE_CUSTOMERS),
     ("ERASURE", ERASURE),
     ("RECORD_ERASURE_PROGRESS", RECORD_ERASURE_PROGRESS),
     ("COMPLETE_ERASURE", COMPLETE_ERASURE),
@@ -340,7 +338,6 @@ pub const ALL: &[(&str, &str)] = &[
     ("AUDIT_BY_CUSTOMER", AUDIT_BY_CUSTOMER),
     ("AUDIT_BY_DIALOG", AUDIT_BY_DIALOG),
     ("AUDIT_BY_CUSTOMER_DIALOG", AUDIT_BY_CUSTOMER_DIALOG),
-    ("DROP_OLD_EVENTS", DROP_OLD_EVENTS),
     ("DROP_OLD_RECEIPTS", DROP_OLD_RECEIPTS),
     ("PAGE_ALL", PAGE_ALL),
     ("PAGE_BY_LANGUAGE", PAGE_BY_LANGUAGE),

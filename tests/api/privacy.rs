@@ -464,3 +464,53 @@ async fn writers_racing_an_erasure_leave_nothing_of_the_customer_stored() {
         assert!(app.stored_seqs(dialog).await.is_empty(), "{dialog}");
     }
 }
+
+/// `DAPI_AUDIT_RETENTION` drops the audit trail by whole months, and completed receipts
+/// with them; a pending receipt stays. ("Now" moves instead of waiting months.)
+#[tokio::test]
+async fn audit_retention_drops_whole_months_and_keeps_pending_receipts() {
+    let app = spawn_api_only(test_settings()).await;
+    app.stage(40, 800, "a", "EN").await;
+    assert_eq!(app.consent(800, false).await.status(), StatusCode::OK);
+    let completed: Value = delete_customer(&app, 41).await.json().await.unwrap();
+    let pending = app
+        .store
+        .begin_erasure(
+            CustomerId::from_stored(42),
+            uuid::Uuid::now_v7(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit(&app, "").await.len(), 2, "a refusal and a customer_erased");
+
+    let now = time::OffsetDateTime::now_utc();
+    let made = app
+        .store
+        .ensure_audit_partitions_through(now + time::Duration::days(130))
+        .await
+        .unwrap();
+    assert!(!made.is_empty(), "months beyond the two made at migration");
+    let (dropped, receipts) = app.store.drop_old_audit(now + time::Duration::days(40)).await.unwrap();
+    assert!(
+        !dropped.is_empty(),
+        "this month's partition is past a horizon 40 days ahead"
+    );
+    assert_eq!(receipts, 1);
+    assert!(audit(&app, "").await.is_empty());
+    let id = completed["erasureId"].as_str().unwrap();
+    assert_problem(
+        app.get(&format!("/erasures/{id}")).await,
+        StatusCode::NOT_FOUND,
+        "erasure_not_found",
+    )
+    .await;
+    assert_eq!(
+        app.get_json(&format!("/erasures/{}", pending.erasure_id)).await["status"],
+        "pending"
+    );
+    // Events go on being written: the months ahead have their partitions.
+    app.stage(40, 801, "b", "EN").await;
+    assert_eq!(app.consent(801, false).await.status(), StatusCode::OK);
+    assert_eq!(audit(&app, "").await.len(), 1);
+}
