@@ -47,6 +47,24 @@ pub struct Maintained {
     pub audit_created: Vec<String>,
 }
 
+/// A table partitioned by month, and the table that lists its partitions.
+struct Partitioned {
+    parent: &'static str,
+    registry: &'static str,
+}
+
+/// `messages` (migration 0004).
+const MESSAGES: Partitioned = Partitioned {
+    parent: "messages",
+    registry: "message_partitions",
+};
+
+/// The audit trail (migration 0007).
+const AUDIT: Partitioned = Partitioned {
+    parent: "consent_events",
+    registry: "audit_partitions",
+};
+
 /// The first instant (UTC) of the month `at` falls in.
 pub fn month_start(at: OffsetDateTime) -> OffsetDateTime {
     let at = at.to_offset(time::UtcOffset::UTC);
@@ -68,8 +86,9 @@ fn next_month(start: OffsetDateTime) -> OffsetDateTime {
         .assume_utc()
 }
 
-fn partition_name(low: OffsetDateTime) -> String {
-    format!("messages_{:04}{:02}", low.year(), u8::from(low.month()))
+/// The name of `table`'s partition of the month starting at `low`.
+fn partition_name(table: &Partitioned, low: OffsetDateTime) -> String {
+    format!("{}_{:04}{:02}", table.parent, low.year(), u8::from(low.month()))
 }
 
 /// A timestamp as a SQL literal (DDL takes no parameters); made from numbers only.
@@ -120,31 +139,46 @@ impl Store {
         Ok(tx)
     }
 
-    /// Creates the monthly partitions missing up to the one `at` falls in; returns their
-    /// names.
+    /// Creates the monthly partitions of `messages` missing up to the one `at` falls in;
+    /// returns their names.
     pub async fn ensure_partitions_through(&self, at: OffsetDateTime) -> Result<Vec<String>, StoreError> {
+        self.ensure_monthly_partitions(&MESSAGES, at).await
+    }
+
+    /// Creates the monthly partitions of `table` missing up to the one `at` falls in, each
+    /// listed in its registry; returns their names.
+    async fn ensure_monthly_partitions(
+        &self,
+        table: &Partitioned,
+        at: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError> {
         let mut tx = self.maintenance_transaction().await?;
-        let mut low: OffsetDateTime = sqlx::query_scalar("SELECT max(high) FROM message_partitions")
-            .fetch_one(&mut *tx)
-            .await?;
+        // Our own words only, in every statement built here.
+        let mut low: OffsetDateTime =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT max(high) FROM {}", table.registry)))
+                .fetch_one(&mut *tx)
+                .await?;
         let mut created = Vec::new();
         while low <= at {
             let high = next_month(low);
-            let name = partition_name(low);
-            // Made of digits and our own words only.
+            let name = partition_name(table, low);
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "CREATE TABLE {name} PARTITION OF messages FOR VALUES FROM ({}) TO ({})",
+                "CREATE TABLE {name} PARTITION OF {} FOR VALUES FROM ({}) TO ({})",
+                table.parent,
                 literal(low),
                 literal(high)
             )))
             .execute(&mut *tx)
             .await?;
-            sqlx::query("INSERT INTO message_partitions (name, low, high) VALUES ($1, $2, $3)")
-                .bind(&name)
-                .bind(low)
-                .bind(high)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO {} (name, low, high) VALUES ($1, $2, $3)",
+                table.registry
+            )))
+            .bind(&name)
+            .bind(low)
+            .bind(high)
+            .execute(&mut *tx)
+            .await?;
             created.push(name);
             low = high;
         }
@@ -220,33 +254,7 @@ impl Store {
     /// the default partition (a clock far off) cannot get its own: that is logged, and
     /// its events stay where they are.
     pub async fn ensure_audit_partitions_through(&self, at: OffsetDateTime) -> Result<Vec<String>, StoreError> {
-        let mut tx = self.maintenance_transaction().await?;
-        let mut low: OffsetDateTime = sqlx::query_scalar("SELECT max(high) FROM audit_partitions")
-            .fetch_one(&mut *tx)
-            .await?;
-        let mut created = Vec::new();
-        while low <= at {
-            let high = next_month(low);
-            let name = format!("consent_events_{:04}{:02}", low.year(), u8::from(low.month()));
-            // Made of digits and our own words only.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "CREATE TABLE {name} PARTITION OF consent_events FOR VALUES FROM ({}) TO ({})",
-                literal(low),
-                literal(high)
-            )))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("INSERT INTO audit_partitions (name, low, high) VALUES ($1, $2, $3)")
-                .bind(&name)
-                .bind(low)
-                .bind(high)
-                .execute(&mut *tx)
-                .await?;
-            created.push(name);
-            low = high;
-        }
-        tx.commit().await?;
-        Ok(created)
+        self.ensure_monthly_partitions(&AUDIT, at).await
     }
 
     /// `DAPI_AUDIT_RETENTION`: drops every monthly partition of the audit trail wholly
@@ -315,7 +323,10 @@ mod tests {
             next_month(datetime!(2026-12-01 00:00 UTC)),
             datetime!(2027-01-01 00:00 UTC)
         );
-        assert_eq!(partition_name(datetime!(2027-03-01 00:00 UTC)), "messages_202703");
+        assert_eq!(
+            partition_name(&MESSAGES, datetime!(2027-03-01 00:00 UTC)),
+            "messages_202703"
+        );
         assert_eq!(literal(datetime!(2027-03-01 00:00 UTC)), "'2027-03-01 00:00:00+00'");
     }
 }
