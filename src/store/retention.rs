@@ -232,27 +232,41 @@ impl Store {
             .bind(high)
             .execute(&mut *tx)
             .await?;
-        // A name from `message_partitions`, quoted as an identifier.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP TABLE \"{}\"",
-            name.replace('"', "\"\"")
-        )))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM message_partitions WHERE name = $1")
-            .bind(&name)
-            .execute(&mut *tx)
-            .await?;
+        drop_listed_partition(&mut tx, &MESSAGES, &name).await?;
         tx.commit().await?;
         Ok(Some(name))
     }
 }
 
+/// Drops partition `name` of `table` (the parent locked already) and its registry row.
+async fn drop_listed_partition(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &Partitioned,
+    name: &str,
+) -> Result<(), StoreError> {
+    // A name from the registry, quoted as an identifier; the registry's our own word.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP TABLE \"{}\"",
+        name.replace('"', "\"\"")
+    )))
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {} WHERE name = $1",
+        table.registry
+    )))
+    .bind(name)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 impl Store {
     /// The audit trail's monthly partitions (`consent_events`, migration 0007) up to the
     /// one `at` falls in; returns the names created. A month whose events already sit in
-    /// the default partition (a clock far off) cannot get its own: that is logged, and
-    /// its events stay where they are.
+    /// the default partition (written under a clock far ahead) cannot get its own:
+    /// PostgreSQL refuses, the maintenance pass fails and logs why, and the operator
+    /// moves those events (they are never lost, and never dropped by retention).
     pub async fn ensure_audit_partitions_through(&self, at: OffsetDateTime) -> Result<Vec<String>, StoreError> {
         self.ensure_monthly_partitions(&AUDIT, at).await
     }
@@ -277,17 +291,7 @@ impl Store {
             sqlx::query("LOCK TABLE ONLY consent_events IN ACCESS EXCLUSIVE MODE")
                 .execute(&mut *tx)
                 .await?;
-            // A name from `audit_partitions`, quoted as an identifier.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP TABLE \"{}\"",
-                name.replace('"', "\"\"")
-            )))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("DELETE FROM audit_partitions WHERE name = $1")
-                .bind(&name)
-                .execute(&mut *tx)
-                .await?;
+            drop_listed_partition(&mut tx, &AUDIT, &name).await?;
             tx.commit().await?;
             partitions.push(name);
         }
