@@ -284,10 +284,10 @@ pub struct Refusal {
 pub enum TakeBack {
     /// A refusal at this epoch: Redis refuses the dialog again and deletes what it stages.
     Refusal { epoch: i64 },
-    /// A grant at this epoch, made then: Redis moves its epoch on to it (the next flush is
-    /// not fenced) and drops what it staged before that grant (erased by the refusal in
-    /// between, or never acknowledged).
-    Grant { epoch: i64, decided_at_us: i64 },
+    /// A grant at this epoch: Redis moves its epoch on to it (the next flush is not
+    /// fenced) and drops what it staged before the dialog was last erased (µs; 0: never),
+    /// which that erasure took and must not come back.
+    Grant { epoch: i64, erased_before_us: i64 },
 }
 
 /// One staged message of a dialog.

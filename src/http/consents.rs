@@ -126,6 +126,11 @@ pub async fn decide(
         .await
         .unwrap_or_else(|join| Err(StoreError::Task(join)))
         .map_err(ApiError::ErasurePending)?;
+    // The customer's erasure is pending: it writes this refusal (and erases the dialog)
+    // itself. Until it has, the refusal is not done: say so, and confirm nothing.
+    if applied.deferred.contains(&dialog.get()) {
+        return Err(ApiError::ErasurePending(StoreError::ErasureUnderWay));
+    }
     metrics::counter!(telemetry::ERASURES).increment(1);
     metrics::counter!(telemetry::ERASED_MESSAGES).increment(applied.erased);
     // The erasure is done; telling Redis only lets the dialog's keys start to expire

@@ -346,6 +346,10 @@ pub async fn audit(
         None => None,
         Some(raw) => {
             let c = Cursor::parse(raw).map_err(ApiError::InvalidCursor)?;
+            // Events are dated from 1970 to 9999: any other position was not issued here.
+            if !(0..=253_402_300_799_999_999).contains(&c.received_at_us) {
+                return Err(ApiError::InvalidCursor(crate::domain::Invalid::Cursor));
+            }
             Some((c.received_at_us, c.dialog_id))
         }
     };

@@ -651,7 +651,10 @@ impl FlushQueue {
                 match f.take_back {
                     None => invocation.arg("").arg(0).arg(0),
                     Some(TakeBack::Refusal { epoch }) => invocation.arg("r").arg(epoch).arg(0),
-                    Some(TakeBack::Grant { epoch, decided_at_us }) => invocation.arg("g").arg(epoch).arg(decided_at_us),
+                    Some(TakeBack::Grant {
+                        epoch,
+                        erased_before_us,
+                    }) => invocation.arg("g").arg(epoch).arg(erased_before_us),
                 };
             }
             for (_, ids) in &streams {

@@ -111,24 +111,27 @@ impl Store {
         id: Uuid,
         requested_at: OffsetDateTime,
     ) -> Result<Receipt, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let made: Option<Receipt> = sqlx::query_as(BEGIN_ERASURE)
-            .bind(id)
-            .bind(customer.get())
-            .bind(requested_at)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let receipt = match made {
-            Some(receipt) => receipt,
-            None => {
-                sqlx::query_as(PENDING_ERASURE_OF)
-                    .bind(customer.get())
-                    .fetch_one(&mut *tx)
-                    .await?
+        // The pending erasure found may complete between the two statements: then the
+        // insert is tried again (a few times; each try either inserts or finds one).
+        for _ in 0..5 {
+            let made: Option<Receipt> = sqlx::query_as(BEGIN_ERASURE)
+                .bind(id)
+                .bind(customer.get())
+                .bind(requested_at)
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(receipt) = made {
+                return Ok(receipt);
             }
-        };
-        tx.commit().await?;
-        Ok(receipt)
+            let pending: Option<Receipt> = sqlx::query_as(PENDING_ERASURE_OF)
+                .bind(customer.get())
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(receipt) = pending {
+                return Ok(receipt);
+            }
+        }
+        Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut))
     }
 
     /// Records an erasure that Redis kept while PostgreSQL was away (a no-op when

@@ -93,6 +93,8 @@ pub enum StoreError {
     Task(#[from] tokio::task::JoinError),
     #[error("the read replica has not replayed the primary's latest writes in time")]
     ReplicaBehind,
+    #[error("the customer's erasure is under way: it erases this dialog, and the refusal waits for it")]
+    ErasureUnderWay,
     #[error("the flush could not claim its dialogs in Redis before its commit")]
     Claim(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -603,20 +605,20 @@ async fn newer_decisions(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     fenced: &[i64],
 ) -> Result<BTreeMap<i64, TakeBack>, StoreError> {
-    let newer: Vec<(i64, bool, i64, OffsetDateTime)> = sqlx::query_as(NEWER_DECISIONS)
+    let newer: Vec<(i64, bool, i64, Option<OffsetDateTime>)> = sqlx::query_as(NEWER_DECISIONS)
         .persistent(false)
         .bind(fenced)
         .fetch_all(&mut **tx)
         .await?;
     Ok(newer
         .into_iter()
-        .map(|(dialog, refused, epoch, at)| {
+        .map(|(dialog, refused, epoch, erased_at)| {
             let take_back = if refused {
                 TakeBack::Refusal { epoch }
             } else {
                 TakeBack::Grant {
                     epoch,
-                    decided_at_us: micros_of(at),
+                    erased_before_us: erased_at.map_or(0, micros_of),
                 }
             };
             (dialog, take_back)

@@ -98,9 +98,10 @@ UNION ALL
 SELECT customer_id, false, 0, now(), 0, true FROM erasures WHERE customer_id = ANY($2::int8[]) AND status = 'pending'";
 
 /// Of the dialogs `$1` (grants the fence turned away), the newer decision PostgreSQL
-/// holds of each: its kind, epoch and time, for Redis to take back what a failover lost.
+/// holds of each: its kind, epoch and when its dialog was last erased, for Redis to take
+/// back what a failover lost.
 pub const NEWER_DECISIONS: &str = "\
-SELECT dialog_id, decision = 'refused' AS refused, epoch, decided_at FROM dialogs WHERE dialog_id = ANY($1::int8[])";
+SELECT dialog_id, decision = 'refused' AS refused, epoch, erased_at FROM dialogs WHERE dialog_id = ANY($1::int8[])";
 
 /// Erasure of refused dialogs `$1` (their refusals took): every message of them, whatever
 /// its seq, subtracted from the counters of its month in shard `$2`; answers every message
@@ -172,10 +173,12 @@ pub const ERASURE_EVENTS_WRITTEN: &str = "\
 SELECT dialog_id FROM consent_events WHERE dialog_id = ANY($2::int8[]) AND erasure_id = $1 AND event = 'refused'";
 
 /// Audit events, one per element of the arrays: at, event, customer, dialog, messages,
-/// erasure.
+/// erasure. An event of a decision written already (the same dialog, kind and time: two
+/// transactions applied the same decision at once) is not written again.
 pub const WRITE_EVENTS: &str = "\
 INSERT INTO consent_events (at, event, customer_id, dialog_id, messages, erasure_id)
-SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::uuid[])";
+SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::uuid[])
+ON CONFLICT DO NOTHING";
 
 /// Where dialog `$1` stands in PostgreSQL: its decision and, counted by an index-only
 /// probe of each partition's primary key, its stored messages.

@@ -514,3 +514,83 @@ async fn audit_retention_drops_whole_months_and_keeps_pending_receipts() {
     assert_eq!(app.consent(801, false).await.status(), StatusCode::OK);
     assert_eq!(audit(&app, "").await.len(), 1);
 }
+
+/// A refusal applied by its request and by a flusher at once (PostgreSQL holds no row of
+/// the dialog yet to lock) is one decision: one event.
+#[tokio::test]
+async fn a_refusal_applied_twice_at_once_writes_one_event() {
+    let app = spawn_api_only(test_settings()).await;
+    for dialog in 900..920 {
+        let refusal = dapi::domain::DialogState {
+            audit: Default::default(),
+            dialog: dapi::domain::DialogId::from_stored(dialog),
+            customer: CustomerId::from_stored(50),
+            decision: dapi::domain::Decision::Refused,
+            epoch: 7,
+            decided_at_us: 1_795_000_000_000_000 + dialog,
+            unerased_refusal: Some(dapi::domain::Refusal {
+                epoch: 7,
+                decided_at_us: 1_795_000_000_000_000 + dialog,
+            }),
+            messages: Vec::new(),
+        };
+        let twice = [refusal.clone()];
+        let (a, b) = tokio::join!(app.store.apply(std::slice::from_ref(&refusal)), app.store.apply(&twice));
+        a.unwrap();
+        b.unwrap();
+    }
+    let events = audit(&app, "customerId=50").await;
+    assert_eq!(events.len(), 20, "{events:?}");
+}
+
+/// A refusal of a dialog whose customer's erasure is pending is that erasure's to write:
+/// 503 `erasure_pending` until it has, then 200.
+#[tokio::test]
+async fn a_refusal_while_its_customers_erasure_is_pending_waits_for_it() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(51, 930, "stored", "EN").await;
+    app.consent(930, true).await;
+    drain(&mut flusher).await;
+    app.store
+        .begin_erasure(
+            CustomerId::from_stored(51),
+            uuid::Uuid::now_v7(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap();
+    assert_problem(
+        app.consent(930, false).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "erasure_pending",
+    )
+    .await;
+
+    let staging = dapi::staging::Staging::new(
+        crate::helpers::connector(&app.settings),
+        &app.settings.redis_prefix,
+        app.settings.staging_ttl,
+    )
+    .unwrap();
+    assert_eq!(
+        dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1)).await,
+        0
+    );
+    assert!(app.stored_seqs(930).await.is_empty());
+    assert_eq!(app.consent(930, false).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_audit_cursor_at_an_impossible_time_is_400() {
+    let app = spawn_api_only(test_settings()).await;
+    for at in [-1, i64::MIN, i64::MAX] {
+        let cursor = dapi::domain::Cursor {
+            received_at_us: at,
+            dialog_id: 1,
+            seq: 1,
+        };
+        let response = app.get(&format!("/audit?cursor={}", cursor.encode())).await;
+        assert_problem(response, StatusCode::BAD_REQUEST, "invalid_cursor").await;
+    }
+}

@@ -68,10 +68,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
     local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
     redis.call('ZADD', index, now_ms + tonumber(ARGV[3]), ARGV[1])
     redis.call('ZREMRANGEBYSCORE', index, '-inf', now_ms)
-    redis.call('PEXPIRE', index, ARGV[3])
+    -- Never shorter than the deadlines of the members already there (ingest sets them
+    -- 1 % past the TTL): extend only (GT), or set it on a key that has none (NX).
+    if redis.call('PEXPIRE', index, ARGV[3], 'GT') == 0 then
+      redis.call('PEXPIRE', index, ARGV[3], 'NX')
+    end
   end
 end
-if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'c') ~= ARGV[7] then
+-- A dialog refused for an unknown customer (-1: PostgreSQL could not name it) may be the
+-- erased customer's: refusing it again is harmless.
+local owner = redis.call('HGET', KEYS[1], 'c')
+if ARGV[7] ~= '' and owner ~= ARGV[7] and owner ~= '-1' then
   return {'other', 0, 0, 0, aside, '', {}}
 end
 local was = redis.call('HMGET', KEYS[1], 'd', 'a')
@@ -96,6 +103,16 @@ if ARGV[2] == 'g' then
   else
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     redis.call('PEXPIRE', KEYS[2], ARGV[3])
+    -- The grant moved the dialog's deadline: its customer's index follows.
+    local customer = redis.call('HGET', KEYS[1], 'c')
+    if customer and customer ~= '-1' then
+      local index = string.match(KEYS[1], '^(.*):d%d+:meta$') .. ':c' .. customer
+      local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+      redis.call('ZADD', index, 'GT', now_ms + tonumber(ARGV[3]), ARGV[1])
+      if redis.call('PEXPIRE', index, ARGV[3], 'GT') == 0 then
+        redis.call('PEXPIRE', index, ARGV[3], 'NX')
+      end
+    end
   end
 else
   unaudited = was[2] or ''

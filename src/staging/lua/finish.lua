@@ -12,15 +12,16 @@
 -- quarantined messages deleted (PostgreSQL erased the dialog when it took the refusal; a
 -- refusal erases both, and keeps the messageIds, consent.lua). A newer *grant*: Redis's
 -- epoch moves on to it, so that the next flush is not fenced, and what Redis staged
--- before that grant goes (a failover brought it back after a refusal erased it, or it
--- was never acknowledged).
+-- before the dialog was last erased in PostgreSQL goes (a failover brought it back
+-- after a refusal erased it); what came after stays, to be flushed.
 -- KEYS: per dialog: meta, msgs, quarantined msgs, its shard's flush stream; then
 --       the flush streams whose entries to acknowledge
 -- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n octuples (the snapshot's life
 --       stamp ('' = none), dialog id, last seq
 --       written (0: none), how many messages the batch read, epoch of the refusal erased
 --       (0: none), the decision to take back ('r' a refusal, 'g' a grant, '': none), its
---       epoch, its time (µs since the epoch; a grant's)), then per stream after the
+--       epoch, and for a grant when PostgreSQL last erased the dialog (µs; 0: never)),
+--       then per stream after the
 --       dialogs' keys: how many of its entries, and their ids
 local n = tonumber(ARGV[2])
 for i = 1, n do
@@ -38,7 +39,7 @@ for i = 1, n do
       redis.call('DEL', msgs, quarantined)
       redis.call('PEXPIRE', meta, ARGV[3])
     elseif take_back == 'g' and older and m[1] == 'g' then
-      redis.call('HSET', meta, 'e', string.format('%d', newer), 't', string.format('%d', since))
+      redis.call('HSET', meta, 'e', string.format('%d', newer))
       local items = redis.call('LRANGE', msgs, 0, -1)
       local kept = {}
       for _, item in ipairs(items) do
