@@ -44,9 +44,6 @@ CREATE TABLE consent_events (
 CREATE INDEX consent_events_newest ON consent_events (at, event_id);
 CREATE INDEX consent_events_customer ON consent_events (customer_id, at, event_id);
 CREATE INDEX consent_events_dialog ON consent_events (dialog_id, at, event_id);
--- One event per decision: a refusal the request and a flusher apply at once (both find
--- no prior row to lock) writes its event once; a decision's time is its identity.
-CREATE UNIQUE INDEX consent_events_once ON consent_events (dialog_id, event, at);
 CREATE TABLE consent_events_default PARTITION OF consent_events DEFAULT;
 
 CREATE TABLE audit_partitions (
