@@ -40,6 +40,29 @@ async fn audit(app: &TestApp, query: &str) -> Vec<Value> {
     }
 }
 
+/// What a flusher-role process's pass over pending erasures does, run now.
+async fn finish_pending(app: &TestApp) -> usize {
+    let staging = dapi::staging::Staging::new(
+        crate::helpers::connector(&app.settings),
+        &app.settings.redis_prefix,
+        app.settings.staging_ttl,
+    )
+    .unwrap();
+    dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1)).await
+}
+
+/// An erasure of `customer` recorded and nothing else done: a process that died there.
+async fn begin_erasure(app: &TestApp, customer: i64) -> dapi::store::erasure::Receipt {
+    app.store
+        .begin_erasure(
+            CustomerId::from_stored(customer),
+            uuid::Uuid::now_v7(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .unwrap()
+}
+
 fn kinds(events: &[Value]) -> Vec<&str> {
     events.iter().map(|e| e["event"].as_str().unwrap()).collect()
 }
@@ -285,13 +308,7 @@ async fn an_erasure_through_a_postgresql_outage_is_finished_by_itself() {
         .unwrap();
     assert_eq!(pending["status"], "pending");
 
-    let staging = dapi::staging::Staging::new(
-        crate::helpers::connector(&app.settings),
-        &app.settings.redis_prefix,
-        app.settings.staging_ttl,
-    )
-    .unwrap();
-    let left = dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1)).await;
+    let left = finish_pending(&app).await;
     assert_eq!(left, 0);
     let done = app.get_json(&format!("/erasures/{id}")).await;
     assert_eq!(
@@ -310,29 +327,12 @@ async fn an_erasure_recorded_then_abandoned_is_finished_and_nothing_flushes_mean
     let mut flusher = flusher(&app);
     app.stage(11, 550, "a", "EN").await;
     app.consent(550, true).await;
-    let receipt = app
-        .store
-        .begin_erasure(
-            CustomerId::from_stored(11),
-            uuid::Uuid::now_v7(),
-            time::OffsetDateTime::now_utc(),
-        )
-        .await
-        .unwrap();
+    let receipt = begin_erasure(&app, 11).await;
     // The process died here. The flusher does not write the customer's dialog meanwhile.
     flusher.flush_once().await.unwrap();
     assert!(app.stored_seqs(550).await.is_empty());
 
-    let staging = dapi::staging::Staging::new(
-        crate::helpers::connector(&app.settings),
-        &app.settings.redis_prefix,
-        app.settings.staging_ttl,
-    )
-    .unwrap();
-    assert_eq!(
-        dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1)).await,
-        0
-    );
+    assert_eq!(finish_pending(&app).await, 0);
     let done = app.store.receipt(receipt.erasure_id).await.unwrap().unwrap();
     assert!(done.is_completed());
     assert_eq!((done.dialogs, done.messages), (1, 1));
@@ -473,15 +473,7 @@ async fn audit_retention_drops_whole_months_and_keeps_pending_receipts() {
     app.stage(40, 800, "a", "EN").await;
     assert_eq!(app.consent(800, false).await.status(), StatusCode::OK);
     let completed: Value = delete_customer(&app, 41).await.json().await.unwrap();
-    let pending = app
-        .store
-        .begin_erasure(
-            CustomerId::from_stored(42),
-            uuid::Uuid::now_v7(),
-            time::OffsetDateTime::now_utc(),
-        )
-        .await
-        .unwrap();
+    let pending = begin_erasure(&app, 42).await;
     assert_eq!(audit(&app, "").await.len(), 2, "a refusal and a customer_erased");
 
     let now = time::OffsetDateTime::now_utc();
@@ -552,14 +544,7 @@ async fn a_refusal_while_its_customers_erasure_is_pending_waits_for_it() {
     app.stage(51, 930, "stored", "EN").await;
     app.consent(930, true).await;
     drain(&mut flusher).await;
-    app.store
-        .begin_erasure(
-            CustomerId::from_stored(51),
-            uuid::Uuid::now_v7(),
-            time::OffsetDateTime::now_utc(),
-        )
-        .await
-        .unwrap();
+    begin_erasure(&app, 51).await;
     assert_problem(
         app.consent(930, false).await,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -567,16 +552,7 @@ async fn a_refusal_while_its_customers_erasure_is_pending_waits_for_it() {
     )
     .await;
 
-    let staging = dapi::staging::Staging::new(
-        crate::helpers::connector(&app.settings),
-        &app.settings.redis_prefix,
-        app.settings.staging_ttl,
-    )
-    .unwrap();
-    assert_eq!(
-        dapi::erasure::finish_pending(&staging, &app.store, Duration::from_secs(1)).await,
-        0
-    );
+    assert_eq!(finish_pending(&app).await, 0);
     assert!(app.stored_seqs(930).await.is_empty());
     assert_eq!(app.consent(930, false).await.status(), StatusCode::OK);
 }
