@@ -227,10 +227,7 @@ pub async fn list(
     let query = ListQuery::parse(raw.as_deref());
     let filter = query.filter()?;
     let size = query.page_size()?;
-    let base = match &state.settings.public_url {
-        Some(url) => format!("{url}{}", uri.path()),
-        None => format!("http://{}{}", host_of(&headers), uri.path()),
-    };
+    let base = base_url(&state, &uri, &headers);
 
     if let Some(raw_cursor) = query.get("cursor") {
         // Cursor mode has no pages; a `page` beside a cursor is a client's mistake, not
@@ -289,8 +286,17 @@ fn past_last() -> ApiError {
     ApiError::InvalidPage("this page is past the last page of results".into())
 }
 
+/// The absolute URL of the resource asked for, for `next` / `previous` links: from
+/// `DAPI_PUBLIC_URL` when set, else from the request's Host.
+pub(super) fn base_url(state: &AppState, uri: &axum::http::Uri, headers: &HeaderMap) -> String {
+    match &state.settings.public_url {
+        Some(url) => format!("{url}{}", uri.path()),
+        None => format!("http://{}{}", host_of(headers), uri.path()),
+    }
+}
+
 /// The request's Host, when it is a plausible authority; else `localhost`.
-pub(super) fn host_of(headers: &HeaderMap) -> &str {
+fn host_of(headers: &HeaderMap) -> &str {
     headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::access::Caller;
-use super::data::{ListQuery, RFC3339_MICROS, host_of};
+use super::data::{ListQuery, RFC3339_MICROS, base_url};
 use super::extract::{ConsentPath, CustomerPath};
 use super::{ApiError, AppState};
 use crate::domain::{Cursor, CustomerId, Decision, DialogId};
@@ -356,10 +356,7 @@ pub async fn audit(
     let mut rows = state.store.audit_page(customer, dialog, cursor, size + 1).await?;
     let more = rows.len() > usize::try_from(size).unwrap_or(usize::MAX);
     rows.truncate(usize::try_from(size).unwrap_or(usize::MAX));
-    let base = match &state.settings.public_url {
-        Some(url) => format!("{url}{}", uri.path()),
-        None => format!("http://{}{}", host_of(&headers), uri.path()),
-    };
+    let base = base_url(&state, &uri, &headers);
     let next = rows.last().filter(|_| more).map(|last| {
         let (at, event_id) = audit_position(last);
         // The data cursor's checksummed form, its fields holding (at, event id; seq 1).

@@ -191,13 +191,7 @@ impl Store {
     /// last partition.
     async fn drop_oldest_partition_before(&self, horizon: OffsetDateTime) -> Result<Option<String>, StoreError> {
         let mut tx = self.maintenance_transaction().await?;
-        let oldest: Option<(String, OffsetDateTime)> = sqlx::query_as(
-            "SELECT name, high FROM message_partitions
-             WHERE (SELECT count(*) FROM message_partitions) > 1 ORDER BY high LIMIT 1",
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((name, high)) = oldest.filter(|(_, high)| *high <= horizon) else {
+        let Some((name, high)) = oldest_listed_partition_before(&mut tx, &MESSAGES, horizon).await? else {
             return Ok(None);
         };
         // The parent first: dropping a partition locks it, and taking it before the
@@ -236,6 +230,23 @@ impl Store {
         tx.commit().await?;
         Ok(Some(name))
     }
+}
+
+/// The oldest partition of `table` (name, upper bound) if all it can hold is older than
+/// `horizon`; never the last one.
+async fn oldest_listed_partition_before(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &Partitioned,
+    horizon: OffsetDateTime,
+) -> Result<Option<(String, OffsetDateTime)>, StoreError> {
+    // The registry's name is our own word.
+    let oldest: Option<(String, OffsetDateTime)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT name, high FROM {0} WHERE (SELECT count(*) FROM {0}) > 1 ORDER BY high LIMIT 1",
+        table.registry
+    )))
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(oldest.filter(|(_, high)| *high <= horizon))
 }
 
 /// Drops partition `name` of `table` (the parent locked already) and its registry row.
@@ -279,13 +290,7 @@ impl Store {
         let mut partitions = Vec::new();
         loop {
             let mut tx = self.maintenance_transaction().await?;
-            let oldest: Option<(String, OffsetDateTime)> = sqlx::query_as(
-                "SELECT name, high FROM audit_partitions
-                 WHERE (SELECT count(*) FROM audit_partitions) > 1 ORDER BY high LIMIT 1",
-            )
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((name, _)) = oldest.filter(|(_, high)| *high <= horizon) else {
+            let Some((name, _)) = oldest_listed_partition_before(&mut tx, &AUDIT, horizon).await? else {
                 break;
             };
             sqlx::query("LOCK TABLE ONLY consent_events IN ACCESS EXCLUSIVE MODE")
