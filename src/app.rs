@@ -207,8 +207,9 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
         });
     }
     // Customer erasures left pending (a crash, an outage, a request past its bound) are
-    // finished here, every few seconds, by the processes that run flushers; and audit
-    // events past DAPI_AUDIT_RETENTION leave. Never cancelled mid-pass (a transaction
+    // finished here, every few seconds, by the processes that run flushers; the customer
+    // index is swept of dialogs gone (staging::IndexSweep); and audit events past
+    // DAPI_AUDIT_RETENTION leave. Never cancelled mid-pass (a transaction
     // must not be dropped half-way): shutdown is checked between passes.
     if roles.flusher {
         let (staging, store, stop) = (staging.clone(), store.clone(), shutdown.clone());
@@ -216,8 +217,14 @@ pub async fn start(settings: Settings, roles: Roles) -> Result<Running, StartErr
         let audit_retention = settings.audit_retention;
         tasks.spawn(async move {
             let mut pass = 0_u64;
+            let mut sweep = crate::staging::IndexSweep::default();
             while !stop.is_cancelled() {
                 crate::erasure::finish_pending(&staging, &store, replica_wait).await;
+                match sweep.pass(&staging).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::debug!(removed, "swept the customer index of dialogs gone"),
+                    Err(e) => tracing::debug!(error = %chain(&e), "could not sweep the customer index; the next pass will"),
+                }
                 if let Some(retention) = audit_retention.filter(|_| pass.is_multiple_of(1800)) {
                     match store.drop_old_audit(time::OffsetDateTime::now_utc() - retention).await {
                         Ok((partitions, receipts)) => {

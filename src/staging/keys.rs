@@ -198,9 +198,16 @@ impl Keyspace {
             .and_then(|k| Shard::try_from(k).ok())
     }
 
-    /// The index of `customer`'s dialogs in `shard`: dialog id → the deadline (ms) its keys
-    /// were last set to expire by (written by ingest.lua and consent.lua).
-    pub fn customer_index(&self, shard: Shard, customer: i64) -> String {
+    /// The shard's customer index: `<customer>:<dialog>` members of score 0, one
+    /// lexicographic range per customer (written by ingest.lua and consent.lua, swept by
+    /// index_sweep.lua).
+    pub fn customer_index(&self, shard: Shard) -> String {
+        format!("{}:customers", self.shard_prefixes[usize::from(shard)])
+    }
+
+    /// The earlier layout's index of `customer`'s dialogs in `shard` (dialog id → deadline,
+    /// ms), still read by an erasure until such keys have expired by themselves.
+    pub fn earlier_customer_index(&self, shard: Shard, customer: i64) -> String {
         format!("{}:c{customer}", self.shard_prefixes[usize::from(shard)])
     }
 

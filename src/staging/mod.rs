@@ -14,6 +14,7 @@
 //! | `<prefix>:{<tag>}:flush` | stream | the shard's flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
 //! | `<prefix>:{<tag>}:d<id>:quarantined:meta`, `…:quarantined:msgs` | hash, list | a dialog the flusher could not read, set aside as it was |
 //! | `<prefix>:{<tag>}:quarantine` | hash | dialog id → `<unix seconds> <reason>` of every dialog of the shard set aside |
+//! | `<prefix>:{<tag>}:customers` | sorted set | the customer index: a `<customer>:<dialog>` member, score 0, per dialog created or revived in the shard; an erasure reads one customer's range (`index.rs`), and the sweep removes the members of dialogs gone |
 
 //!
 //! # Expiry (Guarantee 5)
@@ -23,7 +24,8 @@
 //! long after its last message. The one exception is a refusal whose erasure PostgreSQL
 //! has not confirmed (`x` set): its keys do not expire until the erasure commits (the
 //! refusal handler's or the flusher's), however long PostgreSQL is away, and then the
-//! TTL starts. Only the flush stream and the quarantine outlive that.
+//! TTL starts. Only the flush stream, the quarantine and the customer index outlive that;
+//! the index's members of dialogs gone leave at its next sweep (`index.rs`).
 //!
 //! # Redis forgetting a dialog
 //!
@@ -60,11 +62,13 @@
 
 mod coalesce;
 mod conn;
+mod index;
 pub mod keys;
 mod queue;
 mod replication;
 
 pub use conn::{CLUSTER_RETRIES, Connector, RedisConn, Timeouts};
+pub use index::IndexSweep;
 pub use keys::{Keyspace, SHARDS, Shard};
 pub use queue::{
     Claim, Finished, FlushQueue, InStore, KeepAlive, Life, QueueEntry, Settled, Snapshot, Unreadable,
@@ -279,6 +283,7 @@ struct Scripts {
     ingest: Script,
     consent: Script,
     customer_dialogs: Script,
+    index_sweep: Script,
     status: Script,
     erasure_record: Script,
     finish: Script,
@@ -321,6 +326,7 @@ impl Staging {
                 ingest: Script::new(include_str!("lua/ingest.lua")),
                 consent: Script::new(include_str!("lua/consent.lua")),
                 customer_dialogs: Script::new(include_str!("lua/customer_dialogs.lua")),
+                index_sweep: Script::new(include_str!("lua/index_sweep.lua")),
                 status: Script::new(include_str!("lua/status.lua")),
                 erasure_record: Script::new(include_str!("lua/erasure_record.lua")),
                 finish: Script::new(include_str!("lua/finish.lua")),
@@ -558,28 +564,6 @@ impl Staging {
             "unknown" => Decided::Unknown,
             _ => return Err(StagingError::Corrupt("consent reply")),
         })
-    }
-
-    /// The dialogs Redis holds indexed under `customer`, in every shard (one script call
-    /// per slot group, at once): the staged dialogs an erasure must refuse. A dialog may
-    /// be named that belongs to another customer by now; [`Staging::decide`] with
-    /// `only_for` leaves such a one alone.
-    pub async fn customer_dialogs(&self, customer: CustomerId) -> Result<Vec<DialogId>, StagingError> {
-        let calls = self.keys.shard_groups().into_iter().map(|group| {
-            let mut invocation = self.scripts.customer_dialogs.prepare_invoke();
-            for shard in group {
-                invocation.key(self.keys.customer_index(shard, customer.get()));
-            }
-            let mut conn = self.conn.clone();
-            async move { self.bounded(invocation.invoke_async::<Vec<i64>>(&mut conn)).await }
-        });
-        let mut dialogs = Vec::new();
-        for found in futures_util::future::join_all(calls).await {
-            dialogs.extend(found?.into_iter().map(DialogId::from_stored));
-        }
-        dialogs.sort_unstable();
-        dialogs.dedup();
-        Ok(dialogs)
     }
 
     /// Where `dialog` stands in Redis; `None` when Redis does not know it.

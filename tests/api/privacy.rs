@@ -570,3 +570,103 @@ async fn an_audit_cursor_at_an_impossible_time_is_400() {
         assert_problem(response, StatusCode::BAD_REQUEST, "invalid_cursor").await;
     }
 }
+
+/// The members of the customer index in the shard of `dialog`.
+async fn indexed(app: &TestApp, dialog: i64) -> Vec<String> {
+    let key = app.keys.customer_index(dapi::staging::Keyspace::shard_of(dialog));
+    let mut conn = app.redis.clone();
+    redis::cmd("ZRANGE")
+        .arg(&key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Sweep passes enough to visit every shard once.
+async fn sweep_every_shard(app: &TestApp) {
+    let staging = dapi::staging::Staging::new(
+        crate::helpers::connector(&app.settings),
+        &app.settings.redis_prefix,
+        app.settings.staging_ttl,
+    )
+    .unwrap();
+    let mut sweep = dapi::staging::IndexSweep::default();
+    for _ in 0..dapi::staging::SHARDS {
+        sweep.pass(&staging).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_customer_index_is_written_on_a_dialogs_creation_and_swept_of_dialogs_gone() {
+    let app = spawn_api_only(test_settings()).await;
+    // Three dialogs of one shard: customer 7's two, customer 8's one.
+    let shard = dapi::staging::Keyspace::shard_of(540);
+    let dialogs: Vec<i64> = (540..)
+        .filter(|d| dapi::staging::Keyspace::shard_of(*d) == shard)
+        .take(3)
+        .collect();
+    let (gone, kept, other) = (dialogs[0], dialogs[1], dialogs[2]);
+    for (customer, dialog) in [(7, gone), (7, kept), (8, other)] {
+        app.stage(customer, dialog, "first", "EN").await;
+        app.stage(customer, dialog, "second: no second member", "EN").await;
+    }
+    let mut want = vec![format!("7:{gone}"), format!("7:{kept}"), format!("8:{other}")];
+    want.sort();
+    assert_eq!(indexed(&app, gone).await, want);
+
+    // `gone`, granted and flushed, expires (its keys leave Redis); the sweep removes its
+    // member, not the others'.
+    app.consent(gone, true).await;
+    drain(&mut flusher(&app)).await;
+    app.lose(gone).await;
+    sweep_every_shard(&app).await;
+    assert_eq!(indexed(&app, gone).await, [format!("7:{kept}"), format!("8:{other}")]);
+
+    // A dialog Redis forgot, revived by a decision from what PostgreSQL holds, is indexed
+    // again.
+    assert_eq!(app.consent(gone, true).await.status(), StatusCode::ACCEPTED);
+    assert!(indexed(&app, gone).await.contains(&format!("7:{gone}")));
+
+    // The erasure finds the customer's staged dialogs through the index, the other
+    // customer's stays.
+    let receipt: Value = delete_customer(&app, 7).await.json().await.unwrap();
+    assert_eq!(
+        (&receipt["dialogs"], &receipt["messages"]),
+        (&json!(2), &json!(4)),
+        "{receipt}"
+    );
+    assert_eq!(app.staged_len(kept).await, 0);
+    assert_eq!(app.staged_len(other).await, 2);
+}
+
+#[tokio::test]
+async fn an_erasure_finds_dialogs_indexed_in_the_earlier_per_customer_layout() {
+    let app = spawn_api_only(test_settings()).await;
+    app.stage(9, 560, "staged before an upgrade", "EN").await;
+    // As the earlier layout indexed it: `<shard>:c<customer>`, dialog → deadline (ms).
+    let shard = dapi::staging::Keyspace::shard_of(560);
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("ZREM")
+        .arg(app.keys.customer_index(shard))
+        .arg("9:560")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let deadline = (time::OffsetDateTime::now_utc().unix_timestamp() + 3600) * 1000;
+    let _: () = redis::cmd("ZADD")
+        .arg(app.keys.earlier_customer_index(shard, 9))
+        .arg(deadline)
+        .arg(560)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let receipt: Value = delete_customer(&app, 9).await.json().await.unwrap();
+    assert_eq!(
+        (&receipt["dialogs"], &receipt["messages"]),
+        (&json!(1), &json!(1)),
+        "{receipt}"
+    );
+    assert_eq!(app.staged_len(560).await, 0);
+}

@@ -22,8 +22,9 @@
 -- tells whether it was written already, so `a` simply stays until a later grant
 -- replaces it. Redis re-learning a dialog sets none.
 -- A dialog Redis forgot is created (revived) in the decision PostgreSQL holds, and indexed
--- under its customer (`<shard>:c<customer>`, dialog → deadline in ms): what an erasure
--- reads to find a customer's staged dialogs without a scan.
+-- under its customer (the shard's `<shard>:customers`, member `<customer>:<dialog>`, as
+-- ingest.lua writes it): what an erasure reads to find a customer's staged dialogs
+-- without a scan.
 -- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 the dialog's quarantined messages (a refusal
 --       erases those too), 5 its quarantined meta, 6 its shard's quarantine index
 -- ARGV: 1 dialog id, 2 decision 'g' | 'r', 3 ttl (ms),
@@ -64,15 +65,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   local standing = ARGV[6] ~= '' and ARGV[6] or 'p'
   redis.call('HSET', KEYS[1], 'c', ARGV[4], 'd', standing, 'e', now_us, 'b', now_us, 'n', ARGV[5], 'q', 0)
   if ARGV[4] ~= '-1' then
-    local index = string.match(KEYS[1], '^(.*):d%d+:meta$') .. ':c' .. ARGV[4]
-    local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-    redis.call('ZADD', index, now_ms + tonumber(ARGV[3]), ARGV[1])
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', now_ms)
-    -- Never shorter than the deadlines of the members already there (ingest sets them
-    -- 1 % past the TTL): extend only (GT), or set it on a key that has none (NX).
-    if redis.call('PEXPIRE', index, ARGV[3], 'GT') == 0 then
-      redis.call('PEXPIRE', index, ARGV[3], 'NX')
-    end
+    redis.call('ZADD', string.match(KEYS[1], '^(.*):d%d+:meta$') .. ':customers', 0, ARGV[4] .. ':' .. ARGV[1])
   end
 end
 -- A dialog refused for an unknown customer (-1: PostgreSQL could not name it) may be the
@@ -103,16 +96,6 @@ if ARGV[2] == 'g' then
   else
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     redis.call('PEXPIRE', KEYS[2], ARGV[3])
-    -- The grant moved the dialog's deadline: its customer's index follows.
-    local customer = redis.call('HGET', KEYS[1], 'c')
-    if customer and customer ~= '-1' then
-      local index = string.match(KEYS[1], '^(.*):d%d+:meta$') .. ':c' .. customer
-      local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-      redis.call('ZADD', index, 'GT', now_ms + tonumber(ARGV[3]), ARGV[1])
-      if redis.call('PEXPIRE', index, ARGV[3], 'GT') == 0 then
-        redis.call('PEXPIRE', index, ARGV[3], 'NX')
-      end
-    end
   end
 else
   unaudited = was[2] or ''

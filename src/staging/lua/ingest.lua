@@ -89,27 +89,18 @@ local function set_aside(meta, msgs, ids)
   return SET_ASIDE
 end
 
--- The customer's index in the dialog's shard (`<shard>:c<customer>`: dialog id → the
--- deadline, ms, its keys were last set to expire by), written where this script sets a
--- dialog's expiry — its creation, a refresh of its deadline, the adoption of a refusal
--- recorded for an unknown customer — so that it rides the rare branch, not every message.
--- What an erasure reads to find the customer's staged dialogs without a scan; members
--- past their deadline are dropped as it is written, and it expires with its newest one.
+-- The shard's customer index (`<shard>:customers`, a sorted set whose members are
+-- `<customer>:<dialog>`, all of score 0, so that one customer's dialogs are one
+-- lexicographic range): what an erasure reads to find a customer's staged dialogs without
+-- a scan. Written only where a dialog gets its customer — its creation, the adoption of a
+-- refusal recorded for an unknown customer — so that it rides the rare branch, never a
+-- known dialog's message; one existing key, no expiry to set. A member outlives its dialog
+-- until the flusher's index sweep (index_sweep.lua) finds the dialog gone.
 local function index(meta, stream, customer)
   -- Names by cutting, not by pattern (a pattern match cost ~8k instructions here):
   -- `stream` is `<shard>:flush`, `meta` is `<shard>:d<id>:meta`.
   local shard = string.sub(stream, 1, -6)
-  local key = shard .. 'c' .. customer
-  local dialog = string.sub(meta, #shard + 2, -6)
-  redis.call('ZADD', key, latest, dialog)
-  redis.call('PEXPIRE', key, keep_arg)
-  -- Members past their deadline are dropped at about one write in ten (a dialog id
-  -- ending in 0): the reader skips them by score anyway, and every command on a dialog's
-  -- first message is ingest's cost (BENCHMARKS.md, "Erasure").
-  if string.sub(dialog, -1) == '0' then
-    -- now in ms: now_us without its last three digits.
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', string.sub(now_us, 1, -4))
-  end
+  redis.call('ZADD', shard .. 'customers', 0, customer .. ':' .. string.sub(meta, #shard + 2, -6))
 end
 
 local function stage(meta, msgs, ids, stream, customer, language, text, mid, mode)
@@ -218,7 +209,6 @@ local function stage(meta, msgs, ids, stream, customer, language, text, mid, mod
     redis.call('PEXPIRE', meta, keep_arg)
     redis.call('PEXPIRE', msgs, keep_arg)
     redis.call('HSET', meta, 'r', latest)
-    index(meta, stream, customer)
   end
   return answer
 end
