@@ -8,7 +8,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<prefix>:{<tag>}:d<id>:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `x`/`xt` epoch and time of a refusal whose PostgreSQL erasure is not confirmed yet, `u` 1 while the dialog is unverified (staged when PostgreSQL could not be asked about it), `r` until when (ms) ingest last set meta's and msgs' expiry (0: set by another script, refresh at the next message) |
+//! | `<prefix>:{<tag>}:d<id>:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `x`/`xt`/`xs` epoch, time and deleted seqs (comma-separated) of a refusal whose PostgreSQL erasure is not confirmed yet, `u` 1 while the dialog is unverified (staged when PostgreSQL could not be asked about it), `r` until when (ms) ingest last set meta's and msgs' expiry (0: set by another script, refresh at the next message) |
 //! | `<prefix>:{<tag>}:d<id>:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text`, or `seq:receivedAt_µs:language\|messageId\|:text` when the client gave a `messageId` |
 //! | `<prefix>:{<tag>}:d<id>:ids` | hash | `messageId` → `seq:decision` of the first message with that id, and `~r` until when (ms) ingest last set its expiry; expires `DAPI_IDEMPOTENCY_WINDOW` (+ ≤ 1 %) after the last id was added |
 //! | `<prefix>:{<tag>}:flush` | stream | the shard's flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |

@@ -234,6 +234,10 @@ impl Store {
             })
             .collect();
         write_events(&mut tx, &events).await?;
+        // A dialog whose event this erasure wrote already was counted by the transaction
+        // that wrote it (a run again after a crash between that commit and Redis's
+        // confirmation gets its deleted seqs from Redis once more: not counted twice).
+        removed.retain(|dialog, _| !written.contains(dialog));
         let dialogs = removed.values().filter(|s| !s.is_empty()).count() as i64;
         let messages: i64 = removed.values().map(|s| s.len() as i64).sum();
         let totals: (i64, i64) = sqlx::query_as(RECORD_ERASURE_PROGRESS)

@@ -343,3 +343,73 @@ async fn an_undecided_dialog_is_forgotten_after_the_ttl_and_a_refused_one_refuse
         "the refusal is forgotten too"
     );
 }
+
+#[tokio::test]
+async fn a_customer_erasure_killed_mid_way_is_finished_by_the_next_process_with_an_exact_receipt() {
+    let settings = test_settings();
+    let app = spawn_api_only(settings.clone()).await;
+    // Customer 77: 1200 dialogs of 2 messages, the even ones granted and flushed, the odd
+    // ones pending in Redis; customer 78's one dialog stays.
+    let dialogs = 770_000..771_200_i64;
+    for chunk in dialogs.clone().collect::<Vec<_>>().chunks(250) {
+        let items: Vec<serde_json::Value> = chunk
+            .iter()
+            .flat_map(|&d| {
+                ["one", "two"].map(|text| json!({"customerId": 77, "dialogId": d, "text": text, "language": "EN"}))
+            })
+            .collect();
+        let answer = app.post_json("/data", &json!({ "messages": items })).await;
+        assert_eq!(answer.status(), StatusCode::OK);
+    }
+    for d in dialogs.clone().step_by(2) {
+        assert_eq!(app.consent(d, true).await.status(), StatusCode::ACCEPTED);
+    }
+    app.stage(78, 780_000, "someone else", "EN").await;
+    let mut first = Dapi::start(&settings, &["serve"], &[]).await;
+    app.wait_for_empty_queue().await;
+    assert_eq!(app.get_json("/data?customerId=77").await["count"], 1200);
+
+    // The erasure is sent; the process is killed once it has committed a batch in
+    // PostgreSQL and before it completes (the receipt's counts have grown).
+    let http = reqwest::Client::new();
+    let delete = tokio::spawn(http.delete(format!("{}/customers/77", first.base)).send());
+    let progress = wait_until(Duration::from_secs(60), async || {
+        let row: Option<(uuid::Uuid, String, i64)> =
+            sqlx::query_as("SELECT erasure_id, status, dialogs FROM erasures WHERE customer_id = 77")
+                .fetch_optional(app.store.pool())
+                .await
+                .unwrap();
+        match row {
+            Some((id, status, dialogs)) if status == "pending" && dialogs > 0 => Ok(id),
+            Some((_, status, _)) if status == "completed" => panic!("the erasure completed before the kill"),
+            _ => Err("no batch committed yet".to_owned()),
+        }
+    });
+    let id = progress.await;
+    first.kill9();
+    let _ = delete.await;
+
+    // The next process (any flusher role) finishes it by itself.
+    let _second = Dapi::start(&settings, &["serve"], &[]).await;
+    let receipt = wait_until(Duration::from_secs(60), async || {
+        let receipt = app.get_json(&format!("/erasures/{id}")).await;
+        if receipt["status"] == "completed" {
+            Ok(receipt)
+        } else {
+            Err(format!("still {receipt}"))
+        }
+    })
+    .await;
+    // Exact: every dialog and message of the customer, each once, whatever the kill cut.
+    assert_eq!(
+        (&receipt["dialogs"], &receipt["messages"]),
+        (&json!(1200), &json!(2400)),
+        "{receipt}"
+    );
+    assert_eq!(app.get_json("/data?customerId=77").await["count"], 0);
+    for d in dialogs.clone().step_by(97) {
+        assert_eq!(app.staged_len(d).await, 0, "{d}");
+        assert!(app.stored_seqs(d).await.is_empty(), "{d}");
+    }
+    assert_eq!(app.staged_len(780_000).await, 1);
+}

@@ -311,9 +311,11 @@ async fn an_erasure_through_a_postgresql_outage_is_finished_by_itself() {
     let left = finish_pending(&app).await;
     assert_eq!(left, 0);
     let done = app.get_json(&format!("/erasures/{id}")).await;
+    // Exact: the stored message, and the staged one Redis deleted during the outage (the
+    // refusal kept its seq until PostgreSQL's part committed).
     assert_eq!(
-        (&done["status"], &done["messages"]),
-        (&json!("completed"), &json!(1)),
+        (&done["status"], &done["dialogs"], &done["messages"]),
+        (&json!("completed"), &json!(2), &json!(2)),
         "{done}"
     );
     assert!(app.stored_seqs(540).await.is_empty());
@@ -669,4 +671,35 @@ async fn an_erasure_finds_dialogs_indexed_in_the_earlier_per_customer_layout() {
         "{receipt}"
     );
     assert_eq!(app.staged_len(560).await, 0);
+}
+
+/// An erasure that died after refusing a dialog in Redis (its staged messages deleted)
+/// and before its PostgreSQL transaction committed: the run that finishes it still counts
+/// those messages, from the seqs the refusal keeps until its erasure is confirmed.
+#[tokio::test]
+async fn an_erasure_that_died_between_redis_and_postgresql_still_counts_what_redis_deleted() {
+    let app = spawn_api_only(test_settings()).await;
+    app.stage(12, 570, "a", "EN").await;
+    app.stage(12, 570, "b", "EN").await;
+    let receipt = begin_erasure(&app, 12).await;
+    let staging = dapi::staging::Staging::new(
+        crate::helpers::connector(&app.settings),
+        &app.settings.redis_prefix,
+        app.settings.staging_ttl,
+    )
+    .unwrap();
+    let dialog = dapi::domain::DialogId::from_stored(570);
+    staging
+        .decide(dialog, false, None, Some(CustomerId::from_stored(12)))
+        .await
+        .unwrap();
+    assert_eq!(app.staged_len(570).await, 0);
+
+    assert_eq!(finish_pending(&app).await, 0);
+    let done = app.get_json(&format!("/erasures/{}", receipt.erasure_id)).await;
+    assert_eq!(
+        (&done["status"], &done["dialogs"], &done["messages"]),
+        (&json!("completed"), &json!(1), &json!(2)),
+        "{done}"
+    );
 }

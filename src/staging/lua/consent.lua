@@ -108,7 +108,16 @@ else
       end
     end
   end
-  redis.call('HSET', KEYS[1], 'x', epoch_arg, 'xt', now_us)
+  -- The seqs a refusal deleted stay in meta (`xs`, comma-separated) while its erasure is
+  -- unconfirmed, and a refusal again before the confirmation answers them too: an
+  -- erasure that died between refusing in Redis and committing in PostgreSQL counts them
+  -- when it runs again (its receipt stays exact), and so does a refusal retried while
+  -- PostgreSQL was away.
+  local pending = redis.call('HMGET', KEYS[1], 'x', 'xs')
+  if pending[1] and pending[2] then
+    for seq in string.gmatch(pending[2], '%d+') do erased[#erased + 1] = seq end
+  end
+  redis.call('HSET', KEYS[1], 'x', epoch_arg, 'xt', now_us, 'xs', table.concat(erased, ','))
   redis.call('DEL', KEYS[2], KEYS[4])
   redis.call('PERSIST', KEYS[1])
   redis.call('XADD', KEYS[3], '*', 'd', ARGV[1])

@@ -67,7 +67,7 @@ for i = 1, n do
   end
   local state = redis.call('HMGET', meta, 'd', 'x', 'z')
   if erased ~= '0' and (state[2] == erased or (not state[2] and state[3])) then
-    redis.call('HDEL', meta, 'x', 'xt', 'z', 'r')
+    redis.call('HDEL', meta, 'x', 'xt', 'xs', 'z', 'r')
     redis.call('PEXPIRE', meta, ARGV[3])
     redis.call('PEXPIRE', msgs, ARGV[3])
   end
