@@ -185,7 +185,7 @@ impl Store {
     /// often this runs again after a crash), and the receipt's counts grow by what was
     /// removed. Returns the receipt's new (dialogs, messages).
     pub async fn erase_for(&self, receipt: &Receipt, refused: &[RefusedForErasure]) -> Result<(i64, i64), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(super::sql::BEGIN_ERASING).await?;
         let mut refused: Vec<&RefusedForErasure> = refused.iter().collect();
         refused.sort_by_key(|r| r.dialog);
         refused.dedup_by_key(|r| r.dialog);
@@ -198,7 +198,6 @@ impl Store {
             .bind(vec![0_i64; refused.len()])
             .fetch_all(&mut *tx)
             .await?;
-        sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await?;
         let rows: Vec<(i64, i64)> = sqlx::query_as(ERASE_DIALOGS_ROWS)
             .persistent(false)
             .bind(&took)

@@ -74,9 +74,9 @@ pub mod retention;
 pub mod sql;
 
 use sql::{
-    AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS, ERASE_DIALOGS_ROWS,
-    INSERT_MESSAGES, NEWER_DECISIONS, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE, PAGE_BY_LANGUAGE, PING,
-    PRIOR_DECISIONS, RAISE_LAST_SEQ, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
+    AFTER_ALL, AFTER_BY_CUSTOMER, AFTER_BY_CUSTOMER_LANGUAGE, AFTER_BY_LANGUAGE, DECIDED_DIALOGS,
+    ERASE_DIALOGS_AUDITED, INSERT_MESSAGES, NEWER_DECISIONS, PAGE_ALL, PAGE_BY_CUSTOMER, PAGE_BY_CUSTOMER_LANGUAGE,
+    PAGE_BY_LANGUAGE, PING, PRIOR_DECISIONS, RAISE_LAST_SEQ, STORED_MESSAGE_IDS, UPSERT_DIALOGS,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -415,14 +415,13 @@ fn grant_event(state: &DialogState, prior: Option<&Prior>) -> Option<erasure::Ev
 
 /// Step 1: refusals not yet applied, each erasing its whole dialog if it takes, with
 /// their audit events (a grant one overtook first, then the refusal's own, unless
-/// PostgreSQL held a refusal already).
+/// PostgreSQL held a refusal already), written by the erasing statement itself.
 async fn apply_refusals(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     states: &[&DialogState],
     shard: i16,
     prior: &mut HashMap<i64, Prior>,
     applied: &mut Applied,
-    events: &mut Vec<erasure::Event>,
 ) -> Result<(), StoreError> {
     let refusals: Vec<(&DialogState, Refusal)> = states
         .iter()
@@ -449,35 +448,25 @@ async fn apply_refusals(
     if took.is_empty() {
         return Ok(());
     }
-    // Never a sequential scan of `messages`, whatever the statistics: see
-    // `ERASE_DIALOGS_ROWS`.
-    sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut **tx).await?;
-    let rows: Vec<(i64, i64)> = sqlx::query_as(ERASE_DIALOGS_ROWS)
-        .persistent(false)
-        .bind(&took)
-        .bind(shard)
-        .fetch_all(&mut **tx)
-        .await?;
-    applied.erased = rows.len() as u64;
-    let mut erased: HashMap<i64, BTreeSet<i64>> = HashMap::new();
-    for (dialog, seq) in rows {
-        erased.entry(dialog).or_default().insert(seq);
-    }
+    let mut events = Vec::new();
+    let mut staged: (Vec<i64>, Vec<i64>) = (Vec::new(), Vec::new());
     for (state, refusal) in refusals.iter().filter(|(s, _)| took.contains(&s.dialog.get())) {
         let dialog = state.dialog.get();
         let before = prior.get(&dialog).copied();
         let grant = grant_event(state, before.as_ref());
         let customer = (state.customer.get() >= 0).then(|| state.customer.get());
         if before.is_none_or(|p| !p.refused) || grant.is_some() {
-            let mut seqs = erased.remove(&dialog).unwrap_or_default();
-            seqs.extend(&state.audit.erased_staged);
+            for &seq in &state.audit.erased_staged {
+                staged.0.push(dialog);
+                staged.1.push(seq);
+            }
             events.extend(grant);
             events.push(erasure::Event {
                 at: time_of(refusal.decided_at_us),
                 event: "refused",
                 customer,
                 dialog: Some(dialog),
-                messages: Some(seqs.len() as i64),
+                messages: None,
                 erasure: None,
             });
         }
@@ -491,6 +480,21 @@ async fn apply_refusals(
             },
         );
     }
+    // Never a sequential scan of `messages`, whatever the statistics: the transaction
+    // began with `BEGIN_ERASING` (see `ERASE_DIALOGS_ROWS`, whose erasure this is, plus the audit).
+    let erased: i64 = sqlx::query_scalar(ERASE_DIALOGS_AUDITED)
+        .persistent(false)
+        .bind(&took)
+        .bind(shard)
+        .bind(staged.0)
+        .bind(staged.1)
+        .bind(events.iter().map(|e| e.at).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.event).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.customer).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.dialog).collect::<Vec<_>>())
+        .fetch_one(&mut **tx)
+        .await?;
+    applied.erased = erased.unsigned_abs();
     Ok(())
 }
 
@@ -866,7 +870,11 @@ impl Store {
             return Ok(Applied::default());
         }
         let shard = next_counter_shard();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = if states.iter().any(|s| s.unerased_refusal.is_some()) {
+            self.pool.begin_with(sql::BEGIN_ERASING).await?
+        } else {
+            self.pool.begin().await?
+        };
         let mut applied = Applied::default();
         // A customer whose erasure is pending has nothing written here: its erasure
         // writes its refusals (and counts what they erase), and nothing of it is flushed;
@@ -876,7 +884,7 @@ impl Store {
             states.iter().partition(|s| erasing.contains(&s.customer.get()));
         applied.deferred = deferred.iter().map(|s| s.dialog.get()).collect();
         let mut events = Vec::new();
-        apply_refusals(&mut tx, &states, shard, &mut prior, &mut applied, &mut events).await?;
+        apply_refusals(&mut tx, &states, shard, &mut prior, &mut applied).await?;
         apply_grants(&mut tx, &states, shard, claim, &prior, &mut applied, &mut events).await?;
         erasure::write_events(&mut tx, &events).await?;
         tx.commit().await?;

@@ -61,6 +61,12 @@ WITH changed AS (
 )
 SELECT coalesce(sum(n), 0)::int8 FROM delta WHERE customer_id = -1 AND language = ''";
 
+/// `BEGIN` of a transaction that erases (a refusal's, an erasure batch's), with sequential
+/// scans turned off in the same round trip: a plan made while `messages` was small would
+/// otherwise scan it whole as it grows (see `ERASE_DIALOGS_ROWS`). A simple query, not
+/// prepared, so not in [`ALL`].
+pub const BEGIN_ERASING: &str = "BEGIN; SET LOCAL enable_seqscan = off";
+
 /// Of the dialogs `$1` (new to Redis), every one PostgreSQL holds a decision of: a grant
 /// to bring back, a refusal to keep.
 pub const DECIDED_DIALOGS: &str = "\
@@ -124,6 +130,37 @@ WITH changed AS (
     ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
 )
 SELECT dialog_id, seq FROM changed";
+
+/// `ERASE_DIALOGS_ROWS` for refusals, with their audit events in the same statement (one
+/// round trip less for every refusal): `$3`/`$4` the (dialog, seq) pairs Redis deleted,
+/// `$5`…`$8` the events (at, kind, customer, dialog). A `refused` event counts its dialog's
+/// distinct seqs across both stores; any other kind (a grant the refusal overtook) counts
+/// nothing. An event written already is not written again (`WRITE_EVENTS`). Answers how
+/// many stored messages it deleted.
+pub const ERASE_DIALOGS_AUDITED: &str = "\
+WITH changed AS (
+    DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
+    RETURNING dialog_id, seq, customer_id, lower(language) AS language, messages_month(received_at) AS part
+), delta AS (
+    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped AS (
+    INSERT INTO message_counts (customer_id, language, part, shard, n)
+    SELECT customer_id, language, part, $2::int2, -n FROM delta ORDER BY customer_id, language, part
+    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+), erased AS (
+    SELECT dialog_id, seq FROM changed
+    UNION
+    SELECT * FROM UNNEST($3::int8[], $4::int8[]) AS staged (dialog_id, seq)
+), audited AS (
+    INSERT INTO consent_events (at, event, customer_id, dialog_id, messages)
+    SELECT e.at, e.event, e.customer_id, e.dialog_id,
+           CASE WHEN e.event = 'refused' THEN (SELECT count(*) FROM erased WHERE erased.dialog_id = e.dialog_id) END
+    FROM UNNEST($5::timestamptz[], $6::text[], $7::int8[], $8::int8[]) AS e (at, event, customer_id, dialog_id)
+    ON CONFLICT DO NOTHING
+)
+SELECT count(*)::int8 FROM changed";
 
 /// Records erasure `$1` for customer `$2`, requested at `$3`, unless one is pending
 /// already (then nothing, and `PENDING_ERASURE_OF` finds it).
@@ -326,6 +363,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("PRIOR_DECISIONS", PRIOR_DECISIONS),
     ("NEWER_DECISIONS", NEWER_DECISIONS),
     ("ERASE_DIALOGS_ROWS", ERASE_DIALOGS_ROWS),
+    ("ERASE_DIALOGS_AUDITED", ERASE_DIALOGS_AUDITED),
     ("BEGIN_ERASURE", BEGIN_ERASURE),
     ("ADOPT_ERASURE", ADOPT_ERASURE),
     ("PENDING_ERASURE_OF", PENDING_ERASURE_OF),
