@@ -152,6 +152,7 @@ async fn refuse_in_redis(
             epoch: recorded.epoch,
             decided_at_us: recorded.decided_at_us,
             staged_seqs: recorded.erased_staged,
+            unwritten_grant: recorded.unwritten_grant,
         }),
         Decided::Unknown | Decided::OtherCustomer => None,
     })

@@ -47,6 +47,9 @@ pub struct RefusedForErasure {
     /// The seqs of the staged messages the refusal deleted from Redis (quarantined copies
     /// included): counted with PostgreSQL's, each (dialog, seq) once.
     pub staged_seqs: Vec<i64>,
+    /// A grant of the dialog whose audit event no flush had written when the erasure's
+    /// refusal overtook it: written before the refusal's own.
+    pub unwritten_grant: Option<crate::domain::GrantToAudit>,
 }
 
 /// One audit event to write.
@@ -220,16 +223,28 @@ impl Store {
             .await?
             .into_iter()
             .collect();
+        // A grant the erasure overtook before any flush wrote its event is written here
+        // (a flush that did write it holds the same (dialog, kind, time): not twice).
         let events: Vec<Event> = refused
             .iter()
             .filter(|r| !written.contains(&r.dialog.get()))
-            .map(|r| Event {
-                at: time_of(r.decided_at_us),
-                event: "refused",
-                customer: Some(receipt.customer_id),
-                dialog: Some(r.dialog.get()),
-                messages: Some(removed.get(&r.dialog.get()).map_or(0, |s| s.len() as i64)),
-                erasure: Some(receipt.erasure_id),
+            .flat_map(|r| {
+                let grant = r.unwritten_grant.map(|g| Event {
+                    at: time_of(g.decided_at_us),
+                    event: "granted",
+                    customer: Some(receipt.customer_id),
+                    dialog: Some(r.dialog.get()),
+                    messages: None,
+                    erasure: None,
+                });
+                grant.into_iter().chain(std::iter::once(Event {
+                    at: time_of(r.decided_at_us),
+                    event: "refused",
+                    customer: Some(receipt.customer_id),
+                    dialog: Some(r.dialog.get()),
+                    messages: Some(removed.get(&r.dialog.get()).map_or(0, |s| s.len() as i64)),
+                    erasure: Some(receipt.erasure_id),
+                }))
             })
             .collect();
         write_events(&mut tx, &events).await?;

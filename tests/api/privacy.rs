@@ -703,3 +703,23 @@ async fn an_erasure_that_died_between_redis_and_postgresql_still_counts_what_red
         "{done}"
     );
 }
+
+/// A grant no flush has written yet, overtaken by its customer's erasure: the audit still
+/// shows the grant, then the erasure's refusal (one event per decision answered).
+#[tokio::test]
+async fn an_erasure_overtaking_an_unflushed_grant_keeps_the_grant_in_the_audit() {
+    let app = spawn_api_only(test_settings()).await;
+    app.stage(13, 580, "granted, never flushed", "EN").await;
+    assert_eq!(app.consent(580, true).await.status(), StatusCode::ACCEPTED);
+    let receipt: Value = delete_customer(&app, 13).await.json().await.unwrap();
+    assert_eq!(
+        (&receipt["dialogs"], &receipt["messages"]),
+        (&json!(1), &json!(1)),
+        "{receipt}"
+    );
+    assert_eq!(
+        kinds(&audit(&app, "dialogId=580").await),
+        ["refused", "granted"],
+        "newest first"
+    );
+}
