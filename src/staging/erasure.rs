@@ -2,8 +2,8 @@
 //! its record while PostgreSQL is away (erasure_record.lua and the hash it writes), and
 //! the confirmation that lets a refused dialog's keys expire (finish.lua).
 
-use super::wire::{self, customer_dialogs::CustomerDialogs, erasure_record::RecordErasure};
-use super::{Staging, StagingError};
+use super::wire::{self, customer_dialogs::CustomerDialogs, erasure_record::RecordErasure, finish::Finish};
+use super::{Finished, Life, Staging, StagingError};
 use crate::domain::{CustomerId, DialogId};
 
 /// An erasure PostgreSQL could not record, kept in Redis until it can.
@@ -56,7 +56,11 @@ impl Staging {
         };
         let mut conn = self.conn.clone();
         let record: String = self
-            .bounded(wire::run(&mut conn, &wire::erasure_record::SCRIPT, &call.command(&self.keys)))
+            .bounded(wire::run(
+                &mut conn,
+                &wire::erasure_record::SCRIPT,
+                &call.command(&self.keys),
+            ))
             .await?;
         call.decode(&record)
     }
@@ -100,6 +104,30 @@ impl Staging {
                     .query_async(&mut conn),
             )
             .await?;
+        Ok(())
+    }
+
+    /// Tells Redis that PostgreSQL has applied the refusal recorded under `epoch`: the
+    /// dialog stops waiting for its erasure and its keys start to expire (unless a newer
+    /// refusal is waiting by now). finish.lua for one dialog, with nothing written and no
+    /// entry to acknowledge.
+    pub async fn confirm_erasure(&self, dialog: DialogId, epoch: i64) -> Result<(), StagingError> {
+        let erased = Finished {
+            dialog,
+            life: Life::UNSTAMPED,
+            written_up_to: None,
+            read: 0,
+            erased_refusal: Some(epoch),
+            take_back: None,
+        };
+        let cmd = Finish {
+            ttl_ms: self.ttl_ms,
+            dialogs: &[&erased],
+            entries: &[],
+        }
+        .command(&self.keys);
+        let mut conn = self.conn.clone();
+        let _: i64 = self.bounded(wire::run(&mut conn, &wire::finish::SCRIPT, &cmd)).await?;
         Ok(())
     }
 }

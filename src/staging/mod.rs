@@ -8,13 +8,17 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<prefix>:{<tag>}:d<id>:meta` | hash | `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued (0/1), `t` decided at (µs), `x`/`xt` epoch and time of a refusal whose PostgreSQL erasure is not confirmed yet, `u` 1 while the dialog is unverified (staged when PostgreSQL could not be asked about it), `r` until when (ms) ingest last set meta's and msgs' expiry (0: set by another script, refresh at the next message) |
+//! | `<prefix>:{<tag>}:d<id>:meta` | hash | the dialog's state, one letter a field: `a` a grant awaiting its audit event, `b` the life stamp, `c` customer id, `d` decision (`p`/`g`/`r`), `e` epoch, `n` last seq, `q` flush queued, `r` ingest's expiry deadline, `t` decided at, `u` unverified, `x`/`xt` a refusal whose erasure PostgreSQL has not confirmed; each explained in `wire`'s table |
 //! | `<prefix>:{<tag>}:d<id>:msgs` | list | staged messages in seq order, each `seq:receivedAt_µs:language:text`, or `seq:receivedAt_µs:language\|messageId\|:text` when the client gave a `messageId` |
 //! | `<prefix>:{<tag>}:d<id>:ids` | hash | `messageId` → `seq:decision` of the first message with that id, and `~r` until when (ms) ingest last set its expiry; expires `DAPI_IDEMPOTENCY_WINDOW` (+ ≤ 1 %) after the last id was added |
 //! | `<prefix>:{<tag>}:flush` | stream | the shard's flush-queue entries `d=<dialogId>`, read by the consumer group `flushers` |
 //! | `<prefix>:{<tag>}:d<id>:quarantined:meta`, `…:quarantined:msgs` | hash, list | a dialog the flusher could not read, set aside as it was |
 //! | `<prefix>:{<tag>}:quarantine` | hash | dialog id → `<unix seconds> <reason>` of every dialog of the shard set aside |
-
+//! | `<prefix>:{<tag>}:c<customer>` | sorted set | the customer's dialogs in the shard → the deadline (ms) their keys were last set to expire by: what an erasure reads |
+//! | `<prefix>:{<first tag>}:erasures` | hash | erasures PostgreSQL could not record (it was away), until it can (`wire::erasure_record`) |
+//! | `<prefix>:{<tag>}:replication-fence` | string | a counter a replication round increments before its `WAIT` (`DAPI_REDIS_WAIT_REPLICAS`) |
+//!
+//! Every script's KEYS, ARGV and reply are typed in `wire`, one module per script.
 //!
 //! # Expiry (Guarantee 5)
 //!
@@ -38,7 +42,7 @@
 //! missed the latest writes — and lose a refusal that PostgreSQL has applied: the
 //! dialog's grant is then fenced at its next flush, and the flusher's finish takes the
 //! refusal back from PostgreSQL (finish.lua) instead of flushing it again and again.
-
+//!
 //! # Atomicity
 //!
 //! Each request is one call of one Lua script ([`Staging::stage`], [`Staging::decide`]),
@@ -62,6 +66,7 @@ mod coalesce;
 mod conn;
 mod consent;
 mod erasure;
+mod health;
 mod ingest;
 pub mod keys;
 mod queue;
@@ -72,20 +77,19 @@ mod wire;
 pub use conn::{CLUSTER_RETRIES, Connector, RedisConn, Timeouts};
 pub use consent::{Choice, Decided, Recorded, Revival};
 pub use erasure::ErasureRecord;
+pub use health::QueueStats;
 pub use ingest::{Create, IngestOutcome, NewMessage};
 pub use keys::{Keyspace, SHARDS, Shard};
-pub use status::StagedStatus;
 pub use queue::{
     Claim, Finished, FlushQueue, InStore, KeepAlive, Life, QueueEntry, Settled, Snapshot, Unreadable,
     unique_consumer_name,
 };
+pub use status::StagedStatus;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{FromRedisValue, Script};
-
-use crate::domain::DialogId;
 
 /// How long a `messageId` is remembered per dialog unless configured otherwise.
 pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
@@ -149,26 +153,14 @@ impl StagingError {
     }
 }
 
-/// A stream entry as XRANGE answers it: id and field/value pairs.
-type StreamEntry = (String, Vec<(String, String)>);
-
-/// The flush queue at a glance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueStats {
-    pub length: u64,
-    pub pending: u64,
-    pub oldest_age: Duration,
-}
-
 /// The request path's handle on Redis: one multiplexed, self-reconnecting connection
-/// shared by every request (one Redis or a cluster: see `conn`), and the scripts.
+/// shared by every request (one Redis or a cluster: see `conn`).
 #[derive(Clone)]
 pub struct Staging {
     conn: RedisConn,
     keys: Keyspace,
     ttl_ms: u64,
     idempotency_window_ms: u64,
-    scripts: Arc<Scripts>,
     /// Upper bound on one call, so that a Redis outage answers 503 promptly.
     call_timeout: Duration,
     /// Kept to open the replication task's own connection.
@@ -187,10 +179,6 @@ impl std::fmt::Debug for Staging {
             .field("keys", &self.keys)
             .finish_non_exhaustive()
     }
-}
-
-struct Scripts {
-    finish: Script,
 }
 
 /// Milliseconds for `PEXPIRE`.
@@ -226,9 +214,6 @@ impl Staging {
             keys: Keyspace::new(prefix).for_cluster(connector.is_cluster()),
             ttl_ms: ttl_millis(ttl),
             idempotency_window_ms: ttl_millis(DEFAULT_IDEMPOTENCY_WINDOW),
-            scripts: Arc::new(Scripts {
-                finish: Script::new(include_str!("lua/finish.lua")),
-            }),
             call_timeout,
             connector,
             replication: None,
@@ -266,103 +251,6 @@ impl Staging {
             replication.confirm(shard).await?;
         }
         Ok(value)
-    }
-
-    /// Tells Redis that PostgreSQL has applied the refusal recorded under `epoch`: the
-    /// dialog stops waiting for its erasure and its keys start to expire (unless a newer
-    /// refusal is waiting by now).
-    pub async fn confirm_erasure(&self, dialog: DialogId, epoch: i64) -> Result<(), StagingError> {
-        let d = dialog.get();
-        let mut invocation = self.scripts.finish.prepare_invoke();
-        invocation
-            .key(self.keys.meta(d))
-            .key(self.keys.msgs(d))
-            .key(self.keys.quarantined_msgs(d))
-            .key(self.keys.flush_stream_of(d))
-            .arg(GROUP)
-            .arg(1)
-            .arg(self.ttl_ms)
-            // finish.lua's octuple for one dialog: no life to trim in (nothing written),
-            // the dialog, no last seq, nothing read, the refusal erased, nothing to take
-            // back.
-            .arg("")
-            .arg(d)
-            .arg(0)
-            .arg(0)
-            .arg(epoch)
-            .arg("")
-            .arg(0)
-            .arg(0);
-        let mut conn = self.conn.clone();
-        let _: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        Ok(())
-    }
-
-    /// The flush queue over every shard: entries in all streams, entries delivered but
-    /// not acknowledged, and the age of the oldest entry (by Redis's clock), for
-    /// `/metrics`. One pipeline per shard (a pipeline stays in one slot on a cluster).
-    pub async fn queue_stats(&self) -> Result<QueueStats, StagingError> {
-        let mut conn = self.conn.clone();
-        let mut stats = QueueStats {
-            length: 0,
-            pending: 0,
-            oldest_age: Duration::ZERO,
-        };
-        for shard in 0..SHARDS {
-            let stream = self.keys.flush_stream(shard);
-            let mut pipe = redis::pipe();
-            pipe.cmd("TIME")
-                .cmd("XLEN")
-                .arg(&stream)
-                .cmd("XRANGE")
-                .arg(&stream)
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(1);
-            let ((seconds, micros), length, first): ((u64, u64), u64, Vec<StreamEntry>) =
-                self.bounded(pipe.query_async(&mut conn)).await?;
-            stats.length += length;
-            if length == 0 {
-                continue;
-            }
-            let now_ms = seconds * 1000 + micros / 1000;
-            let oldest_ms = first
-                .first()
-                .and_then(|(id, _)| id.split('-').next())
-                .and_then(|ms| ms.parse::<u64>().ok());
-            let age = Duration::from_millis(oldest_ms.map_or(0, |ms| now_ms.saturating_sub(ms)));
-            stats.oldest_age = stats.oldest_age.max(age);
-            // The pending count needs the group, which exists once a flusher has started.
-            let mut summary = redis::cmd("XPENDING");
-            summary.arg(&stream).arg(GROUP);
-            stats.pending += match self.bounded(summary.query_async::<Vec<redis::Value>>(&mut conn)).await {
-                Ok(summary) => summary
-                    .first()
-                    .and_then(|count| redis::from_redis_value_ref::<u64>(count).ok())
-                    .unwrap_or_default(),
-                Err(StagingError::Redis(e)) if e.code() == Some("NOGROUP") => 0,
-                Err(e) => return Err(e),
-            };
-        }
-        Ok(stats)
-    }
-
-    /// Answers whether Redis responds: on a cluster, whether every shard's slot does (a
-    /// node down, or a slot no primary serves, fails the POSTs of that shard's dialogs
-    /// while the others go on: readiness says so rather than ask one node).
-    pub async fn ping(&self) -> Result<(), StagingError> {
-        let shards = if self.connector.is_cluster() { SHARDS } else { 1 };
-        let pings = (0..shards).map(|shard| async move {
-            let mut conn = self.conn.clone();
-            let mut ping = redis::cmd("EXISTS");
-            ping.arg(self.keys.flush_stream(shard));
-            self.bounded(ping.query_async::<i64>(&mut conn)).await
-        });
-        for answer in futures_util::future::join_all(pings).await {
-            answer?;
-        }
-        Ok(())
     }
 
     async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StagingError> {

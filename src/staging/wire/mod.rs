@@ -21,8 +21,8 @@
 //! | `b` | the life stamp: when Redis created this meta (µs), see [`crate::staging::Life`] | ingest, consent, claim (creation) |
 //! | `c` | the customer id; `-1` for a refusal recorded while nobody could name the customer ([`crate::domain::CustomerId::UNKNOWN`]) | ingest, consent, claim |
 //! | `d` | the decision: [`PENDING`], [`GRANTED`], [`REFUSED`] | ingest, consent, settle, finish, claim |
-//! | `e` | the epoch of the latest decision (µs by Redis's clock, see `staging`'s "The epoch") | every decision |
-//! | `n` | the last seq handed out | ingest, settle, claim |
+//! | `e` | the epoch of the latest decision (µs by Redis's clock, see `staging`'s "The epoch") | ingest (creation), consent (every decision), finish (a decision taken back), claim |
+//! | `n` | the last seq handed out | ingest, consent (a revival), settle, claim |
 //! | `q` | `1` while a flush-queue entry names the dialog, else `0` | ingest, consent, finish, quarantine, claim |
 //! | `r` | the deadline (ms) ingest last set the expiry of meta and msgs to; `0` or absent: another script set their expiry, and ingest sets it again at the next message | ingest; every other script that sets the expiry zeroes or removes it |
 //! | `t` | when the latest decision was recorded (µs; for a pending dialog, its creation) | ingest, consent, claim |
@@ -33,10 +33,17 @@
 //! The decisions (`d`) and the take-back kinds of finish are values, not fields; a value
 //! letter never names a field.
 
+pub mod claim;
 pub mod consent;
 pub mod customer_dialogs;
 pub mod erasure_record;
+pub mod finish;
 pub mod ingest;
+pub mod message;
+pub mod prune;
+pub mod quarantine;
+pub mod settle;
+pub mod snapshot;
 pub mod status;
 
 use redis::{FromRedisValue, Script, Value};
