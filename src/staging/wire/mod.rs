@@ -30,8 +30,10 @@
 //! | `x` | the epoch of a refusal whose erasure PostgreSQL has not confirmed yet; the keys do not expire while it is set | consent; finish removes it |
 //! | `xt` | when that refusal was recorded (µs) | consent; finish removes it |
 //!
-//! The decisions (`d`) and the take-back kinds of finish are values, not fields; a value
-//! letter never names a field.
+//! The decision letters are values of `d`, not fields: `d` = `r` (refused) has nothing to
+//! do with the field `r`. Everything else a script is told or answers is a word (finish's
+//! take-back kinds `refusal` and `grant`, settle's and consent's statuses), never a
+//! letter that could be read as a field.
 
 pub mod claim;
 pub mod consent;
