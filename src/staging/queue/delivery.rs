@@ -276,7 +276,7 @@ impl FlushQueue {
     /// Deletes other consumers idle for longer than `gone_after` that hold no pending
     /// entry, shard by shard: each process start adds consumer names, and the groups
     /// would otherwise keep them all. Flushers call it every minute with
-    /// [`CONSUMER_GONE_AFTER`] (or ten claim timeouts, if longer). Returns how many
+    /// `CONSUMER_GONE_AFTER` (or ten claim timeouts, if longer). Returns how many
     /// consumers were deleted (counted once per shard).
     pub async fn prune_gone_consumers(&mut self, gone_after: Duration) -> Result<usize, StagingError> {
         let mut deleted = 0;
