@@ -76,14 +76,14 @@ const REFUSED: i64 = 3;
 const UNKNOWN: i64 = 4;
 const SET_ASIDE: i64 = 5;
 
-/// A decision, `item & 3`: ingest.lua's `DECISION`.
+/// The decisions by their code, `item & 3`: ingest.lua's `DECISION` (`p` 0, `g` 1, `r` 2).
+const DECISIONS: [Decision; 3] = [Decision::Pending, Decision::Granted, Decision::Refused];
+
 fn decision(code: i64) -> Result<Decision, StagingError> {
-    match code {
-        0 => Ok(Decision::Pending),
-        1 => Ok(Decision::Granted),
-        2 => Ok(Decision::Refused),
-        _ => Err(StagingError::Corrupt("decision")),
-    }
+    usize::try_from(code)
+        .ok()
+        .and_then(|code| DECISIONS.get(code).copied())
+        .ok_or(StagingError::Corrupt("decision"))
 }
 
 /// One item of the answer: `seq * 32 + status * 4 + decision` (ingest.lua says why
