@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dapi::domain::{CustomerId, DialogId, IncomingMessage, Language, MessageText};
 use dapi::flusher::{Flusher, Outcome};
-use dapi::staging::{Create, FlushQueue, NewMessage};
+use dapi::staging::{Choice, Create, FlushQueue, NewMessage};
 
 const DIALOGS: u64 = 2000;
 const MESSAGES: u64 = 5;
@@ -48,7 +48,7 @@ async fn stage_and_grant(sandbox: &common::Sandbox, first: u64) {
                     MESSAGES as usize
                 ];
                 staging.stage(&batch).await.unwrap();
-                staging.decide(dialog, true, None, None).await.unwrap();
+                staging.decide(dialog, Choice::Grant, None, None).await.unwrap();
                 d += 32;
             }
         });

@@ -191,25 +191,6 @@ pub enum Decision {
 }
 
 impl Decision {
-    /// The one-letter form staging keeps in Redis (`p`, `g`, `r`).
-    pub fn letter(self) -> &'static str {
-        match self {
-            Decision::Pending => "p",
-            Decision::Granted => "g",
-            Decision::Refused => "r",
-        }
-    }
-
-    /// Reads the one-letter form back; `None` for anything dapi does not write.
-    pub fn from_letter(letter: &[u8]) -> Option<Self> {
-        match letter {
-            b"p" => Some(Decision::Pending),
-            b"g" => Some(Decision::Granted),
-            b"r" => Some(Decision::Refused),
-            _ => None,
-        }
-    }
-
     /// The word used in API answers and in PostgreSQL.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -257,17 +238,6 @@ pub struct Audit {
 pub struct GrantToAudit {
     pub epoch: i64,
     pub decided_at_us: i64,
-}
-
-impl GrantToAudit {
-    /// Reads Redis's meta `a`: `<epoch>:<decided-at µs>`.
-    pub fn parse(raw: &str) -> Option<Self> {
-        let (epoch, at) = raw.split_once(':')?;
-        Some(Self {
-            epoch: epoch.parse().ok()?,
-            decided_at_us: at.parse().ok()?,
-        })
-    }
 }
 
 /// A refusal as PostgreSQL must apply it: the epoch it was recorded under and when.

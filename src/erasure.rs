@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::domain::{CustomerId, DialogId};
-use crate::staging::{Decided, Revival, Staging, StagingError};
+use crate::staging::{Choice, Decided, Revival, Staging, StagingError};
 use crate::store::erasure::{Receipt, RefusedForErasure};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
@@ -137,14 +137,16 @@ async fn refuse_in_redis(
     dialog: DialogId,
     held: bool,
 ) -> Result<Option<RefusedForErasure>, StagingError> {
-    let mut decided = staging.decide(dialog, false, None, Some(customer)).await?;
+    let mut decided = staging.decide(dialog, Choice::Refuse, None, Some(customer)).await?;
     if decided == Decided::Unknown && held {
         let revival = Revival {
             customer,
             last_seq: 0,
             standing: None,
         };
-        decided = staging.decide(dialog, false, Some(revival), Some(customer)).await?;
+        decided = staging
+            .decide(dialog, Choice::Refuse, Some(revival), Some(customer))
+            .await?;
     }
     Ok(match decided {
         Decided::Recorded(recorded) => Some(RefusedForErasure {

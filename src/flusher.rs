@@ -55,7 +55,7 @@ pub struct Batch {
     pub entries: Vec<QueueEntry>,
     pub states: Vec<DialogState>,
     /// The life of each dialog the snapshot read (see `staging::Life`).
-    pub lives: HashMap<i64, Life>,
+    pub lives: HashMap<DialogId, Life>,
 }
 
 /// What one round did.
@@ -110,7 +110,7 @@ impl Flusher {
         if entries.is_empty() {
             return Ok(None);
         }
-        let mut dialogs: Vec<i64> = entries.iter().filter_map(|e| e.dialog).collect();
+        let mut dialogs: Vec<DialogId> = entries.iter().filter_map(|e| e.dialog).collect();
         dialogs.sort_unstable();
         dialogs.dedup();
         let mut states = Vec::with_capacity(dialogs.len());
@@ -123,11 +123,10 @@ impl Flusher {
         self.sort(snapshots, &mut states, &mut lives, &mut unverified).await?;
         if !unverified.is_empty() {
             // One PostgreSQL lookup for all of them, then one settle call each.
-            let ids: Vec<DialogId> = unverified.iter().map(|&d| DialogId::from_stored(d)).collect();
-            let decided = self.store.decided_dialogs(&ids).await?;
+            let decided = self.store.decided_dialogs(&unverified).await?;
             let remembered_since = time::OffsetDateTime::now_utc() - self.queue.staging_ttl();
             for &dialog in &unverified {
-                let held = match decided.get(&DialogId::from_stored(dialog)) {
+                let held = match decided.get(&dialog) {
                     Some(HeldDialog::Granted(g)) => InStore::Granted {
                         customer: g.customer,
                         last_seq: g.last_seq,
@@ -146,7 +145,7 @@ impl Flusher {
                             .await?;
                     }
                     Settled::Malformed => self.set_aside(dialog, "a staged message does not decode", true).await?,
-                    Settled::Done => {}
+                    Settled::Done | Settled::NothingToSettle => {}
                 }
             }
             // Settled now: read them again, in this batch. (One that is unverified
@@ -166,13 +165,13 @@ impl Flusher {
         &mut self,
         snapshots: Vec<Snapshot>,
         states: &mut Vec<DialogState>,
-        lives: &mut HashMap<i64, Life>,
-        unverified: &mut Vec<i64>,
+        lives: &mut HashMap<DialogId, Life>,
+        unverified: &mut Vec<DialogId>,
     ) -> Result<(), FlushError> {
         for snapshot in snapshots {
             match snapshot {
                 Snapshot::Ready(state, life) => {
-                    lives.insert(state.dialog.get(), life);
+                    lives.insert(state.dialog, life);
                     states.push(state);
                 }
                 Snapshot::Unverified(dialog) => unverified.push(dialog),
@@ -184,11 +183,16 @@ impl Flusher {
 
     /// Moves a dialog the flusher cannot read out of the way, so that the rest of its
     /// batch goes on (Guarantee 6).
-    async fn set_aside(&mut self, dialog: i64, reason: &'static str, messages_only: bool) -> Result<(), FlushError> {
+    async fn set_aside(
+        &mut self,
+        dialog: DialogId,
+        reason: &'static str,
+        messages_only: bool,
+    ) -> Result<(), FlushError> {
         self.queue.quarantine(dialog, reason, messages_only).await?;
         metrics::counter!(telemetry::FLUSH_QUARANTINED).increment(1);
         tracing::error!(
-            dialog,
+            dialog = dialog.get(),
             reason,
             "set a dialog aside that the flusher cannot read; see README, \"Quarantine\""
         );
@@ -203,7 +207,7 @@ impl Flusher {
         let held: Vec<QueueEntry> = batch.entries.iter().chain(self.queue.buffered()).cloned().collect();
         // Inside the transaction, before the commit: no seq the batch writes may be handed
         // out again by a life of a dialog Redis started since the snapshot.
-        let no_life = Life::default();
+        let no_life = Life::UNSTAMPED;
         let claim = |claiming: Vec<Claiming>| {
             let queue = &self.queue;
             let lives = &batch.lives;
@@ -212,18 +216,18 @@ impl Flusher {
                 let claims: Vec<Claim<'_>> = claiming
                     .iter()
                     .map(|c| Claim {
-                        dialog: c.dialog,
-                        life: lives.get(&c.dialog).unwrap_or(no_life),
+                        dialog: DialogId::from_stored(c.dialog),
+                        life: lives.get(&DialogId::from_stored(c.dialog)).unwrap_or(no_life),
                         customer: c.customer,
                         epoch: c.epoch,
                         last_seq: c.last_seq,
                         count: c.count,
                     })
                     .collect();
-                queue
-                    .claim_seqs(&claims)
-                    .await
-                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                match queue.claim_seqs(&claims).await {
+                    Ok(renumbered) => Ok(renumbered.into_iter().map(|(d, after)| (d.get(), after)).collect()),
+                    Err(e) => Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                }
             });
             fut
         };
@@ -253,20 +257,20 @@ impl Flusher {
                 let written = s.decision == Decision::Granted && applied.granted.contains(&s.dialog.get());
                 let renumbered = applied.renumbered.contains(&s.dialog.get());
                 Finished {
-                    dialog: s.dialog.get(),
-                    life: batch.lives.get(&s.dialog.get()).cloned().unwrap_or_default(),
-                    last_seq: if written && !renumbered {
-                        s.messages.last().map_or(0, |m| m.seq)
+                    dialog: s.dialog,
+                    life: batch.lives.get(&s.dialog).cloned().unwrap_or_default(),
+                    written_up_to: if written && !renumbered {
+                        s.messages.last().map(|m| m.seq)
                     } else {
-                        0
+                        None
                     },
                     read: s.messages.len(),
                     // The transaction committed: the refusal took (and erased), or
                     // PostgreSQL held a newer decision of this dialog, which erased it.
                     erased_refusal: if applied.deferred.contains(&s.dialog.get()) {
-                        0
+                        None
                     } else {
-                        s.unerased_refusal.map_or(0, |r| r.epoch)
+                        s.unerased_refusal.map(|r| r.epoch)
                     },
                     // A grant fenced by a newer decision in PostgreSQL: Redis lost that
                     // decision; without taking it back the dialog would be flushed and

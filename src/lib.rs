@@ -9,7 +9,8 @@
 //! - [`telemetry`] — the tracing subscriber; error chains for logs.
 //! - [`domain`] — IDs, text, language tags, decisions, cursors: parsing, no I/O.
 //! - [`http`] — router, extractors, handlers, the problem+json error type.
-//! - [`staging`] — the Redis keyspace, its Lua scripts and the flush queue.
+//! - [`staging`] — the Redis keyspace, its Lua scripts with their typed wire, and the
+//!   flush queue.
 //! - [`store`] — PostgreSQL: migrations, the fenced batch write, reads and counts.
 //! - [`flusher`] — moves consented dialogs from `staging` to `store`.
 //! - [`erasure`] — erases a whole customer, and finishes every erasure left pending.

@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::extract::{ConsentPath, JsonBody};
 use super::{ApiError, AppState};
 use crate::domain::{Audit, CustomerId, Decision, DialogState, Refusal, parse_consent};
-use crate::staging::{Decided, Revival};
+use crate::staging::{Choice, Decided, Revival};
 use crate::store::{HeldDialog, StoreError};
 use crate::telemetry;
 
@@ -60,7 +60,8 @@ pub async fn decide(
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<ConsentAnswer>), ApiError> {
     let approved = parse_consent(&body).map_err(ApiError::InvalidBody)?;
-    let recorded = match state.staging.decide(dialog, approved, None, None).await? {
+    let choice = Choice::approved(approved);
+    let recorded = match state.staging.decide(dialog, choice, None, None).await? {
         Decided::Recorded(recorded) => recorded,
         Decided::Unknown | Decided::OtherCustomer => {
             // Redis does not know the dialog; PostgreSQL may still hold a decision of it
@@ -90,7 +91,7 @@ pub async fn decide(
                 },
                 Err(e) => return Err(e.into()),
             };
-            match state.staging.decide(dialog, approved, Some(revival), None).await? {
+            match state.staging.decide(dialog, choice, Some(revival), None).await? {
                 Decided::Recorded(recorded) => recorded,
                 Decided::Unknown | Decided::OtherCustomer => return Err(ApiError::DialogNotFound),
             }

@@ -15,9 +15,9 @@
 //!   connection dropped, which is safe for dapi's scripts only because a `messageId`
 //!   makes a repeat harmless, and a message without one could be staged twice on
 //!   such a retry (as with any client retry);
-//! - a script missing on a newly promoted primary (`NOSCRIPT`) is loaded by
-//!   `ScriptInvocation::invoke_async` (the ingest command: `Script::load_async`, the same
-//!   way), which sends `SCRIPT LOAD` to every node;
+//! - a script missing on a newly promoted primary (`NOSCRIPT`) is loaded by the wire's
+//!   one runner of script calls (`wire::run`, with `Script::load_async`), which sends
+//!   `SCRIPT LOAD` to every node;
 //! - a connection that answers nothing at all for [`WEDGED_AFTER`] while requests go out
 //!   is replaced by a new one. Measured here (redis-rs 1.8.1, Redis 7.0, a primary
 //!   killed under 32 concurrent requests): in some runs the connection never answered

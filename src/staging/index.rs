@@ -1,6 +1,7 @@
 //! The customer index: which staged dialogs belong to a customer, per shard, so that an
-//! erasure finds them without a scan of the keyspace ([`Staging::customer_dialogs`]), and
-//! its sweep, which removes the members of dialogs gone ([`IndexSweep`]).
+//! erasure finds them without a scan of the keyspace ([`Staging::customer_dialogs`], in
+//! `erasure.rs`), and its sweep, which removes the members of dialogs gone
+//! ([`IndexSweep`]).
 //!
 //! Each shard's `<shard>:customers` is a sorted set of `<customer>:<dialog>` members, all
 //! of score 0: one customer's dialogs are one lexicographic range (`ZRANGEBYLEX`), read
@@ -9,8 +10,8 @@
 //! here, and the key has no expiry to keep up (BENCHMARKS.md, "Erasure and the audit:
 //! what they cost"). A member outlives its dialog until the sweep reaches it.
 
+use super::wire::{self, index_sweep::SweepChunk};
 use super::{Staging, StagingError};
-use crate::domain::{CustomerId, DialogId};
 use crate::staging::keys::{SHARDS, Shard};
 
 /// Members a sweep call checks in one shard (one atomic script call of that many
@@ -23,31 +24,6 @@ const SWEEP_CHUNK: usize = 500;
 const SHARDS_PER_PASS: usize = 8;
 
 impl Staging {
-    /// The dialogs Redis holds indexed under `customer`, in every shard (one script call
-    /// per slot group, at once): the staged dialogs an erasure must refuse. A dialog may
-    /// be named that belongs to another customer by now; [`Staging::decide`] with
-    /// `only_for` leaves such a one alone.
-    pub async fn customer_dialogs(&self, customer: CustomerId) -> Result<Vec<DialogId>, StagingError> {
-        let calls = self.keys.shard_groups().into_iter().map(|group| {
-            let mut invocation = self.scripts.customer_dialogs.prepare_invoke();
-            for shard in group {
-                invocation
-                    .key(self.keys.customer_index(shard))
-                    .key(self.keys.earlier_customer_index(shard, customer.get()));
-            }
-            invocation.arg(customer.get());
-            let mut conn = self.conn.clone();
-            async move { self.bounded(invocation.invoke_async::<Vec<i64>>(&mut conn)).await }
-        });
-        let mut dialogs = Vec::new();
-        for found in futures_util::future::join_all(calls).await {
-            dialogs.extend(found?.into_iter().map(DialogId::from_stored));
-        }
-        dialogs.sort_unstable();
-        dialogs.dedup();
-        Ok(dialogs)
-    }
-
     /// One sweep call: checks up to `count` members of `shard`'s index after `after`
     /// (`None`: from the start) and removes those whose dialog Redis no longer holds for
     /// that customer. Returns where to continue (`None`: the end was reached) and how many
@@ -58,14 +34,12 @@ impl Staging {
         after: Option<&str>,
         count: usize,
     ) -> Result<(Option<String>, u64), StagingError> {
-        let mut invocation = self.scripts.index_sweep.prepare_invoke();
-        invocation
-            .key(self.keys.customer_index(shard))
-            .arg(after.unwrap_or(""))
-            .arg(count);
+        let cmd = SweepChunk { shard, after, count }.command(&self.keys);
         let mut conn = self.conn.clone();
-        let (last, removed): (String, u64) = self.bounded(invocation.invoke_async(&mut conn)).await?;
-        Ok(((!last.is_empty()).then_some(last), removed))
+        let reply = self
+            .bounded(wire::run(&mut conn, &wire::index_sweep::SCRIPT, &cmd))
+            .await?;
+        Ok(wire::index_sweep::decode(reply))
     }
 }
 

@@ -27,20 +27,20 @@ pub type Shard = u16;
 const SLOTS: u16 = 16384;
 
 /// A key under a shard's prefix, formatted where it is written (see
-/// [`Keyspace::dialog_key_arg`]); `dialog` −1: a key of the shard itself.
+/// [`Keyspace::dialog_key_arg`]).
 #[derive(Debug, Clone, Copy)]
 pub struct DialogKey<'k> {
     shard_prefix: &'k str,
-    dialog: i64,
+    /// `None`: a key of the shard itself.
+    dialog: Option<i64>,
     suffix: &'k str,
 }
 
 impl std::fmt::Display for DialogKey<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.dialog < 0 {
-            write!(f, "{}:{}", self.shard_prefix, self.suffix)
-        } else {
-            write!(f, "{}:d{}:{}", self.shard_prefix, self.dialog, self.suffix)
+        match self.dialog {
+            None => write!(f, "{}:{}", self.shard_prefix, self.suffix),
+            Some(dialog) => write!(f, "{}:d{}:{}", self.shard_prefix, dialog, self.suffix),
         }
     }
 }
@@ -56,9 +56,9 @@ impl redis::ToRedisArgs for DialogKey<'_> {
             let _ = std::io::Write::write_all(&mut key, bytes);
         };
         put(self.shard_prefix.as_bytes());
-        if self.dialog >= 0 {
+        if let Some(dialog) = self.dialog {
             put(b":d");
-            put(decimal(self.dialog, &mut digits));
+            put(decimal(dialog, &mut digits));
         }
         put(b":");
         put(self.suffix.as_bytes());
@@ -145,7 +145,7 @@ impl Keyspace {
     pub fn dialog_key_arg<'k>(&'k self, dialog: i64, suffix: &'k str) -> DialogKey<'k> {
         DialogKey {
             shard_prefix: &self.shard_prefixes[usize::from(Self::shard_of(dialog))],
-            dialog,
+            dialog: Some(dialog),
             suffix,
         }
     }
@@ -154,7 +154,7 @@ impl Keyspace {
     pub fn flush_stream_arg(&self, shard: Shard) -> DialogKey<'_> {
         DialogKey {
             shard_prefix: &self.shard_prefixes[usize::from(shard)],
-            dialog: -1,
+            dialog: None,
             suffix: "flush",
         }
     }

@@ -230,5 +230,8 @@ async fn an_entry_idle_past_the_claim_time_is_claimed_at_the_next_claim_round_ha
     tokio::time::advance(Duration::from_millis(1)).await;
     let claimed = rescuer.next_entries(10).await.unwrap();
 
-    assert_eq!(claimed.iter().map(|e| e.dialog).collect::<Vec<_>>(), [Some(1)]);
+    assert_eq!(
+        claimed.iter().map(|e| e.dialog.map(|d| d.get())).collect::<Vec<_>>(),
+        [Some(1)]
+    );
 }

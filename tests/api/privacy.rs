@@ -690,7 +690,12 @@ async fn an_erasure_that_died_between_redis_and_postgresql_still_counts_what_red
     .unwrap();
     let dialog = dapi::domain::DialogId::from_stored(570);
     staging
-        .decide(dialog, false, None, Some(CustomerId::from_stored(12)))
+        .decide(
+            dialog,
+            dapi::staging::Choice::Refuse,
+            None,
+            Some(CustomerId::from_stored(12)),
+        )
         .await
         .unwrap();
     assert_eq!(app.staged_len(570).await, 0);

@@ -12,10 +12,12 @@
 --     batch's seqs already, so the batch's messages get seqs of their own, reserved here
 --     after that life's `n`.
 -- KEYS: per dialog: meta
--- ARGV: 1 ttl (ms), then per dialog 5: the snapshot's life stamp ('' = none), customer id,
---       epoch, highest seq the batch writes, how many messages it writes
--- Returns per dialog: 0 the batch keeps its seqs, or the seq after which its messages are
--- renumbered (reserved in this life's `n`).
+-- ARGV: 1 ttl (ms), then per dialog 5: the snapshot's life stamp (UNSTAMPED '': its meta
+--       had none), customer id, epoch, highest seq the batch writes, how many messages
+--       it writes
+-- Returns per dialog KEEPS (false, a nil in the reply) when the batch keeps its seqs, or
+-- the seq after which its messages are renumbered (reserved in this life's `n`).
+local UNSTAMPED, KEEPS = '', false
 local now = redis.call('TIME')
 local now_us = string.format('%d', now[1] * 1000000 + now[2])
 local out = {}
@@ -25,17 +27,17 @@ for i = 1, #KEYS do
   local m = redis.pcall('HMGET', KEYS[i], 'b', 'c')
   if m.err then
     -- Unreadable (a hand edit): the flusher sets it aside at its next snapshot.
-    out[i] = 0
+    out[i] = KEEPS
   elseif not m[2] then
-    if life ~= '' then
+    if life ~= UNSTAMPED then
       redis.call('HSET', KEYS[i], 'c', customer, 'd', 'g', 'e', epoch, 'b', life, 'n', last, 'q', 0, 't', now_us, 'r', 0)
     else
       redis.call('HSET', KEYS[i], 'c', customer, 'd', 'g', 'e', epoch, 'n', last, 'q', 0, 't', now_us, 'r', 0)
     end
     redis.call('PEXPIRE', KEYS[i], ARGV[1])
-    out[i] = 0
-  elseif (m[1] or '') == life then
-    out[i] = 0
+    out[i] = KEEPS
+  elseif (m[1] or UNSTAMPED) == life then
+    out[i] = KEEPS
   else
     out[i] = redis.call('HINCRBY', KEYS[i], 'n', count) - tonumber(count)
   end

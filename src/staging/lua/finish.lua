@@ -16,29 +16,39 @@
 -- after a refusal erased it); what came after stays, to be flushed.
 -- KEYS: per dialog: meta, msgs, quarantined msgs, its shard's flush stream; then
 --       the flush streams whose entries to acknowledge
--- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then n octuples (the snapshot's life
---       stamp ('' = none), dialog id, last seq
---       written (0: none), how many messages the batch read, epoch of the refusal erased
---       (0: none), the decision to take back ('r' a refusal, 'g' a grant, '': none), its
---       epoch, and for a grant when PostgreSQL last erased the dialog (µs; 0: never)),
---       then per stream after the
---       dialogs' keys: how many of its entries, and their ids
+-- ARGV: 1 group, 2 dialog count n, 3 ttl (ms), then 8 values per dialog:
+--         the snapshot's life stamp (UNSTAMPED '': its meta had none),
+--         dialog id,
+--         the last seq written (NOTHING_WRITTEN ''),
+--         how many messages the snapshot read,
+--         the epoch of the refusal PostgreSQL has now erased (NO_REFUSAL ''),
+--         the decision to take back: TAKE_BACK_REFUSAL 'refusal', TAKE_BACK_GRANT
+--         'grant', or NOTHING_TO_TAKE_BACK '',
+--         its epoch ('' with nothing to take back),
+--         for a grant when PostgreSQL last erased the dialog (µs, 0: never; '' with
+--         nothing to take back);
+--       then per stream after the dialogs' keys: how many of its entries, and their ids
+-- Meta's `r` (ingest's expiry deadline) is zeroed or removed wherever this script sets
+-- an expiry itself; `d` 'r' is the refused decision, a value.
+-- Returns how many entries it acknowledged.
+local UNSTAMPED, NOTHING_WRITTEN, NO_REFUSAL = '', '', ''
+local TAKE_BACK_REFUSAL, TAKE_BACK_GRANT, NOTHING_TO_TAKE_BACK = 'refusal', 'grant', ''
 local n = tonumber(ARGV[2])
 for i = 1, n do
   local k = 4 * i - 3
   local meta, msgs, quarantined, stream = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local base = 8 * i - 3
-  local life = ARGV[base - 1]
-  local dialog, last, read, erased = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), ARGV[base + 3]
-  local take_back, newer, since = ARGV[base + 4], tonumber(ARGV[base + 5]), tonumber(ARGV[base + 6])
-  if take_back ~= '' then
+  local base = 8 * i - 4
+  local life, dialog, last, read = ARGV[base], ARGV[base + 1], ARGV[base + 2], tonumber(ARGV[base + 3])
+  local erased, take_back = ARGV[base + 4], ARGV[base + 5]
+  if take_back ~= NOTHING_TO_TAKE_BACK then
+    local newer, since = tonumber(ARGV[base + 6]), tonumber(ARGV[base + 7])
     local m = redis.call('HMGET', meta, 'd', 'e')
     local older = m[1] and (tonumber(m[2]) or 0) < newer
-    if take_back == 'r' and older and m[1] ~= 'r' then
+    if take_back == TAKE_BACK_REFUSAL and older and m[1] ~= 'r' then
       redis.call('HSET', meta, 'd', 'r', 'e', string.format('%d', newer), 'r', 0)
       redis.call('DEL', msgs, quarantined)
       redis.call('PEXPIRE', meta, ARGV[3])
-    elseif take_back == 'g' and older and m[1] == 'g' then
+    elseif take_back == TAKE_BACK_GRANT and older and m[1] == 'g' then
       redis.call('HSET', meta, 'e', string.format('%d', newer))
       local items = redis.call('LRANGE', msgs, 0, -1)
       local kept = {}
@@ -58,16 +68,17 @@ for i = 1, n do
   -- The list is in seq order and only grows at its tail, so the messages to drop are
   -- among the first `read`; a refusal meanwhile may have emptied it.
   local drop = 0
-  if read > 0 and last > 0 and (redis.call('HGET', meta, 'b') or '') == life then
+  if last ~= NOTHING_WRITTEN and read > 0 and (redis.call('HGET', meta, 'b') or UNSTAMPED) == life then
+    last = tonumber(last)
     for _, item in ipairs(redis.call('LRANGE', msgs, 0, read - 1)) do
       if tonumber(string.match(item, '^(%d+):')) > last then break end
       drop = drop + 1
     end
     if drop > 0 then redis.call('LTRIM', msgs, drop, -1) end
   end
-  local state = redis.call('HMGET', meta, 'd', 'x', 'z')
-  if erased ~= '0' and (state[2] == erased or (not state[2] and state[3])) then
-    redis.call('HDEL', meta, 'x', 'xt', 'xs', 'z', 'r')
+  local state = redis.call('HMGET', meta, 'd', 'x')
+  if erased ~= NO_REFUSAL and state[2] == erased then
+    redis.call('HDEL', meta, 'x', 'xt', 'xs', 'r')
     redis.call('PEXPIRE', meta, ARGV[3])
     redis.call('PEXPIRE', msgs, ARGV[3])
   end

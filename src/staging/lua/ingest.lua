@@ -18,20 +18,21 @@
 -- first message's ten commands).
 -- KEYS: per item: meta, msgs, ids (messageId → "seq:decision"), its shard's flush stream
 -- ARGV: 1 ttl (ms), 2 idempotency window (ms), then per item 5 values:
---       customer id, language, text, messageId ('' = none),
+--       customer id, language, text, messageId (NO_MESSAGE_ID ''),
 --       what to do when Redis does not know the dialog:
---          ''        stage nothing, answer 'unknown' (the caller asks PostgreSQL first)
---          'n'       PostgreSQL holds no grant for it: a new pending dialog
---          a number  PostgreSQL holds it as granted with this last seq: granted again,
---                    its seq continuing
---          'u'       PostgreSQL could not be asked: pending, marked `u`, and queued
---                    so that the flusher settles it against PostgreSQL later
+--          ASK_FIRST ''   stage nothing, answer UNKNOWN (the caller asks PostgreSQL first)
+--          NEW 'n'        PostgreSQL holds no grant for it: a new pending dialog
+--          a number       PostgreSQL holds it as granted with this last seq: granted
+--                         again, its seq continuing
+--          UNVERIFIED 'u' PostgreSQL could not be asked: pending, marked `u`, and queued
+--                         so that the flusher settles it against PostgreSQL later
 --       (Each argument costs Redis ~1.3k instructions: the dialog id, needed only to
 --       queue a flush, is read from the meta key's name then.)
--- Returns one integer per item, seq * 32 + status * 4 + decision: status 0 staged,
--- 1 a repeat (the first answer's seq and decision), 2 'mismatch', 3 'refused',
--- 4 'unknown', 5 'set aside' (keys of a wrong type moved aside; nothing staged; those
--- four with seq and decision 0); decision 0 'p', 1 'g', 2 'r'.
+-- Returns one integer per item, seq * 32 + status * 4 + decision: status STAGED 0,
+-- REPEAT 1 (the first answer's seq and decision), MISMATCH 2 (another customer's
+-- dialog), REFUSED 3, UNKNOWN 4, SET_ASIDE 5 (keys of a wrong type moved aside; nothing
+-- staged); the last four with seq and decision 0, returned as status * 4 (8, 12, 16,
+-- 20); decision (DECISION) 0 'p', 1 'g', 2 'r'.
 -- Integers, not strings: Redis turns a Lua number into a reply without formatting it
 -- (a string per item cost ~2.3k of ~54k instructions per message), and a table of
 -- tables was dearer still.

@@ -6,27 +6,30 @@
 -- are kept: new ones are appended. An operator inspects and replays them
 -- (docs/operations.md, "Quarantine").
 -- KEYS: 1 meta, 2 msgs, 3 quarantined meta, 4 quarantined msgs, 5 quarantine index (hash)
--- ARGV: 1 dialog id, 2 reason, 3 'msgs' (messages only) or 'all'
--- Returns 1 when it moved something.
-local moved = 0
+-- ARGV: 1 dialog id, 2 reason, 3 what to set aside: MESSAGES_ONLY 'messages-only' or
+--       WHOLE_DIALOG 'whole-dialog'
+-- Returns MOVED 'moved' when it moved something, else NOTHING_MOVED 'nothing-moved'.
+local MESSAGES_ONLY, WHOLE_DIALOG = 'messages-only', 'whole-dialog'
+local MOVED, NOTHING_MOVED = 'moved', 'nothing-moved'
+local moved = NOTHING_MOVED
 local items = redis.pcall('LRANGE', KEYS[2], 0, -1)
 if items.err then
   -- Not a list at all (a hand edit): move it as it is.
   redis.call('RENAME', KEYS[2], KEYS[4])
   redis.call('PERSIST', KEYS[4])
-  moved = 1
+  moved = MOVED
 elseif #items > 0 then
   for i = 1, #items, 1000 do
     redis.call('RPUSH', KEYS[4], unpack(items, i, math.min(i + 999, #items)))
   end
   redis.call('DEL', KEYS[2])
   redis.call('PERSIST', KEYS[4])
-  moved = 1
+  moved = MOVED
 end
-if ARGV[3] == 'all' and redis.call('EXISTS', KEYS[1]) == 1 then
+if ARGV[3] == WHOLE_DIALOG and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('RENAME', KEYS[1], KEYS[3])
   redis.call('PERSIST', KEYS[3])
-  moved = 1
+  moved = MOVED
 elseif redis.call('EXISTS', KEYS[1]) == 1 then
   -- Nothing left to flush: let the dialog's queued flag go.
   redis.call('HSET', KEYS[1], 'q', 0)
