@@ -45,7 +45,7 @@ fn dapi_help_names_every_variable_with_its_meaning_and_prints_no_secret() {
 }
 
 #[test]
-fn dapi_help_shows_the_defaults_of_the_spec() {
+fn dapi_help_shows_each_default_beside_its_variable() {
     let help = String::from_utf8(dapi(&["--help"], &[]).stdout).unwrap();
 
     for (name, default) in [
