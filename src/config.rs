@@ -1,9 +1,11 @@
-//! Settings: every environment variable dapi reads is declared here, once, as a clap
-//! option with its variable, default and meaning — so `dapi --help` documents them all
-//! and nothing else in the process reads the environment. [`SettingsArgs`] is what clap
-//! parses (raw text); [`Settings`] is what the rest of dapi gets: parsed, checked, shared
-//! read-only. Opens no connection. Every variable is optional; the defaults serve a
-//! machine with PostgreSQL and Redis on localhost (docs/operations.md).
+//! Settings: every environment variable dapi reads is declared here, once, as a row of
+//! the `settings!` table below: its option and variable, value name, default, meaning
+//! (the row's doc comment, which `dapi --help` prints) and, for a variable that is a
+//! setting of its own, its type and parser. From the table come [`SettingsArgs`] (what
+//! clap parses: raw text), [`Settings`] (what the rest of dapi gets: parsed, checked,
+//! shared read-only), the conversion between them and [`VARIABLES`]. Nothing else in the
+//! process reads the environment. Opens no connection. Every variable is optional; the
+//! defaults serve a machine with PostgreSQL and Redis on localhost (docs/operations.md).
 //!
 //! An empty variable counts as unset, as in most shells' `${X:-default}`. An invalid value
 //! is a [`ConfigError`] that names the variable; `main` turns it into exit code 2.
@@ -11,33 +13,264 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// The defaults, shown by `dapi --help` and used when a variable is unset or empty.
-mod default {
-    pub const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/dapi";
-    pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
-    pub const BIND: &str = "127.0.0.1:8000";
-    pub const STAGING_TTL: &str = "7d";
-    pub const MAX_TEXT_BYTES: &str = "32768";
-    pub const MAX_BODY_BYTES: &str = "65536";
-    pub const ALLOW_OPEN: &str = "false";
-    pub const FLUSH_CLAIM_IDLE: &str = "5s";
-    pub const SHUTDOWN_TIMEOUT: &str = "30s";
-    pub const MIGRATE: &str = "true";
-    pub const LOG: &str = "info";
-    pub const LOG_FORMAT: &str = "text";
-    pub const REDIS_PREFIX: &str = "dapi";
-    pub const FLUSHERS: &str = "2";
-    pub const FLUSH_BATCH: &str = "256";
-    pub const REQUEST_TIMEOUT: &str = "10s";
-    pub const MAX_IN_FLIGHT: &str = "1024";
-    pub const HEADER_TIMEOUT: &str = "10s";
-    pub const HOST_NAME: &str = "dapi";
-    pub const IDEMPOTENCY_WINDOW: &str = "24h";
-    pub const MAX_BATCH_MESSAGES: &str = "1000";
-    pub const MAX_BATCH_BYTES: &str = "4194304";
-    pub const REPLICA_WAIT: &str = "5s";
-    pub const REDIS_WAIT_REPLICAS: &str = "0";
-    pub const REDIS_CLUSTER: &str = "false";
+/// Builds [`SettingsArgs`], [`Settings`], `TryFrom<SettingsArgs> for Settings` and
+/// [`VARIABLES`] from one table. A row is its help as a doc comment (what `dapi --help`
+/// shows), then `field: Type => parser, env "VARIABLE", value "VALUE NAME", default
+/// ["text"];`. `parser` is `fn(variable, &str) -> Result<T, ConfigError>`, given the trimmed value
+/// (or the default). A row with a default gives `Type = T`; one with `default []` gives
+/// `Type = Option<T>`, `None` when the variable is unset or blank. A row without
+/// `: Type => parser` is an option only, read by a `derived` setting, whose function
+/// takes the whole `SettingsArgs`. The rows go in `options { }` in `dapi --help`'s
+/// order, the derived settings in `derived { }`.
+macro_rules! settings {
+    (
+        options {
+            $(
+                $(#[doc = $doc:tt])*
+                $field:ident $(: $ty:ty => $parse:ident)?,
+                    env $env:tt, value $value_name:tt, default $default:tt;
+            )*
+        }
+        derived {
+            $(
+                $(#[doc = $derived_doc:tt])*
+                $derived:ident: $derived_ty:ty => $derive:ident;
+            )*
+        }
+    ) => {
+        /// The settings as clap reads them: one option per environment variable, raw text.
+        /// [`Settings::try_from`] parses and checks them. Every option is global, so that
+        /// `dapi <command> --help` lists them too, and hides the variable's current value,
+        /// so that `--help` never prints a secret (tokens, a password in a URL) and reads
+        /// the same everywhere.
+        #[derive(Clone, clap::Args)]
+        #[command(next_help_heading = "Settings")]
+        pub struct SettingsArgs {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long, env = $env, value_name = $value_name,
+                      default_value = settings!(@clap_default $default),
+                      hide_env_values = true, global = true)]
+                pub $field: Option<String>,
+            )*
+        }
+
+        /// Every environment variable dapi reads, in `dapi --help`'s order.
+        pub const VARIABLES: &[&str] = &[$($env),*];
+
+        /// Everything the process is told from outside, parsed and checked. `Debug` leaves
+        /// out the URLs (they may hold passwords); tokens show only how many.
+        #[derive(Clone, PartialEq)]
+        pub struct Settings {
+            $($(
+                #[doc = concat!("`", $env, "`, parsed: see [`SettingsArgs::", stringify!($field), "`].")]
+                pub $field: $ty,
+            )?)*
+            $(
+                $(#[doc = $derived_doc])*
+                pub $derived: $derived_ty,
+            )*
+        }
+
+        impl TryFrom<SettingsArgs> for Settings {
+            type Error = ConfigError;
+
+            fn try_from(args: SettingsArgs) -> Result<Self, ConfigError> {
+                let settings = Settings {
+                    $($(
+                        $field: settings!(@read $parse, $env, args.$field.as_deref(), $default)?,
+                    )?)*
+                    $(
+                        $derived: $derive(&args)?,
+                    )*
+                };
+                settings.validate()
+            }
+        }
+    };
+    (@clap_default [$default:tt]) => { Some($default) };
+    (@clap_default []) => { None::<&'static str> };
+    (@read $parse:ident, $env:tt, $raw:expr, [$default:tt]) => {
+        $parse($env, given($raw).unwrap_or($default))
+    };
+    (@read $parse:ident, $env:tt, $raw:expr, []) => {
+        given($raw).map(|raw| $parse($env, raw)).transpose()
+    };
+}
+
+settings! {
+    options {
+        /// PostgreSQL, as postgres://user:password@host:port/database; the database is created
+        /// when missing and the role may create it
+        database_url: String => postgres_url,
+            env "DATABASE_URL", value "URL", default ["postgres://postgres@127.0.0.1:5432/dapi"];
+
+        /// Redis, as redis://[:password@]host:port[/N] (a /N database number is honoured)
+        redis_url: String => text,
+            env "REDIS_URL", value "URL", default ["redis://127.0.0.1:6379"];
+
+        /// Speak Redis Cluster: REDIS_URL may then list seed nodes, comma-separated
+        /// (redis://a:7000,redis://b:7000); every node must be reachable by the addresses the
+        /// cluster announces
+        redis_cluster: bool => boolean,
+            env "DAPI_REDIS_CLUSTER", value "BOOL", default ["false"];
+
+        /// Answer a write (a message, a decision) only once this many Redis replicas hold it
+        /// (WAIT, at most 1s; else 503 replication_timeout); 0: do not wait
+        redis_wait_replicas: usize => number,
+            env "DAPI_REDIS_WAIT_REPLICAS", value "N", default ["0"];
+
+        /// PostgreSQL that GET /data reads, such as a streaming replica (unset: DATABASE_URL);
+        /// writes and erasures always go to DATABASE_URL
+        database_read_url: Option<String> => postgres_url,
+            env "DATABASE_READ_URL", value "URL", default [];
+
+        /// How long a refusal waits for the read replica to replay its erasure before it
+        /// answers 503 erasure_pending (only with DATABASE_READ_URL)
+        replica_wait: Duration => duration,
+            env "DAPI_REPLICA_WAIT", value "DURATION", default ["5s"];
+
+        /// Address to listen on, an IP address and a port (the API, or a flusher's operations
+        /// endpoints)
+        bind: SocketAddr => bind,
+            env "DAPI_BIND", value "IP:PORT", default ["127.0.0.1:8000"];
+
+        /// Absolute http(s) base URL for next/previous links, for a dapi behind a proxy
+        /// (unset: http:// and the request's Host)
+        public_url: Option<String> => public_url,
+            env "DAPI_PUBLIC_URL", value "URL", default [];
+
+        /// How long an undecided or refused dialog is remembered (at least 1s)
+        staging_ttl: Duration => duration,
+            env "DAPI_STAGING_TTL", value "DURATION", default ["7d"];
+
+        /// Consented messages older than this (by receivedAt) are deleted, a month's
+        /// partition at a time, by the processes that run flushers (unset: kept for ever;
+        /// at least 1d)
+        retention: Option<Duration> => duration,
+            env "DAPI_RETENTION", value "DURATION", default [];
+
+        /// Largest `text` of a message, in UTF-8 bytes
+        max_text_bytes: usize => number,
+            env "DAPI_MAX_TEXT_BYTES", value "BYTES", default ["32768"];
+
+        /// Largest request body, in bytes; at least DAPI_MAX_TEXT_BYTES + 4096
+        max_body_bytes: usize => number,
+            env "DAPI_MAX_BODY_BYTES", value "BYTES", default ["65536"];
+
+        /// Comma-separated bearer tokens that may POST /data and /consents. Secret: set it in
+        /// the environment (or use DAPI_TOKENS_FILE), where other users cannot read it
+        ingest_tokens,
+            env "DAPI_INGEST_TOKENS", value "TOKENS", default [];
+
+        /// Comma-separated bearer tokens that may GET /data. Secret, like DAPI_INGEST_TOKENS
+        read_tokens,
+            env "DAPI_READ_TOKENS", value "TOKENS", default [];
+
+        /// Comma-separated bearer tokens of the privacy role: DELETE /customers/{id}, GET
+        /// /erasures/{id}, GET /audit and GET /consents/{id}, nothing else. Secret, like
+        /// DAPI_INGEST_TOKENS
+        privacy_tokens,
+            env "DAPI_PRIVACY_TOKENS", value "TOKENS", default [];
+
+        /// Audit events and completed erasure receipts older than this are deleted (unset:
+        /// kept for ever; at least DAPI_RETENTION plus 31 days, so that the proof of a grant
+        /// outlives its data). Pending receipts are never deleted
+        audit_retention: Option<Duration> => duration,
+            env "DAPI_AUDIT_RETENTION", value "DURATION", default [];
+
+        /// File of `ingest <token>` / `read <token>` / `privacy <token>` lines (# comments
+        /// allowed), merged with the token lists. No tokens at all: the service is open
+        tokens_file,
+            env "DAPI_TOKENS_FILE", value "PATH", default [];
+
+        /// Serve without tokens on a non-loopback address
+        allow_open: bool => boolean,
+            env "DAPI_ALLOW_OPEN", value "BOOL", default ["false"];
+
+        /// Idle time after which a dead flusher's queue entries are taken over
+        flush_claim_idle: Duration => duration,
+            env "DAPI_FLUSH_CLAIM_IDLE", value "DURATION", default ["5s"];
+
+        /// Bound on a graceful shutdown (SIGTERM, SIGINT); past it dapi exits 1
+        shutdown_timeout: Duration => duration,
+            env "DAPI_SHUTDOWN_TIMEOUT", value "DURATION", default ["30s"];
+
+        /// Apply the database migrations at start
+        migrate: bool => boolean,
+            env "DAPI_MIGRATE", value "BOOL", default ["true"];
+
+        /// Log filter: tracing EnvFilter directives such as `info` or `warn,dapi=debug`
+        /// (unset: RUST_LOG, else info)
+        log,
+            env "DAPI_LOG", value "FILTER", default [];
+
+        /// Log filter used when DAPI_LOG is unset
+        rust_log,
+            env "RUST_LOG", value "FILTER", default [];
+
+        /// Log lines as `text`, or `json` (one object per line); logs go to stderr
+        log_format: LogFormat => log_format,
+            env "DAPI_LOG_FORMAT", value "FORMAT", default ["text"];
+
+        /// First part of every Redis key; lets several deployments share one Redis (no
+        /// braces, spaces or * ? [ ] \)
+        redis_prefix: String => text,
+            env "DAPI_REDIS_PREFIX", value "PREFIX", default ["dapi"];
+
+        /// Flusher tasks per process
+        flushers: usize => number,
+            env "DAPI_FLUSHERS", value "N", default ["2"];
+
+        /// Flush-queue entries (dialogs) one flusher takes per batch, 1 to 4096
+        flush_batch: usize => number,
+            env "DAPI_FLUSH_BATCH", value "N", default ["256"];
+
+        /// Bound on one API request; past it the answer is 503 request_timeout
+        request_timeout: Duration => duration,
+            env "DAPI_REQUEST_TIMEOUT", value "DURATION", default ["10s"];
+
+        /// API requests handled at once; past it the answer is 503 overloaded, at once
+        max_in_flight: usize => number,
+            env "DAPI_MAX_IN_FLIGHT", value "N", default ["1024"];
+
+        /// Time a client has to send its request headers; past it the connection is closed
+        header_timeout: Duration => duration,
+            env "DAPI_HEADER_TIMEOUT", value "DURATION", default ["10s"];
+
+        /// How long a `messageId` is remembered per dialog: a repeat within it stores nothing
+        /// and answers the first answer
+        idempotency_window: Duration => duration,
+            env "DAPI_IDEMPOTENCY_WINDOW", value "DURATION", default ["24h"];
+
+        /// Most items in one POST /data (a batch)
+        max_batch_messages: usize => number,
+            env "DAPI_MAX_BATCH_MESSAGES", value "N", default ["1000"];
+
+        /// Largest POST /data body (a batch) in bytes, once decoded; at least DAPI_MAX_BODY_BYTES
+        max_batch_bytes: usize => number,
+            env "DAPI_MAX_BATCH_BYTES", value "BYTES", default ["4194304"];
+
+        /// This host's name, the first part of each flusher's consumer name in Redis
+        /// (unset: /etc/hostname, else dapi)
+        host_name,
+            env "HOSTNAME", value "NAME", default [];
+
+        /// For fault tests only, never in production: `crash-after-commit` aborts the process
+        /// after a flush batch's commit and before its acknowledgement
+        failpoint: Option<Failpoint> => failpoint,
+            env "DAPI_FAILPOINT", value "FAULT", default [];
+    }
+
+    derived {
+        /// Log filter directives, checked to parse (`DAPI_LOG`, else `RUST_LOG`, else `info`).
+        log_filter: String => log_filter;
+        /// Bearer tokens by role, from `DAPI_INGEST_TOKENS`, `DAPI_READ_TOKENS`,
+        /// `DAPI_PRIVACY_TOKENS` and `DAPI_TOKENS_FILE`. Empty: the service is open.
+        tokens: Tokens => tokens;
+        /// This host's name, for flusher consumer names (`HOSTNAME`, else /etc/hostname).
+        host_name: String => host_name;
+    }
 }
 
 /// How values are written; `dapi --help` shows it below the options.
@@ -47,322 +280,11 @@ variable counts as unset. Durations: 500ms, 30s, 5m, 2h, 7d (a bare number is se
 Booleans: true or false (also 1/0, yes/no, on/off). An invalid value stops dapi with a
 one-line message naming the variable, exit code 2.";
 
-/// The settings as clap reads them: one option per environment variable, raw text.
-/// [`Settings::try_from`] parses and checks them. Every option is global, so that
-/// `dapi <command> --help` lists them too, and hides the variable's current value, so
-/// that `--help` never prints a secret (tokens, a password in a URL) and reads the same
-/// everywhere.
-#[derive(Clone, clap::Args)]
-#[command(next_help_heading = "Settings")]
-pub struct SettingsArgs {
-    /// PostgreSQL, as postgres://user:password@host:port/database; the database is created
-    /// when missing and the role may create it
-    #[arg(long, env = "DATABASE_URL", value_name = "URL", default_value = default::DATABASE_URL,
-          hide_env_values = true, global = true)]
-    pub database_url: String,
-
-    /// Redis, as redis://[:password@]host:port[/N] (a /N database number is honoured)
-    #[arg(long, env = "REDIS_URL", value_name = "URL", default_value = default::REDIS_URL,
-          hide_env_values = true, global = true)]
-    pub redis_url: String,
-
-    /// Speak Redis Cluster: REDIS_URL may then list seed nodes, comma-separated
-    /// (redis://a:7000,redis://b:7000); every node must be reachable by the addresses the
-    /// cluster announces
-    #[arg(long, env = "DAPI_REDIS_CLUSTER", value_name = "BOOL", default_value = default::REDIS_CLUSTER,
-          hide_env_values = true, global = true)]
-    pub redis_cluster: String,
-
-    /// Answer a write (a message, a decision) only once this many Redis replicas hold it
-    /// (WAIT, at most 1s; else 503 replication_timeout); 0: do not wait
-    #[arg(long, env = "DAPI_REDIS_WAIT_REPLICAS", value_name = "N", default_value = default::REDIS_WAIT_REPLICAS,
-          hide_env_values = true, global = true)]
-    pub redis_wait_replicas: String,
-
-    /// PostgreSQL that GET /data reads, such as a streaming replica (unset: DATABASE_URL);
-    /// writes and erasures always go to DATABASE_URL
-    #[arg(
-        long,
-        env = "DATABASE_READ_URL",
-        value_name = "URL",
-        hide_env_values = true,
-        global = true
-    )]
-    pub database_read_url: Option<String>,
-
-    /// How long a refusal waits for the read replica to replay its erasure before it
-    /// answers 503 erasure_pending (only with DATABASE_READ_URL)
-    #[arg(long, env = "DAPI_REPLICA_WAIT", value_name = "DURATION", default_value = default::REPLICA_WAIT,
-          hide_env_values = true, global = true)]
-    pub replica_wait: String,
-
-    /// Address to listen on, an IP address and a port (the API, or a flusher's operations
-    /// endpoints)
-    #[arg(long, env = "DAPI_BIND", value_name = "IP:PORT", default_value = default::BIND,
-          hide_env_values = true, global = true)]
-    pub bind: String,
-
-    /// Absolute http(s) base URL for next/previous links, for a dapi behind a proxy
-    /// (unset: http:// and the request's Host)
-    #[arg(
-        long,
-        env = "DAPI_PUBLIC_URL",
-        value_name = "URL",
-        hide_env_values = true,
-        global = true
-    )]
-    pub public_url: Option<String>,
-
-    /// How long an undecided or refused dialog is remembered (at least 1s)
-    #[arg(long, env = "DAPI_STAGING_TTL", value_name = "DURATION", default_value = default::STAGING_TTL,
-          hide_env_values = true, global = true)]
-    pub staging_ttl: String,
-
-    /// Consented messages older than this (by receivedAt) are deleted, a month's
-    /// partition at a time, by the processes that run flushers (unset: kept for ever;
-    /// at least 1d)
-    #[arg(
-        long,
-        env = "DAPI_RETENTION",
-        value_name = "DURATION",
-        hide_env_values = true,
-        global = true
-    )]
-    pub retention: Option<String>,
-
-    /// Largest `text` of a message, in UTF-8 bytes
-    #[arg(long, env = "DAPI_MAX_TEXT_BYTES", value_name = "BYTES", default_value = default::MAX_TEXT_BYTES,
-          hide_env_values = true, global = true)]
-    pub max_text_bytes: String,
-
-    /// Largest request body, in bytes; at least DAPI_MAX_TEXT_BYTES + 4096
-    #[arg(long, env = "DAPI_MAX_BODY_BYTES", value_name = "BYTES", default_value = default::MAX_BODY_BYTES,
-          hide_env_values = true, global = true)]
-    pub max_body_bytes: String,
-
-    /// Comma-separated bearer tokens that may POST /data and /consents. Secret: set it in
-    /// the environment (or use DAPI_TOKENS_FILE), where other users cannot read it
-    #[arg(
-        long,
-        env = "DAPI_INGEST_TOKENS",
-        value_name = "TOKENS",
-        hide_env_values = true,
-        global = true
-    )]
-    pub ingest_tokens: Option<String>,
-
-    /// Comma-separated bearer tokens that may GET /data. Secret, like DAPI_INGEST_TOKENS
-    #[arg(
-        long,
-        env = "DAPI_READ_TOKENS",
-        value_name = "TOKENS",
-        hide_env_values = true,
-        global = true
-    )]
-    pub read_tokens: Option<String>,
-
-    /// Comma-separated bearer tokens of the privacy role: DELETE /customers/{id}, GET
-    /// /erasures/{id}, GET /audit and GET /consents/{id}, nothing else. Secret, like
-    /// DAPI_INGEST_TOKENS
-    #[arg(
-        long,
-        env = "DAPI_PRIVACY_TOKENS",
-        value_name = "TOKENS",
-        hide_env_values = true,
-        global = true
-    )]
-    pub privacy_tokens: Option<String>,
-
-    /// Audit events and completed erasure receipts older than this are deleted (unset:
-    /// kept for ever; at least DAPI_RETENTION plus 31 days, so that the proof of a grant
-    /// outlives its data). Pending receipts are never deleted
-    #[arg(
-        long,
-        env = "DAPI_AUDIT_RETENTION",
-        value_name = "DURATION",
-        hide_env_values = true,
-        global = true
-    )]
-    pub audit_retention: Option<String>,
-
-    /// File of `ingest <token>` / `read <token>` / `privacy <token>` lines (# comments
-    /// allowed), merged with the token lists. No tokens at all: the service is open
-    #[arg(
-        long,
-        env = "DAPI_TOKENS_FILE",
-        value_name = "PATH",
-        hide_env_values = true,
-        global = true
-    )]
-    pub tokens_file: Option<String>,
-
-    /// Serve without tokens on a non-loopback address
-    #[arg(long, env = "DAPI_ALLOW_OPEN", value_name = "BOOL", default_value = default::ALLOW_OPEN,
-          hide_env_values = true, global = true)]
-    pub allow_open: String,
-
-    /// Idle time after which a dead flusher's queue entries are taken over
-    #[arg(long, env = "DAPI_FLUSH_CLAIM_IDLE", value_name = "DURATION", default_value = default::FLUSH_CLAIM_IDLE,
-          hide_env_values = true, global = true)]
-    pub flush_claim_idle: String,
-
-    /// Bound on a graceful shutdown (SIGTERM, SIGINT); past it dapi exits 1
-    #[arg(long, env = "DAPI_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = default::SHUTDOWN_TIMEOUT,
-          hide_env_values = true, global = true)]
-    pub shutdown_timeout: String,
-
-    /// Apply the database migrations at start
-    #[arg(long, env = "DAPI_MIGRATE", value_name = "BOOL", default_value = default::MIGRATE,
-          hide_env_values = true, global = true)]
-    pub migrate: String,
-
-    /// Log filter: tracing EnvFilter directives such as `info` or `warn,dapi=debug`
-    /// (unset: RUST_LOG, else info)
-    #[arg(long, env = "DAPI_LOG", value_name = "FILTER", hide_env_values = true, global = true)]
-    pub log: Option<String>,
-
-    /// Log filter used when DAPI_LOG is unset
-    #[arg(long, env = "RUST_LOG", value_name = "FILTER", hide_env_values = true, global = true)]
-    pub rust_log: Option<String>,
-
-    /// Log lines as `text`, or `json` (one object per line); logs go to stderr
-    #[arg(long, env = "DAPI_LOG_FORMAT", value_name = "FORMAT", default_value = default::LOG_FORMAT,
-          hide_env_values = true, global = true)]
-    pub log_format: String,
-
-    /// First part of every Redis key; lets several deployments share one Redis (no
-    /// braces, spaces or * ? [ ] \)
-    #[arg(long, env = "DAPI_REDIS_PREFIX", value_name = "PREFIX", default_value = default::REDIS_PREFIX,
-          hide_env_values = true, global = true)]
-    pub redis_prefix: String,
-
-    /// Flusher tasks per process
-    #[arg(long, env = "DAPI_FLUSHERS", value_name = "N", default_value = default::FLUSHERS,
-          hide_env_values = true, global = true)]
-    pub flushers: String,
-
-    /// Flush-queue entries (dialogs) one flusher takes per batch, 1 to 4096
-    #[arg(long, env = "DAPI_FLUSH_BATCH", value_name = "N", default_value = default::FLUSH_BATCH,
-          hide_env_values = true, global = true)]
-    pub flush_batch: String,
-
-    /// Bound on one API request; past it the answer is 503 request_timeout
-    #[arg(long, env = "DAPI_REQUEST_TIMEOUT", value_name = "DURATION", default_value = default::REQUEST_TIMEOUT,
-          hide_env_values = true, global = true)]
-    pub request_timeout: String,
-
-    /// API requests handled at once; past it the answer is 503 overloaded, at once
-    #[arg(long, env = "DAPI_MAX_IN_FLIGHT", value_name = "N", default_value = default::MAX_IN_FLIGHT,
-          hide_env_values = true, global = true)]
-    pub max_in_flight: String,
-
-    /// Time a client has to send its request headers; past it the connection is closed
-    #[arg(long, env = "DAPI_HEADER_TIMEOUT", value_name = "DURATION", default_value = default::HEADER_TIMEOUT,
-          hide_env_values = true, global = true)]
-    pub header_timeout: String,
-
-    /// How long a `messageId` is remembered per dialog: a repeat within it stores nothing
-    /// and answers the first answer
-    #[arg(long, env = "DAPI_IDEMPOTENCY_WINDOW", value_name = "DURATION", default_value = default::IDEMPOTENCY_WINDOW,
-          hide_env_values = true, global = true)]
-    pub idempotency_window: String,
-
-    /// Most items in one POST /data (a batch)
-    #[arg(long, env = "DAPI_MAX_BATCH_MESSAGES", value_name = "N", default_value = default::MAX_BATCH_MESSAGES,
-          hide_env_values = true, global = true)]
-    pub max_batch_messages: String,
-
-    /// Largest POST /data body (a batch) in bytes, once decoded; at least DAPI_MAX_BODY_BYTES
-    #[arg(long, env = "DAPI_MAX_BATCH_BYTES", value_name = "BYTES", default_value = default::MAX_BATCH_BYTES,
-          hide_env_values = true, global = true)]
-    pub max_batch_bytes: String,
-
-    /// This host's name, the first part of each flusher's consumer name in Redis
-    /// (unset: /etc/hostname, else dapi)
-    #[arg(long, env = "HOSTNAME", value_name = "NAME", hide_env_values = true, global = true)]
-    pub host_name: Option<String>,
-
-    /// For fault tests only, never in production: `crash-after-commit` aborts the process
-    /// after a flush batch's commit and before its acknowledgement
-    #[arg(
-        long,
-        env = "DAPI_FAILPOINT",
-        value_name = "FAULT",
-        hide_env_values = true,
-        global = true
-    )]
-    pub failpoint: Option<String>,
-}
-
 impl std::fmt::Debug for SettingsArgs {
     /// Names the fields without their values: the URLs may hold passwords.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SettingsArgs").finish_non_exhaustive()
     }
-}
-
-/// Everything the process is told from outside, parsed and checked. `Debug` leaves out
-/// the URLs (they may hold passwords); tokens show only how many.
-#[derive(Clone)]
-pub struct Settings {
-    /// A PostgreSQL URL that parses as `PgConnectOptions` (`DATABASE_URL`).
-    pub database_url: String,
-    /// A Redis URL that parses as a `redis::ConnectionInfo` (`REDIS_URL`).
-    pub redis_url: String,
-    /// `REDIS_URL` lists seed nodes of a Redis Cluster (`DAPI_REDIS_CLUSTER`).
-    pub redis_cluster: bool,
-    /// Redis replicas that must hold a write before it is answered (`DAPI_REDIS_WAIT_REPLICAS`).
-    pub redis_wait_replicas: usize,
-    /// The PostgreSQL that reads go to, when not `database_url` (`DATABASE_READ_URL`).
-    pub database_read_url: Option<String>,
-    /// How long a refusal waits for the read replica (`DAPI_REPLICA_WAIT`).
-    pub replica_wait: Duration,
-    /// Listen address (`DAPI_BIND`).
-    pub bind: SocketAddr,
-    /// Base URL for `next` / `previous` links: absolute http(s), without a trailing `/`.
-    pub public_url: Option<String>,
-    pub staging_ttl: Duration,
-    /// Delete consented messages older than this (`DAPI_RETENTION`; `None`: keep).
-    pub retention: Option<Duration>,
-    /// Delete audit events and completed receipts older than this
-    /// (`DAPI_AUDIT_RETENTION`; `None`: keep).
-    pub audit_retention: Option<Duration>,
-    pub max_text_bytes: usize,
-    pub max_body_bytes: usize,
-    pub flush_claim_idle: Duration,
-    pub shutdown_timeout: Duration,
-    pub migrate: bool,
-    /// Log filter directives, checked to parse (`DAPI_LOG`, else `RUST_LOG`, else `info`).
-    pub log_filter: String,
-    pub log_format: LogFormat,
-    /// First part of every Redis key (`DAPI_REDIS_PREFIX`, default `dapi`); lets several
-    /// deployments, or tests, share one Redis.
-    pub redis_prefix: String,
-    /// Flusher tasks per process (`DAPI_FLUSHERS`, default 2).
-    pub flushers: usize,
-    /// Flush-queue entries (dialogs) one flusher takes per batch (`DAPI_FLUSH_BATCH`).
-    pub flush_batch: usize,
-    /// Bearer tokens by role, from `DAPI_INGEST_TOKENS`, `DAPI_READ_TOKENS` and
-    /// `DAPI_TOKENS_FILE`. Empty: the service is open.
-    pub tokens: Tokens,
-    /// Allow an open service on a non-loopback address (`DAPI_ALLOW_OPEN`).
-    pub allow_open: bool,
-    /// Bound on one request, after which it is answered 503 (`DAPI_REQUEST_TIMEOUT`).
-    pub request_timeout: Duration,
-    /// Requests handled at once; past it dapi answers 503 at once (`DAPI_MAX_IN_FLIGHT`).
-    pub max_in_flight: usize,
-    /// Time a client has to send its request headers (`DAPI_HEADER_TIMEOUT`).
-    pub header_timeout: Duration,
-    /// How long a `messageId` is remembered per dialog (`DAPI_IDEMPOTENCY_WINDOW`).
-    pub idempotency_window: Duration,
-    /// Most items in one `POST /data` (`DAPI_MAX_BATCH_MESSAGES`).
-    pub max_batch_messages: usize,
-    /// Largest decoded `POST /data` body (`DAPI_MAX_BATCH_BYTES`).
-    pub max_batch_bytes: usize,
-    /// This host's name, for flusher consumer names (`HOSTNAME`, else /etc/hostname).
-    pub host_name: String,
-    /// A fault to inject, for the fault tests (`DAPI_FAILPOINT`).
-    pub failpoint: Option<Failpoint>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -478,97 +400,10 @@ impl Settings {
     }
 }
 
-impl TryFrom<SettingsArgs> for Settings {
-    type Error = ConfigError;
-
-    fn try_from(args: SettingsArgs) -> Result<Self, ConfigError> {
-        let redis_cluster = boolean("DAPI_REDIS_CLUSTER", or(&args.redis_cluster, default::REDIS_CLUSTER))?;
-        let settings = Settings {
-            database_url: postgres_url("DATABASE_URL", or(&args.database_url, default::DATABASE_URL))?,
-            redis_cluster,
-            redis_url: redis_url("REDIS_URL", or(&args.redis_url, default::REDIS_URL), redis_cluster)?,
-            redis_wait_replicas: number(
-                "DAPI_REDIS_WAIT_REPLICAS",
-                or(&args.redis_wait_replicas, default::REDIS_WAIT_REPLICAS),
-            )?,
-            database_read_url: given(args.database_read_url.as_deref())
-                .map(|url| postgres_url("DATABASE_READ_URL", url))
-                .transpose()?,
-            replica_wait: duration("DAPI_REPLICA_WAIT", or(&args.replica_wait, default::REPLICA_WAIT))?,
-            bind: bind("DAPI_BIND", or(&args.bind, default::BIND))?,
-            public_url: given(args.public_url.as_deref())
-                .map(|url| public_url("DAPI_PUBLIC_URL", url))
-                .transpose()?,
-            staging_ttl: duration("DAPI_STAGING_TTL", or(&args.staging_ttl, default::STAGING_TTL))?,
-            retention: given(args.retention.as_deref())
-                .map(|raw| duration("DAPI_RETENTION", raw))
-                .transpose()?,
-            audit_retention: given(args.audit_retention.as_deref())
-                .map(|raw| duration("DAPI_AUDIT_RETENTION", raw))
-                .transpose()?,
-            max_text_bytes: number("DAPI_MAX_TEXT_BYTES", or(&args.max_text_bytes, default::MAX_TEXT_BYTES))?,
-            max_body_bytes: number("DAPI_MAX_BODY_BYTES", or(&args.max_body_bytes, default::MAX_BODY_BYTES))?,
-            flush_claim_idle: duration(
-                "DAPI_FLUSH_CLAIM_IDLE",
-                or(&args.flush_claim_idle, default::FLUSH_CLAIM_IDLE),
-            )?,
-            shutdown_timeout: duration(
-                "DAPI_SHUTDOWN_TIMEOUT",
-                or(&args.shutdown_timeout, default::SHUTDOWN_TIMEOUT),
-            )?,
-            migrate: boolean("DAPI_MIGRATE", or(&args.migrate, default::MIGRATE))?,
-            log_filter: log_filter(given(args.log.as_deref()), given(args.rust_log.as_deref()))?,
-            log_format: match or(&args.log_format, default::LOG_FORMAT).to_ascii_lowercase().as_str() {
-                "text" => LogFormat::Text,
-                "json" => LogFormat::Json,
-                _ => return Err(invalid("DAPI_LOG_FORMAT", "expected text or json")),
-            },
-            redis_prefix: or(&args.redis_prefix, default::REDIS_PREFIX).to_owned(),
-            flushers: number("DAPI_FLUSHERS", or(&args.flushers, default::FLUSHERS))?,
-            flush_batch: number("DAPI_FLUSH_BATCH", or(&args.flush_batch, default::FLUSH_BATCH))?,
-            tokens: tokens(
-                given(args.ingest_tokens.as_deref()),
-                given(args.read_tokens.as_deref()),
-                given(args.privacy_tokens.as_deref()),
-                given(args.tokens_file.as_deref()),
-            )?,
-            allow_open: boolean("DAPI_ALLOW_OPEN", or(&args.allow_open, default::ALLOW_OPEN))?,
-            request_timeout: duration(
-                "DAPI_REQUEST_TIMEOUT",
-                or(&args.request_timeout, default::REQUEST_TIMEOUT),
-            )?,
-            max_in_flight: number("DAPI_MAX_IN_FLIGHT", or(&args.max_in_flight, default::MAX_IN_FLIGHT))?,
-            header_timeout: duration("DAPI_HEADER_TIMEOUT", or(&args.header_timeout, default::HEADER_TIMEOUT))?,
-            host_name: host_name(given(args.host_name.as_deref()))?,
-            failpoint: given(args.failpoint.as_deref())
-                .map(|raw| match raw {
-                    "crash-after-commit" => Ok(Failpoint::CrashAfterCommit),
-                    _ => Err(invalid(
-                        "DAPI_FAILPOINT",
-                        "the one fault (for fault tests) is crash-after-commit",
-                    )),
-                })
-                .transpose()?,
-            idempotency_window: duration(
-                "DAPI_IDEMPOTENCY_WINDOW",
-                or(&args.idempotency_window, default::IDEMPOTENCY_WINDOW),
-            )?,
-            max_batch_messages: number(
-                "DAPI_MAX_BATCH_MESSAGES",
-                or(&args.max_batch_messages, default::MAX_BATCH_MESSAGES),
-            )?,
-            max_batch_bytes: number(
-                "DAPI_MAX_BATCH_BYTES",
-                or(&args.max_batch_bytes, default::MAX_BATCH_BYTES),
-            )?,
-        };
-        settings.validate()
-    }
-}
-
 impl Settings {
     /// The checks that span several variables, or bound one.
     fn validate(self) -> Result<Self, ConfigError> {
+        redis_url("REDIS_URL", &self.redis_url, self.redis_cluster)?;
         if self.staging_ttl < Duration::from_secs(1) {
             return Err(invalid("DAPI_STAGING_TTL", "must be at least 1s"));
         }
@@ -646,11 +481,6 @@ fn given(raw: Option<&str>) -> Option<&str> {
     raw.map(str::trim).filter(|v| !v.is_empty())
 }
 
-/// The value, or `default` when it is blank (an empty variable counts as unset).
-fn or<'a>(raw: &'a str, default: &'a str) -> &'a str {
-    given(Some(raw)).unwrap_or(default)
-}
-
 fn duration(name: &'static str, raw: &str) -> Result<Duration, ConfigError> {
     parse_duration(raw).ok_or_else(|| invalid(name, "expected a duration such as 500ms, 30s, 5m, 2h or 7d"))
 }
@@ -658,6 +488,10 @@ fn duration(name: &'static str, raw: &str) -> Result<Duration, ConfigError> {
 fn number(name: &'static str, raw: &str) -> Result<usize, ConfigError> {
     raw.parse()
         .map_err(|_| invalid(name, "expected a non-negative integer"))
+}
+
+fn text(_name: &'static str, raw: &str) -> Result<String, ConfigError> {
+    Ok(raw.to_owned())
 }
 
 fn boolean(name: &'static str, raw: &str) -> Result<bool, ConfigError> {
@@ -688,7 +522,7 @@ fn postgres_url(name: &'static str, raw: &str) -> Result<String, ConfigError> {
 }
 
 /// One Redis URL, or with `cluster` one or more seed URLs separated by commas.
-fn redis_url(name: &'static str, raw: &str, cluster: bool) -> Result<String, ConfigError> {
+fn redis_url(name: &'static str, raw: &str, cluster: bool) -> Result<(), ConfigError> {
     let urls: Vec<&str> = if cluster {
         raw.split(',').map(str::trim).collect()
     } else {
@@ -701,7 +535,7 @@ fn redis_url(name: &'static str, raw: &str, cluster: bool) -> Result<String, Con
             return Err(invalid(name, "a Redis Cluster has only database 0: drop the /N"));
         }
     }
-    Ok(raw.to_owned())
+    Ok(())
 }
 
 fn bind(name: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
@@ -727,13 +561,28 @@ fn public_url(name: &'static str, raw: &str) -> Result<String, ConfigError> {
     Ok(raw.trim_end_matches('/').to_owned())
 }
 
+fn log_format(name: &'static str, raw: &str) -> Result<LogFormat, ConfigError> {
+    match raw.to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(invalid(name, "expected text or json")),
+    }
+}
+
+fn failpoint(name: &'static str, raw: &str) -> Result<Failpoint, ConfigError> {
+    match raw {
+        "crash-after-commit" => Ok(Failpoint::CrashAfterCommit),
+        _ => Err(invalid(name, "the one fault (for fault tests) is crash-after-commit")),
+    }
+}
+
 /// `DAPI_LOG` wins over `RUST_LOG`; the one in force must parse as a tracing filter, so a
 /// typo stops dapi rather than silently logging something else.
-fn log_filter(dapi_log: Option<&str>, rust_log: Option<&str>) -> Result<String, ConfigError> {
-    let (name, filter) = match (dapi_log, rust_log) {
+fn log_filter(args: &SettingsArgs) -> Result<String, ConfigError> {
+    let (name, filter) = match (given(args.log.as_deref()), given(args.rust_log.as_deref())) {
         (Some(filter), _) => ("DAPI_LOG", filter),
         (None, Some(filter)) => ("RUST_LOG", filter),
-        (None, None) => ("DAPI_LOG", default::LOG),
+        (None, None) => ("DAPI_LOG", "info"),
     };
     tracing_subscriber::EnvFilter::builder().parse(filter).map_err(|e| {
         invalid(
@@ -756,9 +605,9 @@ fn log_filter(dapi_log: Option<&str>, rust_log: Option<&str>) -> Result<String, 
 }
 
 /// The flushers' consumer names are Redis stream consumer names built from this.
-fn host_name(from_env: Option<&str>) -> Result<String, ConfigError> {
+fn host_name(args: &SettingsArgs) -> Result<String, ConfigError> {
     let usable = |h: &str| !h.contains(['{', '}']) && !h.contains(char::is_whitespace);
-    match from_env {
+    match given(args.host_name.as_deref()) {
         Some(name) if usable(name) => Ok(name.to_owned()),
         Some(_) => Err(invalid("HOSTNAME", "must not contain braces or spaces")),
         // Not a setting the operator chose: fall back rather than refuse.
@@ -766,17 +615,12 @@ fn host_name(from_env: Option<&str>) -> Result<String, ConfigError> {
             .ok()
             .map(|h| h.trim().to_owned())
             .filter(|h| !h.is_empty() && usable(h))
-            .unwrap_or_else(|| default::HOST_NAME.to_owned())),
+            .unwrap_or_else(|| "dapi".to_owned())),
     }
 }
 
-/// Tokens from the two lists (comma-separated) and the file, merged.
-fn tokens(
-    ingest: Option<&str>,
-    read: Option<&str>,
-    privacy: Option<&str>,
-    file: Option<&str>,
-) -> Result<Tokens, ConfigError> {
+/// Tokens from the three lists (comma-separated) and the file, merged.
+fn tokens(args: &SettingsArgs) -> Result<Tokens, ConfigError> {
     let list = |raw: Option<&str>| -> Vec<String> {
         raw.map(|v| {
             v.split(',')
@@ -788,11 +632,11 @@ fn tokens(
         .unwrap_or_default()
     };
     let mut tokens = Tokens {
-        ingest: list(ingest),
-        read: list(read),
-        privacy: list(privacy),
+        ingest: list(given(args.ingest_tokens.as_deref())),
+        read: list(given(args.read_tokens.as_deref())),
+        privacy: list(given(args.privacy_tokens.as_deref())),
     };
-    if let Some(path) = file {
+    if let Some(path) = given(args.tokens_file.as_deref()) {
         let text = std::fs::read_to_string(path)
             .map_err(|e| invalid("DAPI_TOKENS_FILE", &format!("cannot read the file: {e}")))?;
         let from_file = Tokens::parse_file(&text).map_err(|reason| invalid("DAPI_TOKENS_FILE", &reason))?;
@@ -863,8 +707,86 @@ mod tests {
         assert_eq!(s.failpoint, None);
     }
 
+    /// A value of each variable that is valid and not its default.
+    fn examples(tokens_file: &str) -> Vec<(&'static str, String)> {
+        [
+            ("DATABASE_URL", "postgresql://u:p@db.example:6432/x?sslmode=require"),
+            ("REDIS_URL", "redis://:p@cache.example:6380/3"),
+            ("DAPI_REDIS_CLUSTER", "true"),
+            ("DAPI_REDIS_WAIT_REPLICAS", "1"),
+            ("DATABASE_READ_URL", "postgres://u@replica.example/x"),
+            ("DAPI_REPLICA_WAIT", "2s"),
+            ("DAPI_BIND", "[::]:9000"),
+            ("DAPI_PUBLIC_URL", "https://api.example.com/dapi/"),
+            ("DAPI_STAGING_TTL", "2h"),
+            ("DAPI_RETENTION", "30d"),
+            ("DAPI_MAX_TEXT_BYTES", "100"),
+            ("DAPI_MAX_BODY_BYTES", "40000"),
+            ("DAPI_INGEST_TOKENS", "i"),
+            ("DAPI_READ_TOKENS", "r"),
+            ("DAPI_PRIVACY_TOKENS", "pv"),
+            ("DAPI_AUDIT_RETENTION", "400d"),
+            ("DAPI_TOKENS_FILE", tokens_file),
+            ("DAPI_ALLOW_OPEN", "yes"),
+            ("DAPI_FLUSH_CLAIM_IDLE", "750ms"),
+            ("DAPI_SHUTDOWN_TIMEOUT", "5"),
+            ("DAPI_MIGRATE", "off"),
+            ("DAPI_LOG", "warn,dapi=debug"),
+            ("RUST_LOG", "trace"),
+            ("DAPI_LOG_FORMAT", "JSON"),
+            ("DAPI_REDIS_PREFIX", "p"),
+            ("DAPI_FLUSHERS", "3"),
+            ("DAPI_FLUSH_BATCH", "4096"),
+            ("DAPI_REQUEST_TIMEOUT", "1m"),
+            ("DAPI_MAX_IN_FLIGHT", "7"),
+            ("DAPI_HEADER_TIMEOUT", "2s"),
+            ("DAPI_IDEMPOTENCY_WINDOW", "1h"),
+            ("DAPI_MAX_BATCH_MESSAGES", "10"),
+            ("DAPI_MAX_BATCH_BYTES", "100000"),
+            ("HOSTNAME", "example-host-1"),
+            ("DAPI_FAILPOINT", "crash-after-commit"),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name, value.to_owned()))
+        .collect()
+    }
+
+    /// Every variable the table declares changes the settings when set (so dapi reads
+    /// it), and docs/operations.md's configuration section names it.
     #[test]
     fn every_variable_is_read() {
+        let file = std::env::temp_dir().join(format!("dapi-example-tokens-{}", std::process::id()));
+        std::fs::write(&file, "read from-the-file\n").expect("writable temp dir"); // allow: test
+        let examples = examples(&file.to_string_lossy());
+        let guide =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).expect("the guide"); // allow: test
+        let section = guide
+            .split_once("\n## Configuration\n")
+            .and_then(|(_, rest)| rest.split("\n## ").next())
+            .expect("docs/operations.md has a Configuration section"); // allow: test
+
+        let named: Vec<&str> = examples.iter().map(|(name, ..)| *name).collect();
+        assert_eq!(named, VARIABLES, "each declared variable needs an example here");
+        for (name, value) in &examples {
+            // An audit retention is valid only beside a retention of the data.
+            let mut vars = match *name {
+                "DAPI_AUDIT_RETENTION" => vec![("DAPI_RETENTION", "30d")],
+                _ => Vec::new(),
+            };
+            let without = settings(&vars).expect(name); // allow: test
+            vars.push((name, value.as_str()));
+            let with = settings(&vars).unwrap_or_else(|e| panic!("{name}={value}: {e}"));
+            assert!(with != without, "{name} is declared but not read");
+            assert!(
+                section.contains(&format!("[env: {name}]")),
+                "docs/operations.md's configuration section does not name {name}"
+            );
+        }
+        let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn each_variable_sets_its_own_setting() {
         let s = settings(&[
             ("DATABASE_URL", "postgresql://u:p@db.example:6432/x?sslmode=require"),
             ("REDIS_URL", "redis://:p@cache.example:6380/3"),
@@ -892,6 +814,12 @@ mod tests {
             ("DAPI_HEADER_TIMEOUT", "2s"),
             ("HOSTNAME", "box-1"),
             ("DAPI_FAILPOINT", "crash-after-commit"),
+            ("DAPI_REDIS_WAIT_REPLICAS", "2"),
+            ("DATABASE_READ_URL", "postgres://u@replica.example/x"),
+            ("DAPI_REPLICA_WAIT", "2s"),
+            ("DAPI_IDEMPOTENCY_WINDOW", "1h"),
+            ("DAPI_MAX_BATCH_MESSAGES", "10"),
+            ("DAPI_MAX_BATCH_BYTES", "100000"),
         ])
         .expect("valid"); // allow: test
         assert_eq!(s.database_url, "postgresql://u:p@db.example:6432/x?sslmode=require");
@@ -929,6 +857,11 @@ mod tests {
         );
         assert_eq!(s.host_name, "box-1");
         assert_eq!(s.failpoint, Some(Failpoint::CrashAfterCommit));
+        assert_eq!(s.redis_wait_replicas, 2);
+        assert_eq!(s.database_read_url.as_deref(), Some("postgres://u@replica.example/x"));
+        assert_eq!(s.replica_wait, Duration::from_secs(2));
+        assert_eq!(s.idempotency_window, Duration::from_secs(3600));
+        assert_eq!((s.max_batch_messages, s.max_batch_bytes), (10, 100_000));
     }
 
     #[test]

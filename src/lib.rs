@@ -6,7 +6,7 @@
 //!
 //! - [`config`] — settings: every environment variable dapi reads, as an option that
 //!   `dapi --help` documents; parsed and validated once.
-//! - [`telemetry`] — the tracing subscriber; error chains for logs.
+//! - [`telemetry`] — the tracing subscriber and the metrics recorder; error chains for logs.
 //! - [`domain`] — IDs, text, language tags, decisions, cursors: parsing, no I/O.
 //! - [`http`] — router, extractors, handlers, the problem+json error type.
 //! - [`staging`] — the Redis keyspace, its Lua scripts with their typed wire, and the

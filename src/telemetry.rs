@@ -1,8 +1,10 @@
-//! Logging: the tracing subscriber, configured once at start. Knows no domain type.
+//! Logging and metrics: the tracing subscriber, configured once at start, and the
+//! Prometheus recorder that `GET /metrics` renders (with the names of the series dapi
+//! records outside a request). Knows no domain type.
 //!
 //! The filter and format come from the settings (`DAPI_LOG`, else `RUST_LOG`, else
-//! `info`; `DAPI_LOG_FORMAT=json` writes one JSON object per line). Customer text never reaches a log line: the types
-//! that hold it print only their length.
+//! `info`; `DAPI_LOG_FORMAT=json` writes one JSON object per line). Customer text never
+//! reaches a log line: the types that hold it print only their length.
 
 use std::error::Error;
 

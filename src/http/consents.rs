@@ -1,6 +1,7 @@
 //! `POST /consents/{dialogId}`: the customer's decision.
 //!
-//! A grant is recorded in Redis (one script call) and the flusher does the rest. A
+//! A grant is recorded in Redis (one script call; for a dialog Redis forgot, a second
+//! after asking PostgreSQL what it holds) and the flusher does the rest. A
 //! refusal is recorded in Redis — from then on nothing more is flushed and new messages
 //! are refused — and then erased from PostgreSQL before the answer, under the epoch
 //! fence. If PostgreSQL cannot be reached the answer is 503, and the flush-queue entry

@@ -1,7 +1,8 @@
 //! The HTTP API: router, shared state, one file per endpoint group, extractors, access,
 //! limits, the OpenAPI document and the problem+json error type. Handlers validate, call
-//! `staging` and `store` (an ingest one script call, a decision up to six calls), and
-//! answer; they never touch Redis or SQL directly.
+//! `staging` and `store` (an ingest one script call, or two with a PostgreSQL lookup
+//! between for a dialog new to Redis; a decision up to six calls), and answer; they
+//! never touch Redis or SQL directly.
 
 mod access;
 mod consents;

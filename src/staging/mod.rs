@@ -47,8 +47,10 @@
 //!
 //! # Atomicity
 //!
-//! Each request is one call of one Lua script ([`Staging::stage`], [`Staging::decide`]),
-//! under load shared with other single POSTs (`coalesce`): Redis runs it alone, so the
+//! A message or a decision is one call of one Lua script ([`Staging::stage`],
+//! [`Staging::decide`]; a second call, after asking PostgreSQL, only creates a dialog
+//! Redis did not know), under load shared with other single POSTs (`coalesce`): Redis
+//! runs it alone, so the
 //! check of owner and decision, the check of a repeated `messageId`, the seq, the append
 //! and the queueing happen as one step per message — a retry racing its original stores
 //! once. `receivedAt` and the epoch come from Redis's own clock

@@ -3,7 +3,7 @@
 //! `WAIT n` blocks the connection it is sent on until n replicas have everything the
 //! primary had when that connection last wrote. Sent after each request's write on the
 //! shared request connection, it held every command pipelined behind it: with one
-//! replica, throughput fell to a third (BENCHMARKS.md, "Waiting for replicas"). Here one
+//! replica, throughput fell to a third (BENCHMARKS.md, "Waiting for Redis replicas"). Here one
 //! task owns a connection of its own and answers waiters in rounds: a round writes a
 //! fence (`INCR` of one fixed key) and then `WAIT`s on that same connection. Replication
 //! is one ordered stream per primary, so replicas that hold the fence hold every write

@@ -2,8 +2,8 @@
 //! (`consent_events`) and the per-batch erasure of a customer's dialogs. The workflow
 //! that drives them, across Redis and PostgreSQL, is `crate::erasure`.
 //!
-//! Every statement is a key lookup or an index range (`tests/api/plans.rs` checks their
-//! generic plans): an erasure costs what the customer's own data costs.
+//! Every statement is a key lookup or an index range, in its generic plan too (`sql`'s
+//! "Plans"): an erasure costs what the customer's own data costs.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 

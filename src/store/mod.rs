@@ -21,16 +21,10 @@
 //! refusal (a grant that followed a refusal whose own erasure never reached PostgreSQL)
 //! is written as two steps in one transaction: that refusal first, then the grant.
 //!
-//! Every statement here is planned for an index whatever the planner's mode: the
-//! generic plan a prepared statement falls back to after a few executions is checked by
-//! a test (`tests/api/plans.rs`) that fails on any sequential scan of `messages` or
-//! `dialogs`. And a plan must not go stale: a generic plan made while a table was small
-//! stays in a connection's statement cache as the table grows, and without an ANALYZE
-//! (autovacuum off) it is never replaced — a sequential scan of millions of rows on
-//! every refusal (measured: BENCHMARKS.md). So the statements that look rows up by key
-//! (the erasure, the revival lookup, the reads) are planned on each call rather than
-//! kept prepared, and the erasure also runs with sequential scans off for its
-//! transaction. The bulk inserts and the upsert scan nothing and stay prepared.
+//! Every statement here is planned for an index whatever the planner's mode, in its
+//! generic plan too, and the ones that look rows up are planned on each call
+//! (`.persistent(false)`), the erasure with sequential scans off: why, and the tests that
+//! keep it so, in [`sql`]'s module documentation ("Plans").
 //!
 //! # Counts
 //!

@@ -20,6 +20,12 @@
 //! A flush skips a message older than every partition (its month is past retention:
 //! storing it would only keep it until the next pass).
 //!
+//! The audit trail (`consent_events`) is partitioned by month too (migration 0007,
+//! listed in `audit_partitions`), its partitions made ahead by the same pass. With
+//! `DAPI_AUDIT_RETENTION`, [`Store::drop_old_audit`] drops each of its partitions wholly
+//! older than the horizon (never the newest) and deletes the completed receipts
+//! (`erasures`) completed before it, 10,000 at a time; pending receipts stay.
+//!
 //! "Now" is a parameter, so tests move it instead of waiting months.
 
 use std::time::Duration;

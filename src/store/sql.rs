@@ -1,13 +1,42 @@
-//! The SQL statements of ingest, flushes, refusals and reads, written out in full, one
-//! constant each (partition management's own statements live in `retention.rs`).
+//! The SQL statements of ingest, flushes, refusals, customer erasures and the audit
+//! trail, reads, and the health and replica probes, written out in full, one constant
+//! each and all listed in [`ALL`]. Partition management's own statements (creating and
+//! dropping monthly partitions, their registries and counts) live in `retention.rs`; the
+//! `SET LOCAL enable_seqscan = off` of the erasure's transactions is written where it
+//! runs.
 //!
-//! Each is planned for an index whatever the planner's mode: `tests/api/plans.rs`
-//! prepares every statement in [`ALL`] on a table with realistic statistics, forces the
-//! generic plan and fails on any sequential scan of `messages` or `dialogs`. A new
-//! statement goes into [`ALL`] too.
+//! The reads come in four forms, one per filter (see `Filter::page_statement`): none,
+//! language, customer, both, so that each is planned for its own index; the audit
+//! trail's likewise.
 //!
-//! The read statements come in four forms, one per filter (see `Filter::form`): none,
-//! language, customer, both, so that each is planned for its own index.
+//! # Plans: why statements are checked under the generic plan
+//!
+//! This is the one place this is explained; the rest of dapi points here.
+//!
+//! Every statement is planned for an index whatever the planner's mode. A prepared
+//! statement runs on custom plans (made for each call's values) for its first five
+//! executions, then PostgreSQL settles on its *generic* plan, made for any values, when
+//! that plan's estimated cost is not above the custom ones'. A statement that is an index
+//! scan for each call's values can be a sequential scan of the whole table in its
+//! generic plan: the refusal's erasure once was (a join against `UNNEST`), and mixed
+//! traffic fell to a sixth of its speed at 500k rows. So `tests/api/plans.rs` prepares
+//! every statement in [`ALL`] on tables with realistic statistics, forces the generic
+//! plan (`plan_cache_mode = force_generic_plan`) and fails on any sequential scan of
+//! `messages` or `dialogs`. A new statement goes into [`ALL`] too.
+//!
+//! A plan must not go stale either. A generic plan made while a table was small stays in
+//! a connection's statement cache as the table grows, and without an ANALYZE (autovacuum
+//! off) nothing replaces it: a sequential scan of millions of rows on every refusal. So
+//! the statements that look rows up by key or read a range — the lookups of decided and
+//! refused dialogs and of stored messageIds, the erasure, a customer's dialogs, the
+//! page, cursor and audit reads, the replica's epoch check — are
+//! planned on each call (sqlx's `.persistent(false)`), and the erasure runs with
+//! sequential scans off for its transaction. The other 16 stay prepared: the writes (the
+//! bulk insert, the upsert, the last-seq raise, the audit events' insert), the statements
+//! of the `erasures` table (a row per customer erasure), and the health, WAL and lag probes.
+//! `plans_made_on_a_small_table_do_not_scan_it_once_it_is_large` in `tests/api/plans.rs`
+//! runs the statements on a young store, grows it without an ANALYZE, and fails on any
+//! sequential scan the same work then adds.
 
 /// Upsert under the epoch fence; returns the dialogs whose row was written. A refusal
 /// that takes erases the dialog in the same transaction: it sets `erased_at` (GET
@@ -114,8 +143,8 @@ SELECT dialog_id, decision = 'refused' AS refused, epoch, erased_at FROM dialogs
 /// deleted as (dialog, seq), which the refusal's audit event and an erasure's receipt
 /// count, each once with what Redis removed. `dialog_id = ANY($1)` is a primary-key index
 /// scan in the generic plan too (a join against `UNNEST` was planned as a sequential scan
-/// of `messages`), and the transactions that run it turn sequential scans off: a plan
-/// made while the table was small would otherwise scan it whole as it grows.
+/// of `messages`), and the transactions that run it turn sequential scans off against a
+/// stale plan (the module documentation's "Plans").
 pub const ERASE_DIALOGS_ROWS: &str = "\
 WITH changed AS (
     DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
@@ -353,7 +382,7 @@ pub const REPLICA_LAG: &str = "\
 SELECT pg_wal_lsn_diff($1::pg_lsn, pg_last_wal_replay_lsn())::int8 AS bytes,
        extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 AS seconds";
 
-/// Every statement above, by name: what the generic-plan test checks.
+/// Every statement above, by name: what `tests/api/plans.rs` checks (see "Plans" above).
 pub const ALL: &[(&str, &str)] = &[
     ("UPSERT_DIALOGS", UPSERT_DIALOGS),
     ("INSERT_MESSAGES", INSERT_MESSAGES),

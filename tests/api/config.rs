@@ -4,42 +4,7 @@
 
 use std::process::{Command, Output};
 
-/// Every variable of the contract's environment table that dapi implements, and dapi's own.
-const VARIABLES: [&str; 33] = [
-    "DAPI_REDIS_WAIT_REPLICAS",
-    "DAPI_REDIS_CLUSTER",
-    "DATABASE_URL",
-    "DATABASE_READ_URL",
-    "DAPI_REPLICA_WAIT",
-    "REDIS_URL",
-    "DAPI_BIND",
-    "DAPI_PUBLIC_URL",
-    "DAPI_STAGING_TTL",
-    "DAPI_RETENTION",
-    "DAPI_MAX_TEXT_BYTES",
-    "DAPI_MAX_BODY_BYTES",
-    "DAPI_INGEST_TOKENS",
-    "DAPI_READ_TOKENS",
-    "DAPI_TOKENS_FILE",
-    "DAPI_ALLOW_OPEN",
-    "DAPI_FLUSH_CLAIM_IDLE",
-    "DAPI_SHUTDOWN_TIMEOUT",
-    "DAPI_MIGRATE",
-    "DAPI_LOG",
-    "RUST_LOG",
-    "DAPI_LOG_FORMAT",
-    "DAPI_REDIS_PREFIX",
-    "DAPI_FLUSHERS",
-    "DAPI_FLUSH_BATCH",
-    "DAPI_REQUEST_TIMEOUT",
-    "DAPI_MAX_IN_FLIGHT",
-    "DAPI_HEADER_TIMEOUT",
-    "DAPI_IDEMPOTENCY_WINDOW",
-    "DAPI_MAX_BATCH_MESSAGES",
-    "DAPI_MAX_BATCH_BYTES",
-    "DAPI_FAILPOINT",
-    "HOSTNAME",
-];
+use dapi::config::VARIABLES;
 
 /// Runs the built `dapi` with `vars` as its whole environment.
 fn dapi(args: &[&str], vars: &[(&str, &str)]) -> Output {
@@ -66,7 +31,7 @@ fn dapi_help_names_every_variable_with_its_meaning_and_prints_no_secret() {
         // Assert
         assert!(output.status.success(), "{args:?}: {:?}", output.status);
         let help = String::from_utf8(output.stdout).unwrap();
-        for name in VARIABLES {
+        for &name in VARIABLES {
             let tag = format!("[env: {name}]");
             let line = help.lines().find(|line| line.contains(&tag));
             let line = line.unwrap_or_else(|| panic!("`dapi {args:?}` does not name {name}:\n{help}"));
@@ -80,7 +45,7 @@ fn dapi_help_names_every_variable_with_its_meaning_and_prints_no_secret() {
 }
 
 #[test]
-fn dapi_help_shows_the_defaults_of_the_spec() {
+fn dapi_help_shows_each_default_beside_its_variable() {
     let help = String::from_utf8(dapi(&["--help"], &[]).stdout).unwrap();
 
     for (name, default) in [

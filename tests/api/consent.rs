@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{assert_problem, spawn_app};
+use crate::helpers::{assert_problem, spawn_api_only, spawn_app, test_settings};
 
 #[tokio::test]
 async fn a_grant_answers_202_and_the_dialog_becomes_readable() {
@@ -193,4 +193,23 @@ async fn nothing_of_an_undecided_dialog_is_readable() {
     assert_eq!(page["count"], 1);
     assert_eq!(page["results"][0]["dialogId"], 14);
     assert_eq!(app.stored_seqs(13).await, Vec::<i64>::new());
+}
+
+#[tokio::test]
+async fn a_refusal_whose_erasure_fails_for_any_reason_answers_503_never_500() {
+    let app = spawn_api_only(test_settings()).await;
+    app.stage(1, 80, "x", "EN").await;
+    // Not an outage: PostgreSQL answers, with an error dapi does not class as one.
+    sqlx::query("ALTER TABLE dialogs ADD CONSTRAINT no_refusals CHECK (decision <> 'refused') NOT VALID")
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+
+    let refusal = app.consent(80, false).await;
+
+    assert_problem(refusal, StatusCode::SERVICE_UNAVAILABLE, "erasure_pending").await;
+    let later = app
+        .post_json("/data/1/80", &json!({"text": "y", "language": "EN"}))
+        .await;
+    assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
 }

@@ -1,15 +1,17 @@
 //! The flusher: exactly once through interruptions, the epoch fence under races, and
-//! the flush queue's timers.
+//! the flush queue's timers: how long an entry waits before another flusher claims it,
+//! and how a long batch keeps its entries its own.
 
 use std::time::Duration;
 
+use dapi::domain::{CustomerId, Decision, DialogId, DialogState};
 use dapi::flusher::{Flusher, Outcome};
 use dapi::staging::{FlushQueue, GROUP, Keyspace, SHARDS};
 use futures_util::future::join_all;
 use redis::AsyncCommands;
 use reqwest::StatusCode;
 
-use crate::helpers::{TestApp, spawn_api_only, spawn_full, test_settings};
+use crate::helpers::{TestApp, connector, drain, meta_field, spawn_api_only, spawn_full, test_settings};
 
 /// A flusher that takes over any pending entry at once.
 fn flusher(app: &TestApp, consumer: &str) -> Flusher {
@@ -18,7 +20,7 @@ fn flusher(app: &TestApp, consumer: &str) -> Flusher {
 
 fn queue(app: &TestApp, consumer: &str, claim_idle: Duration) -> FlushQueue {
     FlushQueue::new(
-        &crate::helpers::connector(&app.settings),
+        &connector(&app.settings),
         app.keys.clone(),
         consumer.to_owned(),
         claim_idle,
@@ -234,4 +236,147 @@ async fn an_entry_idle_past_the_claim_time_is_claimed_at_the_next_claim_round_ha
         claimed.iter().map(|e| e.dialog.map(|d| d.get())).collect::<Vec<_>>(),
         [Some(1)]
     );
+}
+
+#[tokio::test]
+async fn a_fenced_flush_keeps_the_messages_it_did_not_write() {
+    let app = spawn_api_only(test_settings()).await;
+    for text in ["a", "b", "c"] {
+        app.stage(1, 10, text, "EN").await;
+    }
+    app.consent(10, true).await;
+    // Flusher A reads the dialog under the grant's epoch and is slow.
+    let mut slow = crate::helpers::flusher(&app);
+    let batch = slow.next_batch().await.unwrap().expect("the grant queued the dialog");
+
+    // A second grant moves the epoch on, and another flusher commits the dialog's row
+    // under it with none of its messages (its batch's byte budget went elsewhere).
+    assert_eq!(app.consent(10, true).await.status(), StatusCode::ACCEPTED);
+    let epoch: i64 = meta_field(&app, 10, "e").await.unwrap().parse().unwrap();
+    let newer = DialogState {
+        audit: Default::default(),
+        dialog: DialogId::from_stored(10),
+        customer: CustomerId::from_stored(1),
+        decision: Decision::Granted,
+        epoch,
+        decided_at_us: 0,
+        unerased_refusal: None,
+        messages: Vec::new(),
+    };
+    app.store.apply(&[newer]).await.unwrap();
+
+    // A commits: fenced, so nothing of the dialog is written — and nothing trimmed.
+    let applied = slow.store_batch(&batch).await.unwrap();
+    assert_eq!((applied.fenced, applied.inserted), (1, 0));
+    slow.finish_batch(&batch, &applied).await.unwrap();
+
+    assert_eq!(
+        app.staged_len(10).await,
+        3,
+        "the acknowledged messages are still staged"
+    );
+    drain(&mut slow).await;
+    assert_eq!(app.stored_seqs(10).await, [1, 2, 3]);
+}
+
+/// An app whose flush entries are claimable after 300 ms of idleness.
+async fn quick_claims() -> TestApp {
+    let mut settings = test_settings();
+    settings.flush_claim_idle = Duration::from_millis(300);
+    spawn_api_only(settings).await
+}
+
+/// A flush queue of `app`'s with its claim idle time, reading briefly.
+fn claiming_queue(app: &TestApp, name: &str) -> FlushQueue {
+    FlushQueue::new(
+        &connector(&app.settings),
+        app.keys.clone(),
+        name.to_owned(),
+        app.settings.flush_claim_idle,
+        Duration::from_millis(50),
+        app.settings.staging_ttl,
+    )
+    .unwrap()
+}
+
+/// PostgreSQL made slow for these dialogs: their rows locked until the transaction ends.
+async fn lock_dialogs(app: &TestApp, dialogs: &[i64]) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = app.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM dialogs WHERE dialog_id = ANY($1) FOR UPDATE")
+        .bind(dialogs)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
+}
+
+#[tokio::test]
+async fn a_batch_kept_alive_is_not_claimed_by_another_flusher_however_long_it_runs() {
+    let app = quick_claims().await;
+    let queue = |name: &str| Flusher::new(claiming_queue(&app, name), app.store.clone(), 64);
+    let (mut slow, mut other) = (queue("slow"), queue("other"));
+    app.stage(1, 90, "a", "EN").await;
+    app.consent(90, true).await;
+    drain(&mut slow).await;
+    app.stage(1, 90, "b", "EN").await;
+    let batch = slow.next_batch().await.unwrap().unwrap();
+
+    // PostgreSQL is slow: the dialog's row is locked for four claim idle times.
+    let lock = lock_dialogs(&app, &[90]).await;
+    let write = tokio::spawn(async move {
+        let applied = slow.store_batch(&batch).await.unwrap();
+        (slow, batch, applied)
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await; // Redis measures the idle time
+    assert_eq!(
+        other.flush_once().await.unwrap(),
+        Outcome::Idle,
+        "the batch was claimed"
+    );
+    lock.rollback().await.unwrap();
+
+    let (mut slow, batch, applied) = write.await.unwrap();
+    slow.finish_batch(&batch, &applied).await.unwrap();
+    assert_eq!(app.stored_seqs(90).await, [1, 2]);
+}
+
+#[tokio::test]
+async fn entries_read_for_later_batches_are_kept_alive_while_a_long_batch_runs() {
+    let app = quick_claims().await;
+    // Batches of one: a read takes one entry a shard, so with two dialogs of different
+    // shards queued, one goes in the batch and the other waits, read, for the next.
+    let (first, second) = (
+        93,
+        (94..)
+            .find(|&d| Keyspace::shard_of(d) != Keyspace::shard_of(93))
+            .unwrap(),
+    );
+    let mut slow = Flusher::new(claiming_queue(&app, "slow"), app.store.clone(), 1);
+    for dialog in [first, second] {
+        app.stage(1, dialog, "a", "EN").await;
+        app.consent(dialog, true).await;
+    }
+    drain(&mut slow).await;
+    for dialog in [first, second] {
+        app.stage(1, dialog, "b", "EN").await;
+    }
+    let batch = slow.next_batch().await.unwrap().unwrap();
+    assert_eq!(batch.entries.len(), 1);
+
+    // PostgreSQL is slow: both dialogs' rows are locked for four claim idle times.
+    let lock = lock_dialogs(&app, &[first, second]).await;
+    let write = tokio::spawn(async move {
+        let applied = slow.store_batch(&batch).await.unwrap();
+        (slow, batch, applied)
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await; // Redis measures the idle time
+    let claimed = claiming_queue(&app, "other").next_entries(10).await.unwrap();
+    assert!(claimed.is_empty(), "claimed from the slow flusher: {claimed:?}");
+    lock.rollback().await.unwrap();
+
+    let (mut slow, batch, applied) = write.await.unwrap();
+    slow.finish_batch(&batch, &applied).await.unwrap();
+    drain(&mut slow).await;
+    assert_eq!(app.stored_seqs(first).await, [1, 2]);
+    assert_eq!(app.stored_seqs(second).await, [1, 2]);
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dapi::app::{self, Roles, Running};
 use dapi::config::Settings;
-use dapi::staging::{Connector, Keyspace, RedisConn, SHARDS, Timeouts};
+use dapi::flusher::{Flusher, Outcome};
+use dapi::staging::{Connector, FlushQueue, Keyspace, RedisConn, SHARDS, Timeouts, unique_consumer_name};
 use dapi::store::Store;
 use reqwest::{Response, StatusCode};
 use serde_json::Value;
@@ -340,4 +341,63 @@ pub async fn assert_problem(response: Response, status: StatusCode, code: &str) 
     assert_eq!(body["type"], "about:blank");
     assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
     body
+}
+
+// The flusher driven by hand, and what a test reads of the stores meanwhile.
+
+/// A flusher the test drives itself, round by round (`flush_once`) or through its seams
+/// (`next_batch`, `store_batch`, `finish_batch`). It takes over another consumer's
+/// entries only after a minute of idleness: never within a test.
+pub fn flusher(app: &TestApp) -> Flusher {
+    let queue = FlushQueue::new(
+        &connector(&app.settings),
+        app.keys.clone(),
+        unique_consumer_name("test"),
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        app.settings.staging_ttl,
+    )
+    .unwrap();
+    Flusher::new(queue, app.store.clone(), 64)
+}
+
+/// Runs rounds until one finds nothing to do.
+pub async fn drain(flusher: &mut Flusher) {
+    for _ in 0..50 {
+        if flusher.flush_once().await.unwrap() == Outcome::Idle {
+            return;
+        }
+    }
+    panic!("the queue never drained");
+}
+
+/// One field of `dialog`'s meta hash in Redis (its letters: `staging`'s module doc).
+pub async fn meta_field(app: &TestApp, dialog: i64, field: &str) -> Option<String> {
+    let mut conn = app.redis.clone();
+    redis::cmd("HGET")
+        .arg(app.keys.meta(dialog))
+        .arg(field)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Milliseconds until `key` expires (Redis `PTTL`: -1 never, -2 no such key).
+pub async fn pttl(app: &TestApp, key: &str) -> i64 {
+    let mut conn = app.redis.clone();
+    redis::cmd("PTTL").arg(key).query_async(&mut conn).await.unwrap()
+}
+
+/// The texts PostgreSQL holds of `dialog`, by seq.
+pub async fn stored_texts(app: &TestApp, dialog: i64) -> Vec<String> {
+    sqlx::query_scalar("SELECT text FROM messages WHERE dialog_id = $1 ORDER BY seq")
+        .bind(dialog)
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap()
+}
+
+/// POST `body` to `path` on the dapi at `base` (such as one whose PostgreSQL is away).
+pub async fn post_to(app: &TestApp, base: &str, path: &str, body: Value) -> Response {
+    app.http.post(format!("{base}{path}")).json(&body).send().await.unwrap()
 }

@@ -1,6 +1,6 @@
 //! Answers while PostgreSQL is unreachable: a second dapi on the same Redis whose
 //! PostgreSQL address leads nowhere, beside the test's own dapi whose flushers keep
-//! working. (The full fault suite with a cuttable proxy is a later issue.)
+//! working. (tests/api/faults.rs cuts a proxy between dapi and a store instead.)
 
 use std::sync::Arc;
 use std::time::Duration;

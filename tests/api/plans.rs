@@ -1,10 +1,7 @@
-//! Every SQL statement dapi runs is planned for an index, in the generic plan too.
-//!
-//! A prepared statement runs on PostgreSQL's generic plan after a few executions; a
-//! plan that is an index scan for one call's values can be a sequential scan of the
-//! whole table then (the refusal's erasure once was: mixed traffic fell to a sixth of
-//! its speed at 500k rows). This test prepares each statement of `store::sql::ALL` on
-//! tables with realistic statistics, forces the generic plan and fails on any
+//! Every SQL statement dapi runs is planned for an index, in the generic plan too, and
+//! no plan goes stale as the tables grow. Why both matter: `src/store/sql.rs`'s module
+//! documentation ("Plans"). The first test prepares each statement of `store::sql::ALL`
+//! on tables with realistic statistics, forces the generic plan and fails on any
 //! sequential scan of `messages` or `dialogs`.
 
 use dapi::store::sql::ALL;
@@ -120,8 +117,7 @@ async fn generic_plan(conn: &mut sqlx::PgConnection, statement: &str) -> String 
 
 /// The stale-plan case the generic-plan check above cannot see: statements first run
 /// while the tables are tiny, then the tables grow with no ANALYZE (autovacuum off, as on
-/// this machine). A plan kept from the tiny table would scan the large one whole on every
-/// refusal; the store must not keep such a plan.
+/// this machine); the same work must then add no sequential scan.
 #[tokio::test]
 async fn plans_made_on_a_small_table_do_not_scan_it_once_it_is_large() {
     use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage};

@@ -9,8 +9,7 @@ use dapi::domain::CustomerId;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::edges::{drain, flusher, post_to};
-use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
+use crate::helpers::{TestApp, assert_problem, drain, flusher, post_to, spawn_api_only, test_settings};
 use crate::outage::without_postgres;
 
 async fn delete_customer(app: &TestApp, customer: i64) -> reqwest::Response {

@@ -4,8 +4,7 @@
 
 use std::process::Command;
 
-use crate::edges::{drain, flusher};
-use crate::helpers::{TestApp, redis_url, spawn_api_only, test_settings};
+use crate::helpers::{TestApp, drain, flusher, redis_url, spawn_api_only, test_settings};
 
 /// The `redis-cli` lines of the section's code blocks, each split into its arguments
 /// (single quotes as the shell reads them).

@@ -1,15 +1,18 @@
-//! What Redis forgets, PostgreSQL still tells: a messageId retried after Redis lost its
-//! dialog, a grant after Redis lost a refusal, Redis restarting while a batch is in
-//! flight, a dialog revived while a batch holding its later seqs commits, a refusal a
-//! failover lost. Redis forgetting is a `DEL` of the dialog's keys; a PostgreSQL outage
-//! is a second API on the same Redis whose PostgreSQL is unreachable; the flusher is
-//! driven through its seams (`next_batch`, `store_batch`, `finish_batch`).
+//! What Redis forgets, PostgreSQL still tells: a granted dialog continues its seqs, a
+//! refusal keeps refusing until its TTL has passed and erases the whole dialog, a
+//! messageId retried is a duplicate, a grant after a lost refusal stores only what
+//! follows; Redis restarting while a batch is in flight, a dialog revived or forgotten
+//! while a batch commits, a refusal flushed after the dialog's next life began. Redis
+//! forgetting is a `DEL` of the dialog's keys; a PostgreSQL outage is a second API on
+//! the same Redis whose PostgreSQL is unreachable; the flusher is driven through its
+//! seams (`next_batch`, `store_batch`, `finish_batch`). A failover: tests/api/failover.rs.
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::edges::{drain, fail_over_to, flusher, meta_field, post_to, replicate, stored_texts};
-use crate::helpers::{spawn_api_only, test_settings};
+use crate::helpers::{
+    assert_problem, drain, flusher, meta_field, post_to, spawn_api_only, spawn_app, stored_texts, test_settings,
+};
 use crate::outage::without_postgres;
 
 /// How many rows PostgreSQL holds of `dialog` under `message_id`.
@@ -110,7 +113,7 @@ async fn a_retry_nothing_could_recognise_is_dropped_by_the_flusher_not_stored_tw
     assert_eq!(app.staged_len(202).await, 0, "the copy left Redis with the batch");
 }
 
-/// SPEC: 404 only when dapi knows nothing of the dialog. PostgreSQL still holds the
+/// docs/api.md: 404 only when dapi knows nothing of the dialog. PostgreSQL still holds the
 /// refusal Redis lost, so the dialog is known: a grant is 202, and only what is posted
 /// after it is stored.
 #[tokio::test]
@@ -162,84 +165,7 @@ async fn an_unverified_dialog_whose_refusal_redis_lost_settles_as_refused() {
     let later = app
         .post_json("/data/1/211", &json!({"text": "later", "language": "EN"}))
         .await;
-    crate::helpers::assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
-}
-
-/// A failover lost a refusal PostgreSQL holds: Redis says granted at an older epoch and
-/// holds messages again. A fenced flush takes the refusal back from PostgreSQL instead of
-/// re-queueing the dialog for ever.
-#[tokio::test]
-async fn a_refusal_a_failover_lost_is_reconciled_from_postgresql_by_the_fenced_flush() {
-    let app = spawn_api_only(test_settings()).await;
-    let mut flusher = flusher(&app);
-    app.stage(1, 220, "a", "EN").await;
-    app.consent(220, true).await;
-    drain(&mut flusher).await;
-    let old_epoch = meta_field(&app, 220, "e").await.unwrap();
-    assert_eq!(app.consent(220, false).await.status(), StatusCode::OK);
-
-    let mut conn = app.redis.clone();
-    let _: () = redis::cmd("HSET")
-        .arg(app.keys.meta(220))
-        .arg(&["d", "g", "e", old_epoch.as_str(), "q", "1"])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("RPUSH")
-        .arg(app.keys.msgs(220))
-        .arg("2:1795000000000000:EN:came back with the failover")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("XADD")
-        .arg(app.keys.flush_stream_of(220))
-        .arg("*")
-        .arg("d")
-        .arg(220)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-
-    drain(&mut flusher).await;
-    assert_eq!(meta_field(&app, 220, "d").await.as_deref(), Some("r"));
-    assert_eq!(app.staged_len(220).await, 0);
-    assert!(app.stored_seqs(220).await.is_empty());
-}
-
-/// The same for a *grant* a failover lost: PostgreSQL holds a newer grant than Redis's
-/// (grant, refuse, grant again, then a failover back to the first grant). The fenced
-/// flush moves Redis on to PostgreSQL's epoch, so the next flush writes what came after
-/// the failover, and drops what was received before PostgreSQL's decision (erased by the
-/// refusal in between).
-#[tokio::test]
-async fn a_grant_a_failover_lost_is_reconciled_from_postgresql_not_fenced_for_ever() {
-    let app = spawn_api_only(test_settings()).await;
-    let mut flusher = flusher(&app);
-    app.stage(1, 221, "a", "EN").await;
-    app.consent(221, true).await;
-    drain(&mut flusher).await;
-    app.stage(1, 221, "b, erased by the refusal", "EN").await;
-    let replica = replicate(&app, 221).await;
-    assert_eq!(app.consent(221, false).await.status(), StatusCode::OK);
-    assert_eq!(app.consent(221, true).await.status(), StatusCode::ACCEPTED);
-    drain(&mut flusher).await;
-    fail_over_to(&app, 221, &replica).await;
-    // The replica's stream still holds b's flush entry (its meta says queued).
-    let mut conn = app.redis.clone();
-    let _: () = redis::cmd("XADD")
-        .arg(app.keys.flush_stream_of(221))
-        .arg("*")
-        .arg("d")
-        .arg(221)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-
-    let c = app.stage(1, 221, "c, after the failover", "EN").await;
-    drain(&mut flusher).await;
-    assert_eq!(stored_texts(&app, 221).await, ["c, after the failover"]);
-    assert_eq!(app.stored_seqs(221).await, [c]);
-    assert_eq!(app.staged_len(221).await, 0);
+    assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
 }
 
 /// Redis loses everything of this test's keyspace, as a restart without persistence.
@@ -341,4 +267,166 @@ async fn a_dialog_forgotten_during_a_flush_continues_after_the_batch() {
     assert_eq!(app.stage(1, 232, "three", "EN").await, 3);
     drain(&mut flusher).await;
     assert_eq!(stored_texts(&app, 232).await, ["one", "two", "three"]);
+}
+
+#[tokio::test]
+async fn a_granted_dialog_redis_forgot_continues_its_seq_without_a_new_consent() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 50, "one", "EN").await;
+    app.stage(1, 50, "two", "EN").await;
+    app.consent(50, true).await;
+    drain(&mut flusher).await;
+    app.forget(50).await;
+
+    let response = app
+        .post_json("/data/1/50", &json!({"text": "three", "language": "EN"}))
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        (body["seq"].as_i64(), body["consent"].as_str()),
+        (Some(3), Some("granted"))
+    );
+    // Another customer cannot take the dialog over through the revival.
+    let other = app
+        .post_json("/data/2/50", &json!({"text": "x", "language": "EN"}))
+        .await;
+    assert_problem(other, StatusCode::CONFLICT, "customer_mismatch").await;
+
+    drain(&mut flusher).await;
+    assert_eq!(stored_texts(&app, 50).await, ["one", "two", "three"]);
+}
+
+#[tokio::test]
+async fn a_dialog_redis_forgot_takes_messages_while_postgresql_is_away_and_the_flusher_settles_it() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(1, 51, "one", "EN").await;
+    app.consent(51, true).await;
+    drain(&mut flusher).await;
+    app.forget(51).await;
+
+    // Ingest never waits on PostgreSQL: the message is staged as unverified.
+    let broken = without_postgres(&app).await;
+    for text in ["two", "three"] {
+        let staged = post_to(&app, &broken, "/data/1/51", json!({"text": text, "language": "EN"})).await;
+        assert_eq!(staged.status(), StatusCode::ACCEPTED);
+    }
+    assert_eq!(meta_field(&app, 51, "u").await.as_deref(), Some("1"));
+
+    // PostgreSQL answers again: the flusher settles the dialog (granted, seqs after the
+    // stored ones) and flushes it, without a new consent.
+    drain(&mut flusher).await;
+    assert_eq!(app.stored_seqs(51).await, [1, 2, 3]);
+    assert_eq!(stored_texts(&app, 51).await, ["one", "two", "three"]);
+    assert_eq!(app.stage(1, 51, "four", "EN").await, 4);
+}
+
+#[tokio::test]
+async fn a_refusal_erases_the_whole_dialog_even_when_redis_restarted_its_seqs() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    for text in ["a", "b", "c"] {
+        app.stage(1, 40, text, "EN").await;
+    }
+    app.consent(40, true).await;
+    drain(&mut flusher).await;
+    // Redis forgets it while PostgreSQL is away: the next message starts over at seq 1.
+    app.forget(40).await;
+    let broken = without_postgres(&app).await;
+    let staged = post_to(&app, &broken, "/data/1/40", json!({"text": "d", "language": "EN"})).await;
+    assert_eq!(staged.status(), StatusCode::ACCEPTED);
+
+    assert_eq!(app.consent(40, false).await.status(), StatusCode::OK);
+
+    assert_eq!(app.stored_seqs(40).await, Vec::<i64>::new());
+    assert_eq!(app.get_json("/data/").await["count"], 0);
+}
+
+#[tokio::test]
+async fn a_refusal_of_a_dialog_redis_forgot_holds_while_postgresql_is_away() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(7, 100, "granted long ago", "EN").await;
+    app.consent(100, true).await;
+    drain(&mut flusher).await;
+    app.forget(100).await; // its keys expired
+
+    let broken = without_postgres(&app).await;
+    let refusal = post_to(&app, &broken, "/consents/100", json!(false)).await;
+
+    assert_problem(refusal, StatusCode::SERVICE_UNAVAILABLE, "erasure_pending").await;
+    assert!(meta_field(&app, 100, "x").await.is_some(), "the refusal is recorded");
+    let later = app
+        .post_json("/data/7/100", &json!({"text": "x", "language": "EN"}))
+        .await;
+    assert_problem(later, StatusCode::CONFLICT, "consent_refused").await;
+    drain(&mut flusher).await;
+    assert_eq!(
+        app.stored_seqs(100).await,
+        Vec::<i64>::new(),
+        "erased once PostgreSQL is back"
+    );
+    let customer: i64 = sqlx::query_scalar("SELECT customer_id FROM dialogs WHERE dialog_id = 100")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(customer, 7, "the stored customer is kept");
+}
+
+/// Redis losing a refused dialog (a restart without persistence, a failover) does not
+/// lift the refusal: PostgreSQL holds it, and until `DAPI_STAGING_TTL` has passed since
+/// it was made the dialog's messages are refused as Redis would have refused them — a
+/// client's retry of an erased message included. Past the TTL the dialog is forgotten,
+/// as Redis forgets it.
+#[tokio::test]
+async fn a_refusal_redis_lost_still_refuses_until_its_ttl_has_passed() {
+    let app = spawn_app().await;
+    let body = json!({"text": "erased by the refusal", "language": "EN", "messageId": "m-1"});
+    assert_eq!(app.post_json("/data/1/110", &body).await.status(), StatusCode::ACCEPTED);
+    app.consent(110, true).await;
+    app.wait_for_seqs(110, &[1]).await;
+    assert_eq!(app.consent(110, false).await.status(), StatusCode::OK);
+    app.lose(110).await;
+
+    let retry = app.post_json("/data/1/110", &body).await;
+    let batch = json!({"messages": [{"customerId": 1, "dialogId": 110, "text": "new", "language": "EN"}]});
+    let batch: Value = app.post_json("/data", &batch).await.json().await.unwrap();
+
+    assert_problem(retry, StatusCode::CONFLICT, "consent_refused").await;
+    assert_eq!(batch["results"][0]["code"], "consent_refused", "{batch}");
+    app.expire(110).await;
+    assert_eq!(app.stage(1, 110, "a new life", "EN").await, 1);
+}
+
+#[tokio::test]
+async fn a_refusal_flushed_late_never_erases_what_the_dialogs_next_life_stored() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut stale = flusher(&app);
+    app.stage(1, 30, "first life", "EN").await;
+    app.consent(30, true).await;
+    drain(&mut stale).await;
+
+    // Refused while PostgreSQL is away; a flusher reads the refusal and stalls.
+    let broken = without_postgres(&app).await;
+    let refusal = post_to(&app, &broken, "/consents/30", json!(false)).await;
+    assert_eq!(refusal.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let batch = stale.next_batch().await.unwrap().expect("the refusal queued an entry");
+
+    // The client repeats the refusal (which completes), the dialog expires (its TTL
+    // passes), and it lives again: new message, grant, flushed by another flusher.
+    assert_eq!(app.consent(30, false).await.status(), StatusCode::OK);
+    app.expire(30).await;
+    assert_eq!(app.stage(1, 30, "second life", "EN").await, 1);
+    app.consent(30, true).await;
+    drain(&mut flusher(&app)).await;
+    assert_eq!(stored_texts(&app, 30).await, ["second life"]);
+
+    // The stale flusher wakes up.
+    let applied = stale.store_batch(&batch).await.unwrap();
+    stale.finish_batch(&batch, &applied).await.unwrap();
+
+    assert_eq!(applied.erased, 0);
+    assert_eq!(stored_texts(&app, 30).await, ["second life"]);
 }

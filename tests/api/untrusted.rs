@@ -1,11 +1,11 @@
 //! What no request, and no hand edit of Redis, can do: make a body ambiguous, grow
-//! `/metrics`, or turn a dialog's unreadable Redis state into a 500.
+//! `/metrics`, turn a dialog's unreadable Redis state into a 500, or hold up the flush of
+//! other dialogs (the flusher sets an unreadable dialog aside, Guarantee 6).
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::edges::{drain, flusher, meta_field};
-use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
+use crate::helpers::{TestApp, assert_problem, drain, flusher, meta_field, spawn_api_only, test_settings};
 
 async fn set_string(app: &TestApp, key: &str) {
     let mut conn = app.redis.clone();
@@ -173,4 +173,77 @@ async fn keys_of_the_wrong_type_never_make_a_request_fail() {
     let metrics = app.get("/metrics").await.text().await.unwrap();
     let set_aside = crate::helpers::metric(&metrics, "dapi_request_quarantined_total").unwrap_or(0.0);
     assert!(set_aside >= 4.0, "{set_aside}");
+}
+
+#[tokio::test]
+async fn an_unreadable_dialog_is_set_aside_and_the_rest_of_its_batch_flushed() {
+    let app = spawn_api_only(test_settings()).await;
+    for dialog in [70, 71, 72] {
+        app.stage(1, dialog, "hello", "EN").await;
+        app.consent(dialog, true).await;
+    }
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("HSET")
+        .arg(app.keys.meta(71))
+        .arg("d")
+        .arg("?")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg(app.keys.msgs(72))
+        .arg(b"not:a:message".as_slice())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    drain(&mut flusher(&app)).await;
+
+    assert_eq!(app.stored_seqs(70).await, [1]);
+    let index = app.quarantine_index().await;
+    assert_eq!(index.len(), 2, "{index:?}");
+    assert!(index["71"].contains("decision"), "{index:?}");
+    assert!(index["72"].contains("message"), "{index:?}");
+    let kept: i64 = redis::cmd("EXISTS")
+        .arg(app.keys.quarantined_meta(71))
+        .arg(app.keys.quarantined_msgs(72))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, 2, "set aside as they were, for an operator");
+    app.wait_for_empty_queue().await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("dapi_flush_quarantined_total"), "counted in /metrics");
+}
+
+#[tokio::test]
+async fn a_key_of_the_wrong_type_spoils_only_its_own_dialog() {
+    let app = spawn_api_only(test_settings()).await;
+    for dialog in [102, 103] {
+        app.stage(1, dialog, "hello", "EN").await;
+        app.consent(dialog, true).await;
+    }
+    let mut conn = app.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(app.keys.msgs(103))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(app.keys.msgs(103))
+        .arg("a string, not a list")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    drain(&mut flusher(&app)).await;
+
+    assert_eq!(app.stored_seqs(102).await, [1]);
+    let index = app.quarantine_index().await;
+    assert!(index.contains_key("103"), "{index:?}");
+    assert_eq!(
+        meta_field(&app, 103, "d").await.as_deref(),
+        Some("g"),
+        "its decision still holds"
+    );
 }
