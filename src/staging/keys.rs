@@ -198,11 +198,18 @@ impl Keyspace {
             .and_then(|k| Shard::try_from(k).ok())
     }
 
-    /// The shard's customer index: `<customer>:<dialog>` members of score 0, one
-    /// lexicographic range per customer (written by ingest.lua and consent.lua, swept by
-    /// index_sweep.lua).
-    pub fn customer_index(&self, shard: Shard) -> String {
-        format!("{}:customers", self.shard_prefixes[usize::from(shard)])
+    /// The customer index bucket of `customer` in `shard`: `<shard>:customers:<bucket>`,
+    /// a sorted set of `<customer>:<dialog>` members of score 0 (written by ingest.lua and
+    /// consent.lua, swept by index_sweep.lua). The bucket is the customer id's last three
+    /// characters ([`customer_bucket`]), so each set stays small (a listpack) and one
+    /// customer is one lexicographic range of one set per shard.
+    pub fn customer_index(&self, shard: Shard, customer: i64) -> String {
+        self.customer_bucket_key(shard, &customer_bucket(customer))
+    }
+
+    /// The customer index bucket named `bucket` in `shard` (see [`customer_buckets`]).
+    pub fn customer_bucket_key(&self, shard: Shard, bucket: &str) -> String {
+        format!("{}:customers:{bucket}", self.shard_prefixes[usize::from(shard)])
     }
 
     /// The earlier layout's index of `customer`'s dialogs in `shard` (dialog id → deadline,
@@ -231,6 +238,22 @@ impl Keyspace {
     pub fn pattern(&self) -> String {
         format!("{}:*", self.prefix)
     }
+}
+
+/// The customer index bucket of `customer`: its decimal id's last three characters, as
+/// ingest.lua cuts them (`string.sub(customer, -3)`).
+pub fn customer_bucket(customer: i64) -> String {
+    let id = customer.to_string();
+    id[id.len().saturating_sub(3)..].to_owned()
+}
+
+/// Every bucket name [`customer_bucket`] can give a customer id (≥ 0): `0`–`9`, `10`–`99`
+/// and `000`–`999`, 1,100 names, in the order the sweep walks them.
+pub fn customer_buckets() -> impl Iterator<Item = String> {
+    (0..10)
+        .map(|n| n.to_string())
+        .chain((10..100).map(|n| n.to_string()))
+        .chain((0..1000).map(|n| format!("{n:03}")))
 }
 
 /// Shard k's hash tag: `s<k>.<j>` with the smallest j whose slot falls in the k-th
@@ -324,5 +347,23 @@ mod tests {
         let keys = Keyspace::new("p");
         assert_eq!(keys.shard_of_stream(&keys.flush_stream(17)), Some(17));
         assert_eq!(keys.shard_of_stream("p:flush"), None);
+    }
+}
+
+#[cfg(test)]
+mod bucket_tests {
+    use super::*;
+
+    #[test]
+    fn every_customer_falls_in_a_bucket_the_sweep_walks_and_ingest_cuts_the_same_name() {
+        let all: std::collections::HashSet<String> = customer_buckets().collect();
+        assert_eq!(all.len(), 1100);
+        for customer in [0, 7, 42, 100, 1001, 123_456, i64::MAX] {
+            let bucket = customer_bucket(customer);
+            // string.sub(customer, -3) in ingest.lua: the last three characters.
+            let id = customer.to_string();
+            assert!(id.ends_with(&bucket) && bucket.len() == id.len().min(3), "{customer}");
+            assert!(all.contains(&bucket), "{customer} → {bucket}");
+        }
     }
 }

@@ -38,7 +38,10 @@ async fn every_key_dapi_writes_expires_but_the_flush_streams_and_the_swept_custo
     assert!(keys.len() > 5, "{keys:?}");
     // The shard's customer index does not expire: the flusher role sweeps it of the
     // dialogs gone (privacy::the_customer_index_is_written_on_a_dialogs_creation_and_swept_of_dialogs_gone).
-    let indexes: Vec<String> = (0..dapi::staging::SHARDS).map(|k| app.keys.customer_index(k)).collect();
+    let indexes: Vec<String> = (0..dapi::staging::SHARDS)
+        .map(|k| app.keys.customer_index(k, 1))
+        .collect();
+    assert!(keys.iter().any(|key| indexes.contains(key)), "{keys:?}");
     for key in keys {
         if app.keys.shard_of_stream(&key).is_some() || indexes.contains(&key) {
             continue;

@@ -20,7 +20,7 @@
 -- tells whether it was written already, so `a` simply stays until a later grant
 -- replaces it. Redis re-learning a dialog sets none.
 -- A dialog Redis forgot is created (revived) in the decision PostgreSQL holds, and indexed
--- under its customer (the shard's `<shard>:customers`, member `<customer>:<dialog>`, as
+-- under its customer (`<shard>:customers:<bucket>`, member `<customer>:<dialog>`, as
 -- ingest.lua writes it): what an erasure reads to find a customer's staged dialogs
 -- without a scan.
 -- KEYS: 1 meta, 2 msgs, 3 flush stream, 4 the dialog's quarantined messages (a refusal
@@ -71,7 +71,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   local held = standing ~= NOTHING_HELD and standing or 'p'
   redis.call('HSET', KEYS[1], 'c', revive, 'd', held, 'e', now_us, 'b', now_us, 'n', last_seq, 'q', 0)
   if revive ~= UNKNOWN_CUSTOMER then
-    redis.call('ZADD', string.match(KEYS[1], '^(.*):d%d+:meta$') .. ':customers', 0, revive .. ':' .. dialog)
+    redis.call('ZADD', string.match(KEYS[1], '^(.*):d%d+:meta$') .. ':customers:' .. string.sub(revive, -3), 0,
+      revive .. ':' .. dialog)
   end
 end
 -- A dialog refused for an unknown customer (UNKNOWN_CUSTOMER: PostgreSQL could not name it) may be the

@@ -10,8 +10,8 @@ use crate::staging::{Keyspace, Shard};
 
 pub static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/customer_dialogs.lua")));
 
-/// The call: KEYS per shard of the group, its customer index and the earlier layout's
-/// per-customer index; ARGV 1 the customer id.
+/// The call: KEYS per shard of the group, the customer's bucket of its index and the
+/// earlier layout's per-customer index; ARGV 1 the customer id.
 #[derive(Debug, Clone, Copy)]
 pub struct CustomerDialogs<'a> {
     pub customer: CustomerId,
@@ -23,7 +23,7 @@ impl CustomerDialogs<'_> {
     pub fn command(&self, keys: &Keyspace) -> redis::Cmd {
         let mut cmd = eval(&SCRIPT, 2 * self.shards.len());
         for &shard in self.shards {
-            cmd.arg(keys.customer_index(shard))
+            cmd.arg(keys.customer_index(shard, self.customer.get()))
                 .arg(keys.earlier_customer_index(shard, self.customer.get()));
         }
         cmd.arg(self.customer.get());
@@ -53,9 +53,9 @@ mod tests {
             words(&cmd),
             [
                 "4",
-                &keys.customer_index(1),
+                &keys.customer_index(1, 9),
                 &keys.earlier_customer_index(1, 9),
-                &keys.customer_index(2),
+                &keys.customer_index(2, 9),
                 &keys.earlier_customer_index(2, 9),
                 "9"
             ]

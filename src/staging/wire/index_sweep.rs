@@ -1,4 +1,4 @@
-//! index_sweep.lua: one chunk of a shard's customer index checked, the members of
+//! index_sweep.lua: a chunk of a shard's customer index buckets checked, the members of
 //! dialogs gone removed.
 
 use std::sync::LazyLock;
@@ -10,33 +10,54 @@ use crate::staging::{Keyspace, Shard};
 
 pub static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/index_sweep.lua")));
 
-/// What index_sweep.lua takes for "from the first member" and answers for "the end of
-/// the index was reached".
+/// What index_sweep.lua takes for "from the bucket's first member".
 const FROM_THE_START: &str = "";
 
-/// The call: KEYS 1 the shard's customer index; ARGV 1 the member to continue after
-/// (`''`: from the start), 2 how many members to check.
+/// The call: KEYS the buckets `buckets` of `shard`'s index, in order; ARGV 1 the member
+/// of the first to continue after (`''`: its first), 2 how many members to check at most.
 #[derive(Debug, Clone, Copy)]
 pub struct SweepChunk<'a> {
     pub shard: Shard,
+    pub buckets: &'a [String],
     pub after: Option<&'a str>,
-    pub count: usize,
+    pub budget: usize,
 }
 
 impl SweepChunk<'_> {
     pub fn command(&self, keys: &Keyspace) -> redis::Cmd {
-        let mut cmd = eval(&SCRIPT, 1);
-        cmd.arg(keys.customer_index(self.shard))
-            .arg(self.after.unwrap_or(FROM_THE_START))
-            .arg(self.count);
+        let mut cmd = eval(&SCRIPT, self.buckets.len());
+        for bucket in self.buckets {
+            cmd.arg(keys.customer_bucket_key(self.shard, bucket));
+        }
+        cmd.arg(self.after.unwrap_or(FROM_THE_START)).arg(self.budget);
         cmd
     }
 }
 
-/// The reply: where to continue (`None`: the end was reached) and how many members it
-/// removed.
-pub fn decode((last, removed): (String, u64)) -> (Option<String>, u64) {
-    ((last != FROM_THE_START).then_some(last), removed)
+/// Where a sweep call stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Swept {
+    /// Every bucket given was walked to its end.
+    All { removed: u64 },
+    /// The budget ran out in the `bucket`th bucket given (0-based), after `member`.
+    Within {
+        bucket: usize,
+        member: String,
+        removed: u64,
+    },
+}
+
+/// The reply: `{1-based bucket index (#KEYS + 1: all done), member, removed}`.
+pub fn decode((bucket, member, removed): (usize, String, u64), buckets: usize) -> Swept {
+    if bucket > buckets || bucket == 0 {
+        Swept::All { removed }
+    } else {
+        Swept::Within {
+            bucket: bucket - 1,
+            member,
+            removed,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -45,23 +66,42 @@ mod tests {
     use crate::staging::wire::test_support::words;
 
     #[test]
-    fn the_call_names_the_index_the_cursor_and_the_chunk_and_the_reply_where_to_go_on() {
+    fn the_call_names_the_buckets_the_cursor_and_the_budget_and_the_reply_where_to_go_on() {
         let keys = Keyspace::new("t");
+        let buckets = ["7".to_owned(), "8".to_owned()];
         let first = SweepChunk {
             shard: 3,
+            buckets: &buckets,
             after: None,
-            count: 500,
+            budget: 500,
         }
         .command(&keys);
-        assert_eq!(words(&first), ["1", &keys.customer_index(3), "", "500"]);
+        assert_eq!(
+            words(&first),
+            [
+                "2",
+                &keys.customer_bucket_key(3, "7"),
+                &keys.customer_bucket_key(3, "8"),
+                "",
+                "500"
+            ]
+        );
         let next = SweepChunk {
             shard: 3,
+            buckets: &buckets,
             after: Some("7:12"),
-            count: 500,
+            budget: 500,
         }
         .command(&keys);
-        assert_eq!(words(&next), ["1", &keys.customer_index(3), "7:12", "500"]);
-        assert_eq!(decode(("7:12".to_owned(), 2)), (Some("7:12".to_owned()), 2));
-        assert_eq!(decode((String::new(), 0)), (None, 0));
+        assert_eq!(words(&next)[3], "7:12");
+        assert_eq!(
+            decode((2, "8:40".to_owned(), 1), 2),
+            Swept::Within {
+                bucket: 1,
+                member: "8:40".to_owned(),
+                removed: 1
+            }
+        );
+        assert_eq!(decode((3, String::new(), 4), 2), Swept::All { removed: 4 });
     }
 }
