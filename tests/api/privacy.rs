@@ -738,3 +738,32 @@ async fn an_erasure_overtaking_an_unflushed_grant_keeps_the_grant_in_the_audit()
         "newest first"
     );
 }
+
+/// A refusal made while PostgreSQL is away is written by the flusher once it is back: its
+/// audit event still counts the staged messages Redis deleted when it was made.
+#[tokio::test]
+async fn a_refusal_the_flusher_writes_after_an_outage_counts_what_redis_deleted() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut flusher = flusher(&app);
+    app.stage(14, 590, "one", "EN").await;
+    app.stage(14, 590, "two", "EN").await;
+    let broken = without_postgres(&app).await;
+    let refusal = app
+        .http
+        .post(format!("{broken}/consents/590"))
+        .json(&json!(false))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        refusal.status().is_server_error() || refusal.status().is_success(),
+        "{}",
+        refusal.status()
+    );
+    assert_eq!(app.staged_len(590).await, 0);
+
+    drain(&mut flusher).await;
+    let events = audit(&app, "dialogId=590").await;
+    assert_eq!(kinds(&events), ["refused"], "{events:?}");
+    assert_eq!(events[0]["messages"], 2, "{events:?}");
+}

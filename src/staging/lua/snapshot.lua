@@ -4,7 +4,7 @@
 -- Returns per dialog {UNREADABLE} when its meta is not a hash (a hand edit), else meta's
 -- fields as they are, {customer `c`, decision `d`, epoch `e`, decided-at `t`, unerased
 -- refusal's epoch `x`, its decided-at `xt`, unverified `u`, messages, life stamp `b`,
--- grant awaiting its audit event `a`} (nil where absent: every field of a forgotten
+-- grant awaiting its audit event `a`, the seqs that refusal deleted `xs`} (nil where absent: every field of a forgotten
 -- dialog), messages a list, or UNREADABLE when msgs is not one. The caller checks every
 -- field (a dialog it cannot read is set aside, not failed on).
 -- Only a granted, settled dialog's messages are read. The budget stops reading once
@@ -17,7 +17,7 @@ local out = {}
 for i = 1, #KEYS / 2 do
   -- pcall: a key of the wrong type (a hand edit) must spoil only its own dialog, which
   -- the caller then sets aside, not the whole batch.
-  local meta = redis.pcall('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'x', 'xt', 'u', 'b', 'a')
+  local meta = redis.pcall('HMGET', KEYS[2 * i - 1], 'c', 'd', 'e', 't', 'x', 'xt', 'u', 'b', 'a', 'xs')
   if meta.err then
     out[i] = {UNREADABLE}
   else
@@ -36,7 +36,7 @@ for i = 1, #KEYS / 2 do
         start = start + 64
       end
     end
-    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], msgs, meta[8], meta[9]}
+    out[i] = {meta[1], meta[2], meta[3], meta[4], meta[5], meta[6], meta[7], msgs, meta[8], meta[9], meta[10]}
   end
 end
 return out

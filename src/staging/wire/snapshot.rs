@@ -49,7 +49,7 @@ impl TakeSnapshot<'_> {
     }
 }
 
-/// One dialog: `{UNREADABLE}`, or meta's `{c, d, e, t, x, xt, u, messages, b, a}`
+/// One dialog: `{UNREADABLE}`, or meta's `{c, d, e, t, x, xt, u, messages, b, a, xs}`
 /// (messages a list, or UNREADABLE). `None` when Redis no longer knows the dialog.
 fn decode_dialog(dialog: DialogId, item: &Value) -> Option<Snapshot> {
     let unreadable = |reason, messages_only| {
@@ -78,6 +78,7 @@ fn decode_dialog(dialog: DialogId, item: &Value) -> Option<Snapshot> {
         messages,
         life,
         unwritten_grant,
+        refusal_erased,
     ] = fields.as_slice()
     else {
         return unreadable("the snapshot answer has the wrong shape", false);
@@ -132,7 +133,11 @@ fn decode_dialog(dialog: DialogId, item: &Value) -> Option<Snapshot> {
         DialogState {
             audit: Audit {
                 unwritten_grant,
-                erased_staged: Vec::new(),
+                // The seqs the unerased refusal deleted from Redis (`xs`), for its audit
+                // event's count when the flusher writes it.
+                erased_staged: text(refusal_erased)
+                    .map(|seqs| seqs.split(',').filter_map(|seq| seq.parse().ok()).collect())
+                    .unwrap_or_default(),
             },
             dialog,
             customer: CustomerId::from_stored(customer),
@@ -168,6 +173,7 @@ mod tests {
             messages,
             bulk("40"),
             bulk("50:60"),
+            Value::Nil,
         ]
     }
 
@@ -224,6 +230,7 @@ mod tests {
         refused[5] = bulk("56");
         refused[8] = Value::Nil;
         refused[9] = Value::Nil;
+        refused[10] = bulk("2,3");
         let Some(Snapshot::Ready(state, life)) = decode_dialog(d, &dialog(refused)) else {
             panic!("not ready");
         };
@@ -236,6 +243,7 @@ mod tests {
             })
         );
         assert_eq!(state.audit.unwritten_grant, None);
+        assert_eq!(state.audit.erased_staged, [2, 3]);
     }
 
     #[test]
@@ -243,7 +251,7 @@ mod tests {
         let d = DialogId::from_stored(7);
         let forgotten = vec![Value::Nil; 7]
             .into_iter()
-            .chain([Value::Array(vec![]), Value::Nil, Value::Nil])
+            .chain([Value::Array(vec![]), Value::Nil, Value::Nil, Value::Nil])
             .collect();
         assert!(decode_dialog(d, &dialog(forgotten)).is_none());
         let mut unverified = granted(Value::Array(vec![]));
