@@ -12,6 +12,7 @@ mod consent;
 mod contract;
 mod edges;
 mod encoding;
+mod export;
 mod faults;
 mod flusher;
 mod fuzz;
