@@ -1265,6 +1265,16 @@ pub fn time_of(micros: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
+/// Microseconds since the Unix epoch as dapi writes `receivedAt`: UTC, RFC 3339 with
+/// microseconds (for clients that build a `receivedAfter`, such as dapi-load).
+pub fn rfc3339_micros(micros: i64) -> String {
+    time_of(micros)
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        ))
+        .unwrap_or_default()
+}
+
 /// Timestamp → microseconds since the Unix epoch (PostgreSQL keeps microseconds).
 pub fn micros_of(at: OffsetDateTime) -> i64 {
     i64::try_from(at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
