@@ -17,10 +17,15 @@ use super::data::{ListQuery, MessageOut};
 use super::{ApiError, AppState};
 use crate::domain::{CustomerId, Invalid, Language, checksum};
 use crate::store::export::{ExportPosition, ExportRow, MessageKey};
-use crate::store::{Filter, Range, Store};
+use crate::store::{Filter, Range, Store, StoredMessage};
 
-/// Messages read per statement.
+/// Messages read by the first statement; later ones read about [`STEP_BYTES`] of
+/// messages, between [`MIN_STEP`] and [`MAX_STEP`] (memory: this step and the one read
+/// ahead).
 const STEP: i64 = 1000;
+const STEP_BYTES: i64 = 1 << 20;
+const MIN_STEP: i64 = 100;
+const MAX_STEP: i64 = 5000;
 
 /// The query parameters of GET /data/export (all optional; unknown ones are ignored).
 #[derive(Debug, utoipa::IntoParams)]
@@ -124,6 +129,8 @@ pub async fn export(State(state): State<AppState>, RawQuery(raw): RawQuery) -> R
         position,
         upto,
         left: limit,
+        ahead: None,
+        step: STEP,
         done: false,
     };
     let steps = futures_util::stream::unfold(sync, |mut sync| async move {
@@ -155,66 +162,97 @@ struct Sync {
     upto: i64,
     /// Messages still to send under `limit`.
     left: Option<u64>,
+    /// The next step, read while this one is written (PostgreSQL and the serialising
+    /// work on two cores), and how many messages it asked for.
+    ahead: Option<(
+        tokio::task::JoinHandle<Result<Vec<ExportRow>, crate::store::StoreError>>,
+        i64,
+    )>,
+    /// Messages per step, sized by the last step's.
+    step: i64,
     done: bool,
 }
 
 impl Sync {
+    /// How many messages the next step asks for.
+    fn want(&self) -> i64 {
+        self.left.map_or(self.step, |left| {
+            self.step.min(i64::try_from(left).unwrap_or(self.step))
+        })
+    }
+
+    /// Starts reading the step after the current position.
+    fn read_ahead(&mut self) {
+        let want = self.want();
+        let (store, filter, position, upto) = (self.store.clone(), self.filter.clone(), self.position, self.upto);
+        let step = tokio::spawn(async move { store.export_step(&filter, &position, upto, want).await });
+        self.ahead = Some((step, want));
+    }
+
     /// The next lines of the body: a step's messages, and the resume line after the last.
     async fn next_chunk(&mut self) -> Result<Vec<u8>, std::io::Error> {
         let mut out = Vec::new();
         loop {
-            let want = self
-                .left
-                .map_or(STEP, |left| STEP.min(i64::try_from(left).unwrap_or(STEP)));
-            if want == 0 {
-                return Ok(self.finish(out));
-            }
-            let rows = self
-                .store
-                .export_step(&self.filter, &self.position, self.upto, want)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %crate::telemetry::chain(&e), "an export stopped before its end: the body has no resume line");
-                    std::io::Error::other("the export stopped")
-                })?;
-            let complete = rows.len() < usize::try_from(want).unwrap_or(usize::MAX);
-            self.write(&mut out, rows);
-            if !complete {
-                return Ok(out);
-            }
-            match self.position {
-                // The fresh export's window is done: what became readable since its
-                // start follows, epoch by epoch.
-                ExportPosition::Window { below, .. } => {
-                    self.position = ExportPosition::Epochs {
-                        epoch: below,
-                        at: MessageKey::START,
-                    };
-                }
-                // Every epoch before `upto` is sent: the next export starts at it.
-                ExportPosition::Epochs { .. } => {
-                    self.position = ExportPosition::Epochs {
-                        epoch: self.upto,
-                        at: MessageKey::START,
-                    };
+            if self.ahead.is_none() {
+                if self.want() == 0 {
                     return Ok(self.finish(out));
                 }
+                self.read_ahead();
+            }
+            let Some((step, asked)) = self.ahead.take() else {
+                return Ok(self.finish(out));
+            };
+            let rows = match step.await {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) => return Err(stopped(&e)),
+                Err(e) => return Err(stopped(&e)),
+            };
+            let complete = rows.len() < usize::try_from(asked).unwrap_or(usize::MAX);
+            if !rows.is_empty() {
+                let bytes: usize = rows.iter().map(|r| 160 + r.message.text.len()).sum();
+                let per_message = i64::try_from(bytes / rows.len()).unwrap_or(i64::MAX).max(1);
+                self.step = (STEP_BYTES / per_message).clamp(MIN_STEP, MAX_STEP);
+            }
+            if let Some(last) = rows.last() {
+                self.position = self.position.after(last);
+            }
+            if let Some(left) = &mut self.left {
+                *left = left.saturating_sub(rows.len() as u64);
+            }
+            let mut finished = false;
+            if complete {
+                match self.position {
+                    // The fresh export's window is done: what became readable since its
+                    // start follows, epoch by epoch.
+                    ExportPosition::Window { below, .. } => {
+                        self.position = ExportPosition::Epochs {
+                            epoch: below,
+                            at: MessageKey::START,
+                        };
+                    }
+                    // Every epoch before `upto` is sent: the next export starts at it.
+                    ExportPosition::Epochs { .. } => {
+                        self.position = ExportPosition::Epochs {
+                            epoch: self.upto,
+                            at: MessageKey::START,
+                        };
+                        finished = true;
+                    }
+                }
+            }
+            if !finished && self.want() > 0 {
+                self.read_ahead();
+            }
+            out.reserve(rows.len() * 160);
+            for row in &rows {
+                write_line(&mut out, &row.message);
+            }
+            if finished || self.want() == 0 {
+                return Ok(self.finish(out));
             }
             if !out.is_empty() {
                 return Ok(out);
             }
-        }
-    }
-
-    fn write(&mut self, out: &mut Vec<u8>, rows: Vec<ExportRow>) {
-        for row in rows {
-            self.position = self.position.after(&row);
-            if let Some(left) = &mut self.left {
-                *left = left.saturating_sub(1);
-            }
-            // Serialising a struct of strings and integers cannot fail.
-            let _ = serde_json::to_writer(&mut *out, &MessageOut::from(row.message));
-            out.push(b'\n');
         }
     }
 
@@ -228,6 +266,46 @@ impl Sync {
         out.push(b'\n');
         out
     }
+}
+
+/// An error after the status was sent: logged, and the body ends without its resume line.
+fn stopped(e: &dyn std::error::Error) -> std::io::Error {
+    tracing::warn!(error = %crate::telemetry::chain(e), "an export stopped before its end: the body has no resume line");
+    std::io::Error::other("the export stopped")
+}
+
+/// One message as an NDJSON line: the bytes `serde_json` writes for `MessageOut`, written
+/// without building one (the export's hot loop).
+fn write_line(out: &mut Vec<u8>, m: &StoredMessage) {
+    use std::io::Write;
+    let at = m.received_at.to_offset(time::UtcOffset::UTC);
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        out,
+        "{{\"customerId\":{},\"dialogId\":{},\"seq\":{},\"text\":",
+        m.customer_id, m.dialog_id, m.seq
+    );
+    let _ = serde_json::to_writer(&mut *out, &m.text);
+    out.extend_from_slice(b",\"language\":");
+    let _ = serde_json::to_writer(&mut *out, &m.language);
+    let _ = write!(
+        out,
+        ",\"receivedAt\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\",\"messageId\":",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.microsecond()
+    );
+    match &m.message_id {
+        Some(id) => {
+            let _ = serde_json::to_writer(&mut *out, id);
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b"}\n");
 }
 
 /// An export's filters as given, kept in its token.
@@ -410,6 +488,34 @@ mod tests {
                     before_us: None,
                 },
             },
+        }
+    }
+
+    #[test]
+    fn lines_are_what_serde_writes_for_a_message() {
+        for (text, message_id, at) in [
+            (
+                "Hello, \"World\"\n\u{1}é😀",
+                Some("m-1".to_owned()),
+                1_795_000_000_123_456_i64,
+            ),
+            ("x", None, 0),
+            ("", None, 253_402_300_799_999_999),
+        ] {
+            let m = StoredMessage {
+                customer_id: 7,
+                dialog_id: i64::MAX,
+                seq: 1,
+                text: text.to_owned(),
+                language: "pt-BR".to_owned(),
+                received_at: crate::store::time_of(at),
+                message_id,
+            };
+            let mut line = Vec::new();
+            write_line(&mut line, &m);
+            let mut expected = serde_json::to_vec(&MessageOut::from(m)).unwrap_or_default();
+            expected.push(b'\n');
+            assert_eq!(String::from_utf8_lossy(&line), String::from_utf8_lossy(&expected));
         }
     }
 
