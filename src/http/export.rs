@@ -2,8 +2,9 @@
 //! NDJSON, then a resume token that continues exactly after it (docs/api.md, "The
 //! export"; the order's argument: docs/design.md, "The export's order").
 //!
-//! The body is streamed: keyset steps of [`STEP`] messages, each one statement of its own
-//! (its own snapshot), written as they come, never the whole result in memory. An error
+//! The body is streamed: keyset steps of about [`STEP_BYTES`], each one statement of its
+//! own (its own snapshot), the next read while this one is written, never the whole
+//! result in memory. An error
 //! after the status was sent ends the body without its resume line: the client, which
 //! never saw a last line, retries from its previous token.
 

@@ -101,7 +101,12 @@ impl Store {
         sqlx::query(EXPORT_EXCLUSIVE).execute(&mut *tx).await?;
         let epoch: i64 = sqlx::query_scalar(CLOSE_EPOCH).fetch_one(&mut *tx).await?;
         tx.commit().await?;
-        self.wait_for_replica(replica_wait).await?;
+        // A replica that has not replayed the close in time cannot serve this export yet:
+        // unavailable for now (503), as a read of a replica that lags.
+        self.wait_for_replica(replica_wait).await.map_err(|e| match e {
+            StoreError::ReplicaBehind => StoreError::Unavailable(sqlx::Error::PoolTimedOut),
+            other => other,
+        })?;
         Ok(epoch)
     }
 
