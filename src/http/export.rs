@@ -153,6 +153,9 @@ pub async fn export(State(state): State<AppState>, RawQuery(raw): RawQuery) -> R
     Ok(response)
 }
 
+/// A step being read.
+type Step = tokio::task::JoinHandle<Result<Vec<ExportRow>, crate::store::StoreError>>;
+
 /// One export's progress while its body streams.
 struct Sync {
     store: Store,
@@ -165,10 +168,7 @@ struct Sync {
     left: Option<u64>,
     /// The next step, read while this one is written (PostgreSQL and the serialising
     /// work on two cores), and how many messages it asked for.
-    ahead: Option<(
-        tokio::task::JoinHandle<Result<Vec<ExportRow>, crate::store::StoreError>>,
-        i64,
-    )>,
+    ahead: Option<(Step, i64)>,
     /// Messages per step, sized by the last step's.
     step: i64,
     done: bool,
