@@ -32,6 +32,8 @@ pub enum Invalid {
     ConsentShape,
     #[error("the cursor was not issued by this service; start again with `cursor=`")]
     Cursor,
+    #[error("the resume token was not issued by this service for this store; start again without `resume`")]
+    ResumeToken,
     #[error("`messageId` must be 1 to 64 characters of `A-Z a-z 0-9 . _ : -`")]
     MessageId,
     #[error(
@@ -397,7 +399,7 @@ impl Cursor {
 /// FNV-1a, seeded so that a cursor of another service or version does not check out.
 /// It guards against typos and tampering by accident, not against an adversary: a
 /// forged cursor can only name a position, which grants nothing.
-fn checksum(bytes: &[u8]) -> u32 {
+pub(crate) fn checksum(bytes: &[u8]) -> u32 {
     let mut hash: u32 = 0x811c_9dc5 ^ 0x6461_7069; // "dapi"
     for b in bytes {
         hash ^= u32::from(*b);

@@ -125,6 +125,32 @@ pub(crate) struct Check {
     /// With `--erase-rate`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) erasure: Option<ErasureCheck>,
+    /// With `--export`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) export: Option<crate::export::ExportCheck>,
+}
+
+/// (dialog, seq) → its rule, for the acknowledged messages whose rule is not
+/// [`Rule::AsDecided`] (those of erased customers).
+pub(crate) fn erasure_rules(record: &Record, erasures: &[Erasure]) -> HashMap<(i64, i64), Rule> {
+    let mut by_customer: HashMap<i64, Vec<&Erasure>> = HashMap::new();
+    for erasure in erasures {
+        by_customer.entry(erasure.customer).or_default().push(erasure);
+    }
+    let mut rules = HashMap::new();
+    for (dialog, outcome) in &record.dialogs {
+        let erasures = by_customer
+            .get(&outcome.customer)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for (seq, message) in &outcome.acked {
+            let rule = rule(message, erasures);
+            if rule != Rule::AsDecided {
+                rules.insert((*dialog, *seq), rule);
+            }
+        }
+    }
+    rules
 }
 
 /// What the check found of the erasures; every message counted in `erased_but_readable`

@@ -15,6 +15,11 @@
 //! the `messageId` it was sent with, and no `messageId` stored twice; nothing of a
 //! refused or undecided dialog readable. Any loss, duplicate or leak makes it exit 1.
 //!
+//! With `--export` an analyst's job syncs with `GET /data/export` resume tokens while the
+//! traffic runs, and the check requires the export to have delivered every acknowledged
+//! message of a granted dialog exactly once and nothing of refused or undecided ones
+//! (`export`).
+//!
 //! With `--erase-rate N` it also erases N customers a second while the traffic runs
 //! (`DELETE /customers/{customerId}`, polling `GET /erasures/{erasureId}` after a 503
 //! `erasure_pending`), picked among those it has had messages acknowledged for; the check
@@ -30,6 +35,7 @@
 mod check;
 mod client;
 mod erase;
+mod export;
 mod record;
 mod report;
 mod worker;
@@ -115,6 +121,19 @@ struct Args {
     /// latency from the request until completed. 0: none.
     #[arg(long, default_value_t = 0)]
     erase_rate: u64,
+    /// Run an analyst's job beside the traffic: it syncs with `GET /data/export` resume
+    /// tokens every `--export-every` (from what was received since just before the run);
+    /// after the loss check it syncs until caught up, and the check then requires every
+    /// acknowledged message of a granted dialog received exactly once (those an erasure
+    /// took or may have taken: at most once) and nothing of refused or undecided dialogs.
+    #[arg(long)]
+    export: bool,
+    /// Pause between the exporter's syncs.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    export_every: Duration,
+    /// `limit` of each export request (a sync follows tokens until one sends fewer).
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    export_limit: u64,
     /// How long to wait for the flusher before the loss check.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     settle: Duration,
@@ -193,6 +212,10 @@ async fn main() -> ExitCode {
         .map(|i| tokio::spawn(worker(plan.clone(), client.clone(), i)))
         .collect();
     let eraser = (plan.args.erase_rate > 0).then(|| tokio::spawn(erase::eraser(plan.clone(), client.clone())));
+    let exporter = plan.args.export.then(|| {
+        let exported = export::Exported::new(std::time::SystemTime::now());
+        tokio::spawn(export::exporter(plan.clone(), client.clone(), exported))
+    });
     let progress = {
         let plan = plan.clone();
         tokio::spawn(async move {
@@ -228,6 +251,13 @@ async fn main() -> ExitCode {
         erasures = done;
         record.merge(r);
     }
+    let mut exported = None;
+    if let Some(exporter) = exporter
+        && let Ok((done, r)) = exporter.await
+    {
+        exported = Some(done);
+        record.merge(r);
+    }
     progress.abort();
     eprintln!(); // allow: this tool reports on the terminal
     let rejected = erasures.iter().filter(|e| e.state == erase::State::Rejected).count();
@@ -240,7 +270,19 @@ async fn main() -> ExitCode {
     } else {
         eprintln!("checking: reading back every message of this run's customers …"); // allow: this tool reports on the terminal
         match check(&client, &record, &erasures, plan.args.settle).await {
-            Some(check) => Some(check),
+            Some(mut check) => {
+                if let Some(exported) = &mut exported {
+                    // Everything readable is readable now: the last syncs must bring it.
+                    let mut syncs = Record::new();
+                    if !exported.catch_up(&plan, &client, &mut syncs).await {
+                        eprintln!("dapi-load: the exporter could not catch up"); // allow: this tool reports on the terminal
+                        return ExitCode::FAILURE;
+                    }
+                    let rules = check::erasure_rules(&record, &erasures);
+                    check.export = Some(exported.check(&record, &|d, s| rules.contains_key(&(d, s))));
+                }
+                Some(check)
+            }
             None => {
                 eprintln!("dapi-load: the loss check could not read the messages back"); // allow: this tool reports on the terminal
                 return ExitCode::FAILURE;
@@ -260,6 +302,10 @@ async fn main() -> ExitCode {
         println!("{text}"); // allow: this tool reports on the terminal
     }
     match check {
+        Some(c) if c.export.as_ref().is_some_and(|e| e.failures() > 0) => {
+            eprintln!("dapi-load: FAILED: the export missed, repeated or leaked messages"); // allow: this tool reports on the terminal
+            ExitCode::FAILURE
+        }
         Some(c) if c.lost + c.duplicated + c.leaked + c.wrong_message_id > 0 => {
             eprintln!("dapi-load: FAILED: messages lost, duplicated, leaked or stored under another messageId"); // allow: this tool reports on the terminal
             ExitCode::FAILURE

@@ -18,6 +18,8 @@ pub(crate) enum Endpoint {
     /// `DELETE /customers/{customerId}` of `--erase-rate`: its first answer (200 or 503
     /// `erasure_pending`); the time until a pending one completed is in the erasure line.
     Erase,
+    /// `GET /data/export` of `--export`: one sync step (its whole body read).
+    Export,
 }
 
 impl Endpoint {
@@ -29,6 +31,7 @@ impl Endpoint {
             Endpoint::Refuse => "POST /consents (refuse)",
             Endpoint::Read => "GET /data",
             Endpoint::Erase => "DELETE /customers",
+            Endpoint::Export => "GET /data/export",
         }
     }
 }

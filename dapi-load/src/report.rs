@@ -107,6 +107,13 @@ pub(crate) fn report(summary: &Value, check: Option<&Check>) -> String {
                 e.racing_messages
             );
         }
+        if let Some(e) = &c.export {
+            let _ = write!(
+                out,
+                "\nexport check: {} syncs, {} messages received ({} incomplete bodies asked again) — missing {}, duplicated {}, leaked {}",
+                e.syncs, e.messages_received, e.incomplete_bodies, e.missing, e.duplicated, e.leaked
+            );
+        }
     }
     out
 }

@@ -10,7 +10,7 @@ use time::macros::format_description;
 
 use super::{ApiError, AppState};
 use crate::domain::{Cursor, CustomerId, Language};
-use crate::store::{Filter, StoredMessage};
+use crate::store::{Filter, Range, StoredMessage};
 
 const DEFAULT_PAGE_SIZE: i64 = 100;
 const MAX_PAGE_SIZE: i64 = 1000;
@@ -51,6 +51,18 @@ impl From<StoredMessage> for MessageOut {
             message_id: m.message_id,
         }
     }
+}
+
+/// An RFC 3339 instant (`2026-11-27T18:04:05Z`, `2026-11-27T19:04:05.5+01:00`). A `+` in
+/// a query string decodes as a space, so a space where the offset's sign belongs is read
+/// as the `+` that was meant.
+pub(super) fn instant(name: &str, raw: &str) -> Result<time::OffsetDateTime, ApiError> {
+    let raw = raw.replace(' ', "+");
+    time::OffsetDateTime::parse(&raw, &time::format_description::well_known::Rfc3339).map_err(|_| {
+        ApiError::InvalidQuery(format!(
+            "`{name}` must be an RFC 3339 instant such as 2026-11-27T18:04:05Z (a `+` offset written %2B)"
+        ))
+    })
 }
 
 /// A page (page mode), in Django REST framework's page-number shape.
@@ -101,6 +113,13 @@ pub struct ListParams {
     pageSize: Option<i64>,
     /// Switches to cursor mode; empty starts at the newest message. Not with `page`.
     cursor: Option<String>,
+    /// Only messages received strictly after this RFC 3339 instant.
+    #[param(format = DateTime, example = "2026-11-27T00:00:00Z")]
+    receivedAfter: Option<String>,
+    /// Only messages received strictly before this RFC 3339 instant (a range whose
+    /// start is not before its end holds nothing).
+    #[param(format = DateTime, example = "2026-11-28T00:00:00Z")]
+    receivedBefore: Option<String>,
 }
 
 /// The query string of GET /data, parsed. Django's `QueryDict.get` takes the last of
@@ -131,7 +150,7 @@ impl ListQuery {
 
     /// The filters; `None` when they can match nothing (a `language` that is not a
     /// language tag cannot be stored, so it is answered without asking PostgreSQL).
-    fn filter(&self) -> Result<Option<Filter>, ApiError> {
+    pub(super) fn filter(&self) -> Result<Option<Filter>, ApiError> {
         let customer = self
             .given("customerId")
             .map(CustomerId::parse)
@@ -144,7 +163,26 @@ impl ListQuery {
                 Err(_) => return Ok(None),
             },
         };
-        Ok(Some(Filter { language, customer }))
+        let range = self.range()?;
+        Ok(Some(Filter {
+            language,
+            customer,
+            range,
+        }))
+    }
+
+    /// `receivedAfter` and `receivedBefore`: exclusive bounds, RFC 3339 instants. A range
+    /// whose start is not before its end is a valid range that holds nothing.
+    pub(super) fn range(&self) -> Result<Range, ApiError> {
+        let after = self
+            .given("receivedAfter")
+            .map(|raw| instant("receivedAfter", raw))
+            .transpose()?;
+        let before = self
+            .given("receivedBefore")
+            .map(|raw| instant("receivedBefore", raw))
+            .transpose()?;
+        Ok(Range::from_instants(after, before))
     }
 
     pub(super) fn page_size(&self) -> Result<i64, ApiError> {
@@ -200,7 +238,9 @@ impl ListQuery {
 
 /// Read consented messages, newest first.
 ///
-/// Ordered by `receivedAt`, then `dialogId`, then `seq`, all descending. Page mode answers
+/// Ordered by `receivedAt`, then `dialogId`, then `seq`, all descending. `receivedAfter`
+/// and `receivedBefore` bound `receivedAt` (exclusive) in both modes; `count` counts
+/// within them. Page mode answers
 /// `count`, `next`, `previous`, `results`; with `cursor` (cursor mode) `next` and
 /// `results`, at a cost that does not grow with depth.
 #[utoipa::path(
@@ -210,7 +250,7 @@ impl ListQuery {
     params(ListParams),
     responses(
         (status = 200, description = "A page (page mode) or a keyset step (cursor mode)", body = ListAnswer),
-        (status = 400, description = "A non-integer `page`, `pageSize` or `customerId`, `pageSize` outside 1 … 1000, a cursor not issued by dapi, `page` together with `cursor` (`invalid_query`, `invalid_cursor`)", content_type = "application/problem+json", body = super::error::Problem),
+        (status = 400, description = "A non-integer `page`, `pageSize` or `customerId`, `pageSize` outside 1 … 1000, a `receivedAfter` or `receivedBefore` that is not an RFC 3339 instant, a cursor not issued by dapi, `page` together with `cursor` (`invalid_query`, `invalid_cursor`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 401, description = "No or unknown token (`unauthorized`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 403, description = "Not a read token (`forbidden`)", content_type = "application/problem+json", body = super::error::Problem),
         (status = 404, description = "A page past the last one, or `page` < 1 (`invalid_page`)", content_type = "application/problem+json", body = super::error::Problem),

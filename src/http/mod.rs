@@ -9,6 +9,7 @@ mod consents;
 mod data;
 mod encoding;
 mod error;
+mod export;
 mod extract;
 mod ingest;
 mod json;
@@ -105,12 +106,15 @@ fn routes(
                 .layer(from_fn_with_state(guard(Role::Ingest), limits::guard))
                 .layer(from_fn(encoding::decode_bodies)),
         );
-    let read = OpenApiRouter::new().routes(routes!(data::list)).route_layer(
-        ServiceBuilder::new()
-            .layer(from_fn_with_state(guard(Role::Read), limits::guard))
-            .layer(from_fn(encoding::spell_out_any_coding))
-            .layer(encoding::encoding()),
-    );
+    let read = OpenApiRouter::new()
+        .routes(routes!(data::list))
+        .routes(routes!(export::export))
+        .route_layer(
+            ServiceBuilder::new()
+                .layer(from_fn_with_state(guard(Role::Read), limits::guard))
+                .layer(from_fn(encoding::spell_out_any_coding))
+                .layer(encoding::encoding()),
+        );
     let privacy = OpenApiRouter::new()
         .routes(routes!(privacy::erase_customer))
         .routes(routes!(privacy::erasure_receipt))

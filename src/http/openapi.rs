@@ -7,6 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::error::Problem;
+use super::export::ResumeLine;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,11 +16,11 @@ use super::error::Problem;
         description = "Stages chatbot dialogs in Redis, stores consented ones in PostgreSQL, serves them page by page. Errors are application/problem+json (RFC 9457) with a stable `code`.",
         license(name = "MIT")
     ),
-    components(schemas(Problem, MessageBody, BatchItem, BatchBody, ConsentBody)),
+    components(schemas(Problem, MessageBody, BatchItem, BatchBody, ConsentBody, ResumeLine)),
     modifiers(&BearerAuth),
     tags(
         (name = "ingest", description = "Chatbots: stage messages, record consent (ingest token)"),
-        (name = "read", description = "Analysts: consented messages, newest first (read token)"),
+        (name = "read", description = "Analysts: consented messages, newest first or as a resumable NDJSON export (read token)"),
         (name = "operations", description = "Health, readiness, metrics, this document (no token)")
     )
 )]

@@ -63,6 +63,7 @@ use time::OffsetDateTime;
 use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState, Refusal, TakeBack};
 
 pub mod erasure;
+pub mod export;
 mod lookup;
 pub mod retention;
 pub mod sql;
@@ -238,16 +239,71 @@ pub struct Filter {
     /// Matched case-insensitively.
     pub language: Option<String>,
     pub customer: Option<CustomerId>,
+    /// Only messages received within this range (`receivedAfter`, `receivedBefore`).
+    pub range: Range,
+}
+
+/// Exclusive bounds on `receivedAt`, in microseconds since the Unix epoch (PostgreSQL's
+/// precision: an instant given finer is rounded outwards first, see
+/// [`Range::from_instants`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Range {
+    pub after_us: Option<i64>,
+    pub before_us: Option<i64>,
+}
+
+/// Bounds for a statement that always takes both: before any message and after any.
+const EARLIEST: OffsetDateTime = time::macros::datetime!(0001-01-01 00:00:00 UTC);
+const LATEST: OffsetDateTime = time::macros::datetime!(9999-12-31 23:59:59.999999 UTC);
+
+impl Range {
+    /// The range of messages received strictly after `after` and strictly before
+    /// `before`, at microsecond precision without changing which messages it holds:
+    /// `receivedAt > a` is `receivedAt > floor(a)` for a microsecond value, and
+    /// `receivedAt < b` is `receivedAt < ceil(b)`.
+    pub fn from_instants(after: Option<OffsetDateTime>, before: Option<OffsetDateTime>) -> Self {
+        let floor = |at: OffsetDateTime| i64::try_from(at.unix_timestamp_nanos().div_euclid(1000)).ok();
+        let ceil = |at: OffsetDateTime| i64::try_from((at.unix_timestamp_nanos() + 999).div_euclid(1000)).ok();
+        Self {
+            after_us: after.and_then(floor),
+            before_us: before.and_then(ceil),
+        }
+    }
+
+    pub fn is_whole(&self) -> bool {
+        self.after_us.is_none() && self.before_us.is_none()
+    }
+
+    /// The lower bound as a timestamp to bind (the earliest one when none).
+    fn lower(&self) -> OffsetDateTime {
+        self.after_us.map_or(EARLIEST, bound_time)
+    }
+
+    /// The upper bound as a timestamp to bind (the latest one when none).
+    fn upper(&self) -> OffsetDateTime {
+        self.before_us.map_or(LATEST, bound_time)
+    }
+}
+
+/// Microseconds as a timestamp PostgreSQL holds: within years 1 … 9999.
+fn bound_time(us: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .unwrap_or(if us < 0 { EARLIEST } else { LATEST })
+        .clamp(EARLIEST, LATEST)
 }
 
 impl Filter {
     /// The page statement for this filter's form.
     fn page_statement(&self) -> &'static str {
-        match (&self.language, self.customer) {
-            (None, None) => PAGE_ALL,
-            (Some(_), None) => PAGE_BY_LANGUAGE,
-            (None, Some(_)) => PAGE_BY_CUSTOMER,
-            (Some(_), Some(_)) => PAGE_BY_CUSTOMER_LANGUAGE,
+        match (&self.language, self.customer, self.range.is_whole()) {
+            (None, None, true) => PAGE_ALL,
+            (Some(_), None, true) => PAGE_BY_LANGUAGE,
+            (None, Some(_), true) => PAGE_BY_CUSTOMER,
+            (Some(_), Some(_), true) => PAGE_BY_CUSTOMER_LANGUAGE,
+            (None, None, false) => sql::PAGE_RANGE_ALL,
+            (Some(_), None, false) => sql::PAGE_RANGE_BY_LANGUAGE,
+            (None, Some(_), false) => sql::PAGE_RANGE_BY_CUSTOMER,
+            (Some(_), Some(_), false) => sql::PAGE_RANGE_BY_CUSTOMER_LANGUAGE,
         }
     }
 
@@ -869,6 +925,16 @@ impl Store {
         } else {
             self.pool.begin().await?
         };
+        // A transaction that may insert messages holds the export's shared lock from its
+        // first statement to its commit, so that the epoch its rows carry cannot close
+        // before they are committed (`export`). First, before any row lock: an export
+        // waiting for the exclusive one then waits on no lock this transaction waits for.
+        if states
+            .iter()
+            .any(|s| s.decision == Decision::Granted && !s.messages.is_empty())
+        {
+            sqlx::query(sql::EXPORT_SHARED).execute(&mut *tx).await?;
+        }
         let mut applied = Applied::default();
         // A customer whose erasure is pending has nothing written here: its erasure
         // writes its refusals (and counts what they erase), and nothing of it is flushed;
@@ -945,15 +1011,18 @@ impl Store {
     ) -> Result<(i64, Vec<StoredMessage>), StoreError> {
         // Reads are planned on each call, for the same reason as the erasure: a plan kept
         // from a small table would sort a whole large one.
-        let rows: Vec<PageRow> = sqlx::query_as(filter.page_statement())
+        let mut query = sqlx::query_as(filter.page_statement())
             .persistent(false)
             .bind(limit)
             .bind(offset)
             .bind(filter.language.as_deref())
-            .bind(filter.customer.map(CustomerId::get))
-            .fetch_all(self.reads())
-            .await
-            .map_err(|e| self.read_error(e))?;
+            .bind(filter.customer.map(CustomerId::get));
+        if !filter.range.is_whole() {
+            query = query
+                .bind(filter.range.after_us.map(bound_time))
+                .bind(filter.range.before_us.map(bound_time));
+        }
+        let rows: Vec<PageRow> = query.fetch_all(self.reads()).await.map_err(|e| self.read_error(e))?;
         let count = rows.first().map_or(0, |r| r.count);
         // Past the last page the count's row comes alone, its message columns NULL.
         let messages = rows
@@ -985,6 +1054,12 @@ impl Store {
             Some(c) => (time_of(c.received_at_us), c.dialog_id, c.seq),
             None => (time::macros::datetime!(9999-12-31 23:59:59 UTC), i64::MAX, i64::MAX),
         };
+        // `receivedBefore` is a position to start after: (before, -1, -1) precedes every
+        // message received at `before` (ids are not negative) and follows every earlier one.
+        let (at, dialog, seq) = match filter.range.before_us.map(bound_time) {
+            Some(before) if at >= before => (before, -1, -1),
+            _ => (at, dialog, seq),
+        };
         let mut query = sqlx::query_as(filter.after_statement())
             .persistent(false)
             .bind(limit)
@@ -997,7 +1072,11 @@ impl Store {
         if let Some(customer) = filter.customer {
             query = query.bind(customer.get());
         }
-        query.fetch_all(self.reads()).await.map_err(|e| self.read_error(e))
+        query
+            .bind(filter.range.lower())
+            .fetch_all(self.reads())
+            .await
+            .map_err(|e| self.read_error(e))
     }
 
     /// A read's error. On a replica, a missing database or table (3D000, 42P01) means it
@@ -1188,6 +1267,16 @@ pub fn time_of(micros: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
+/// Microseconds since the Unix epoch as dapi writes `receivedAt`: UTC, RFC 3339 with
+/// microseconds (for clients that build a `receivedAfter`, such as dapi-load).
+pub fn rfc3339_micros(micros: i64) -> String {
+    time_of(micros)
+        .format(time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        ))
+        .unwrap_or_default()
+}
+
 /// Timestamp → microseconds since the Unix epoch (PostgreSQL keeps microseconds).
 pub fn micros_of(at: OffsetDateTime) -> i64 {
     i64::try_from(at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX)
@@ -1205,21 +1294,51 @@ mod tests {
             Filter::default(),
             Filter {
                 language: lang.clone(),
-                customer: None,
+                ..Filter::default()
             },
             Filter {
-                language: None,
                 customer: cust,
+                ..Filter::default()
             },
             Filter {
                 language: lang,
                 customer: cust,
+                ..Filter::default()
             },
         ];
         let pages: std::collections::HashSet<_> = filters.iter().map(Filter::page_statement).collect();
         let afters: std::collections::HashSet<_> = filters.iter().map(Filter::after_statement).collect();
         assert_eq!((pages.len(), afters.len()), (4, 4));
         assert!(filters[3].after_statement().contains("customer_id = $6"));
+        let ranged: std::collections::HashSet<_> = filters
+            .iter()
+            .map(|f| {
+                Filter {
+                    range: Range {
+                        after_us: Some(0),
+                        before_us: None,
+                    },
+                    ..f.clone()
+                }
+                .page_statement()
+            })
+            .collect();
+        assert_eq!(ranged.len(), 4);
+        assert!(ranged.is_disjoint(&pages));
+    }
+
+    #[test]
+    fn ranges_round_outwards_to_microseconds() {
+        let at = time::macros::datetime!(2026-01-01 00:00:00.000001500 UTC);
+        let range = Range::from_instants(Some(at), Some(at));
+        assert_eq!(range.after_us, Some(micros_of(at)));
+        assert_eq!(range.before_us, Some(micros_of(at) + 1));
+        let exact = time::macros::datetime!(2026-01-01 00:00:00.000002 UTC);
+        let range = Range::from_instants(Some(exact), Some(exact));
+        assert_eq!(
+            (range.after_us, range.before_us),
+            (Some(micros_of(exact)), Some(micros_of(exact)))
+        );
     }
 
     #[test]

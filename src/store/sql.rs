@@ -70,11 +70,14 @@ WHERE dialogs.dialog_id = u.dialog_id";
 /// every partition is skipped: retention dropped its month (see `store::retention`). The
 /// same statement adds the inserted rows to every counter they belong to (per customer
 /// and language, per customer, per language, in total; `-1` / `''` mean "any"), for their
-/// month, in the shard `$8`, in key order (one lock order for all writers).
+/// month, in the shard `$8`, in key order (one lock order for all writers). Each row
+/// carries the export epoch current now: the transaction holds [`EXPORT_SHARED`], so the
+/// epoch cannot close before it commits (`store::export`).
 pub const INSERT_MESSAGES: &str = "\
 WITH changed AS (
-    INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at, message_id)
-    SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[], $7::text[])
+    INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at, message_id, export_epoch)
+    SELECT m.*, (SELECT epoch FROM export_state WHERE one)
+    FROM UNNEST($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::timestamptz[], $7::text[])
         AS m (dialog_id, seq, customer_id, language, text, received_at, message_id)
     WHERE m.received_at >= (SELECT min(low) FROM message_partitions)
     ON CONFLICT (dialog_id, seq, received_at) DO NOTHING
@@ -337,32 +340,160 @@ FROM total LEFT JOIN LATERAL (
 ) m ON true
 ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC";
 
-/// Cursor mode, no filter: `$1` limit, `$2`–`$4` the position to continue after. The
-/// redundant `received_at <= $2` lets PostgreSQL skip newer partitions at start-up
-/// (a row comparison does not prune); older ones are read only if the page reaches them.
+/// Cursor mode, no filter: `$1` limit, `$2`–`$4` the position to continue after, `$5`
+/// the exclusive lower bound of `receivedAt` (`receivedAfter`; the upper one,
+/// `receivedBefore`, is folded into the position). The redundant `received_at <= $2`
+/// lets PostgreSQL skip newer partitions at start-up (a row comparison does not prune);
+/// older ones are read only if the page reaches them, and none before `$5`.
 pub const AFTER_ALL: &str = "\
 SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
-WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND true
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND received_at > $5 AND true
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
-/// Cursor mode by language: `$1` limit, `$2`–`$4` the position, `$5` language.
+/// Cursor mode by language: `$1` limit, `$2`–`$4` the position, `$5` language, `$6` the
+/// lower bound.
 pub const AFTER_BY_LANGUAGE: &str = "\
 SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
-WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND lower(language) = lower($5)
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND received_at > $6 AND lower(language) = lower($5)
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
-/// Cursor mode by customer: `$1` limit, `$2`–`$4` the position, `$5` customer.
+/// Cursor mode by customer: `$1` limit, `$2`–`$4` the position, `$5` customer, `$6` the
+/// lower bound.
 pub const AFTER_BY_CUSTOMER: &str = "\
 SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
-WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND customer_id = $5
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND received_at > $6 AND customer_id = $5
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
 /// Cursor mode by customer and language: `$1` limit, `$2`–`$4` the position, `$5`
-/// language, `$6` customer.
+/// language, `$6` customer, `$7` the lower bound.
 pub const AFTER_BY_CUSTOMER_LANGUAGE: &str = "\
 SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
-WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND lower(language) = lower($5) AND customer_id = $6
+WHERE (received_at, dialog_id, seq) < ($2, $3, $4) AND received_at <= $2 AND received_at > $7 AND lower(language) = lower($5) AND customer_id = $6
 ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
+
+/// Page mode within a time range: the statement for one filter form (`$filter`, over
+/// `$3` language and `$4` customer). `$1` limit, `$2` offset, `$5` / `$6` the exclusive
+/// bounds of `receivedAt` (NULL: none). The count is exact at a cost that does not grow
+/// with the store: the partitions wholly inside the range are counted by their counter
+/// rows (each counts one month, `messages_before` its months together), and only the
+/// rows in the range's partial partitions at either end (at most two) are counted from
+/// the index.
+macro_rules! page_range {
+    ($(#[$doc:meta])* $name:ident, $filter:literal) => {
+        $(#[$doc])*
+        pub const $name: &str = concat!(
+            "WITH r AS (
+    SELECT coalesce($5::timestamptz, '-infinity') AS lo, coalesce($6::timestamptz, 'infinity') AS hi
+), whole AS (
+    SELECT min(p.low) AS low, max(p.high) AS high FROM message_partitions p, r
+    WHERE (p.low > r.lo OR r.lo = '-infinity') AND p.high <= r.hi
+), edges AS (
+    SELECT r.lo, least(r.hi, coalesce(whole.low, r.hi)) AS lo_end, coalesce(whole.high, r.hi) AS hi_start, r.hi
+    FROM r, whole
+), total AS (
+    SELECT coalesce((SELECT sum(n)::int8 FROM message_counts, whole
+                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')
+                       AND part >= CASE WHEN whole.low = '-infinity' THEN -2147483648 ELSE messages_month(whole.low) END
+                       AND part < messages_month(whole.high)), 0)
+         + (SELECT count(*) FROM messages WHERE ", $filter, "
+              AND received_at > (SELECT lo FROM edges) AND received_at < (SELECT lo_end FROM edges))
+         + (SELECT count(*) FROM messages WHERE ", $filter, "
+              AND received_at >= (SELECT hi_start FROM edges) AND received_at < (SELECT hi FROM edges)) AS n
+)
+SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at, m.message_id
+FROM total LEFT JOIN LATERAL (
+    SELECT customer_id, dialog_id, seq, text, language, received_at, message_id FROM messages
+    WHERE $2 < total.n AND ", $filter, "
+      AND received_at > (SELECT lo FROM r) AND received_at < (SELECT hi FROM r)
+    ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1 OFFSET $2
+) m ON true
+ORDER BY m.received_at DESC, m.dialog_id DESC, m.seq DESC"
+        );
+    };
+}
+
+page_range!(
+    /// Page mode within a time range, no filter.
+    PAGE_RANGE_ALL,
+    "true"
+);
+page_range!(
+    /// Page mode within a time range, by language.
+    PAGE_RANGE_BY_LANGUAGE,
+    "lower(language) = lower($3)"
+);
+page_range!(
+    /// Page mode within a time range, by customer.
+    PAGE_RANGE_BY_CUSTOMER,
+    "customer_id = $4"
+);
+page_range!(
+    /// Page mode within a time range, by customer and language.
+    PAGE_RANGE_BY_CUSTOMER_LANGUAGE,
+    "lower(language) = lower($3) AND customer_id = $4"
+);
+
+/// Taken first by every transaction that inserts messages, held until it commits: an
+/// export's close of the epoch ([`EXPORT_EXCLUSIVE`]) waits for all of them. The key is
+/// "dapiexpt" in ASCII.
+pub const EXPORT_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(7233186074509996148)";
+
+/// The export's close of the epoch, step 1: waits for every transaction holding
+/// [`EXPORT_SHARED`] (the flushes writing the current epoch) to end, and keeps new ones
+/// out until this transaction commits.
+pub const EXPORT_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(7233186074509996148)";
+
+/// Step 2: the next epoch; every message of an older one is committed.
+pub const CLOSE_EPOCH: &str = "UPDATE export_state SET epoch = epoch + 1 WHERE one RETURNING epoch";
+
+/// A fresh export's step, for one filter form (`$filter`, over `$8` and `$9`): up to
+/// `$1` messages of the epochs before `$2`, after the position `$3`–`$5`, within the
+/// exclusive bounds `$6`, `$7`, oldest first. The redundant `received_at >= $3` prunes
+/// the partitions before the position.
+macro_rules! export_window {
+    ($(#[$doc:meta])* $name:ident, $filter:literal) => {
+        $(#[$doc])*
+        pub const $name: &str = concat!(
+            "SELECT customer_id, dialog_id, seq, text, language, received_at, message_id, export_epoch FROM messages
+WHERE (received_at, dialog_id, seq) > ($3, $4, $5) AND received_at >= $3 AND received_at > $6 AND received_at < $7
+  AND export_epoch < $2 AND ", $filter, "
+ORDER BY received_at, dialog_id, seq LIMIT $1"
+        );
+    };
+}
+
+export_window!(
+    /// A fresh export's step, no filter.
+    EXPORT_WINDOW_ALL,
+    "true"
+);
+export_window!(
+    /// A fresh export's step by language (`$8`).
+    EXPORT_WINDOW_BY_LANGUAGE,
+    "lower(language) = lower($8)"
+);
+export_window!(
+    /// A fresh export's step by customer (`$8`).
+    EXPORT_WINDOW_BY_CUSTOMER,
+    "customer_id = $8"
+);
+export_window!(
+    /// A fresh export's step by language (`$8`) and customer (`$9`).
+    EXPORT_WINDOW_BY_CUSTOMER_LANGUAGE,
+    "lower(language) = lower($8) AND customer_id = $9"
+);
+
+/// A resumed export's step: up to `$1` messages of the epochs from `$3` up to (not
+/// including) `$2`, after the position (`$3` epoch, `$4`–`$6`), within the exclusive
+/// bounds `$7`, `$8`, optionally of language `$9` and customer `$10`, in (epoch,
+/// receivedAt, dialog, seq) order: one range of `messages_export`. An epoch holds what
+/// the flushes between two exports stored, so the filters are checked on its rows.
+pub const EXPORT_EPOCHS: &str = "\
+SELECT customer_id, dialog_id, seq, text, language, received_at, message_id, export_epoch FROM messages
+WHERE (export_epoch, received_at, dialog_id, seq) > ($3, $4, $5, $6) AND export_epoch >= $3 AND export_epoch < $2
+  AND received_at > $7 AND received_at < $8
+  AND ($9::text IS NULL OR lower(language) = lower($9)) AND ($10::int8 IS NULL OR customer_id = $10)
+ORDER BY export_epoch, received_at, dialog_id, seq LIMIT $1";
 
 /// Whether PostgreSQL answers (`/readyz`).
 pub const PING: &str = "SELECT 1";
@@ -417,6 +548,18 @@ pub const ALL: &[(&str, &str)] = &[
     ("AFTER_BY_LANGUAGE", AFTER_BY_LANGUAGE),
     ("AFTER_BY_CUSTOMER", AFTER_BY_CUSTOMER),
     ("AFTER_BY_CUSTOMER_LANGUAGE", AFTER_BY_CUSTOMER_LANGUAGE),
+    ("PAGE_RANGE_ALL", PAGE_RANGE_ALL),
+    ("PAGE_RANGE_BY_LANGUAGE", PAGE_RANGE_BY_LANGUAGE),
+    ("PAGE_RANGE_BY_CUSTOMER", PAGE_RANGE_BY_CUSTOMER),
+    ("PAGE_RANGE_BY_CUSTOMER_LANGUAGE", PAGE_RANGE_BY_CUSTOMER_LANGUAGE),
+    ("EXPORT_SHARED", EXPORT_SHARED),
+    ("EXPORT_EXCLUSIVE", EXPORT_EXCLUSIVE),
+    ("CLOSE_EPOCH", CLOSE_EPOCH),
+    ("EXPORT_WINDOW_ALL", EXPORT_WINDOW_ALL),
+    ("EXPORT_WINDOW_BY_LANGUAGE", EXPORT_WINDOW_BY_LANGUAGE),
+    ("EXPORT_WINDOW_BY_CUSTOMER", EXPORT_WINDOW_BY_CUSTOMER),
+    ("EXPORT_WINDOW_BY_CUSTOMER_LANGUAGE", EXPORT_WINDOW_BY_CUSTOMER_LANGUAGE),
+    ("EXPORT_EPOCHS", EXPORT_EPOCHS),
     ("PING", PING),
     ("DIALOG_EPOCH", DIALOG_EPOCH),
     ("WAL_WRITTEN", WAL_WRITTEN),

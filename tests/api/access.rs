@@ -131,3 +131,32 @@ async fn an_open_service_refuses_a_non_loopback_address_unless_allowed() {
     .unwrap();
     assert!(with_tokens.stop().await);
 }
+
+#[tokio::test]
+async fn the_export_is_for_read_tokens_only() {
+    let app = guarded().await;
+    let export = |token: Option<&str>| {
+        let request = app.http.get(format!("{}/data/export", app.base));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    };
+    let response = export(Some("analyst-token")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.text().await.unwrap().starts_with("{\"resume\":"));
+    for token in ["bot-token", "officer-token"] {
+        assert_problem(
+            export(Some(token)).send().await.unwrap(),
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        )
+        .await;
+    }
+    assert_problem(
+        export(None).send().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+}

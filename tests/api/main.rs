@@ -12,6 +12,7 @@ mod consent;
 mod contract;
 mod encoding;
 mod expiry;
+mod export;
 mod failover;
 mod faults;
 mod flusher;

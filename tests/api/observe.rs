@@ -40,7 +40,7 @@ async fn metrics_count_requests_by_route_template_and_show_the_flush_queue() {
 }
 
 /// The API as docs/api.md describes it: every operation, by method and path template.
-const OPERATIONS: [(&str, &str); 12] = [
+const OPERATIONS: [(&str, &str); 13] = [
     ("post", "/data/{customerId}/{dialogId}"),
     ("post", "/data"),
     ("post", "/consents/{dialogId}"),
@@ -49,6 +49,7 @@ const OPERATIONS: [(&str, &str); 12] = [
     ("get", "/erasures/{erasureId}"),
     ("get", "/audit"),
     ("get", "/data"),
+    ("get", "/data/export"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::helpers::{TestApp, assert_problem, spawn_api_only, spawn_full, test_settings, unique, wait_until};
@@ -208,4 +209,34 @@ async fn a_customer_erasure_with_replay_paused_is_pending_then_completes_by_itse
     })
     .await;
     assert_eq!(readable(&app, 9, 30).await, 0);
+}
+
+/// An export closes its epoch on the primary, then reads the replica only once the
+/// replica has replayed the close: everything flushed before it is there. A replica that
+/// does not replay in time is 503, never an export that might miss a message.
+#[tokio::test]
+async fn an_export_from_the_replica_waits_for_the_epochs_close() {
+    let (app, replica) = spawn_with_replica(Duration::from_millis(300)).await;
+    app.stage(7, 1, "a", "EN").await;
+    app.consent(1, true).await;
+    wait_until(Duration::from_secs(10), async || {
+        let n = readable(&app, 7, 1).await;
+        (n == 1).then_some(()).ok_or(format!("{n} readable"))
+    })
+    .await;
+
+    pause(&replica).await;
+    assert_problem(
+        app.get("/data/export").await,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "postgres_unavailable",
+    )
+    .await;
+    resume(&replica).await;
+
+    let body = app.get("/data/export").await.text().await.unwrap();
+    let lines: Vec<Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{body}");
+    assert_eq!((&lines[0]["dialogId"], &lines[0]["text"]), (&json!(1), &json!("a")));
+    assert!(lines[1]["resume"].is_string());
 }
