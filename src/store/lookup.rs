@@ -1,7 +1,7 @@
 //! The ingest path's question to PostgreSQL — "is any of these dialogs, new to Redis,
 //! granted or refused already?" — asked for many requests at once.
 //!
-//! Every first message of a dialog asks it (see `http::ingest`), so at volume it is asked
+//! Every first message of a dialog asks it (see `crate::ingest::stage`), so at volume it is asked
 //! thousands of times a second. One query per request made PostgreSQL the bottleneck
 //! (each planned on its own; a core of PostgreSQL for ~6.5k lookups/s, BENCHMARKS.md
 //! "Ingest"). Here one task runs the queries, one at a time: the lookups that arrive while
