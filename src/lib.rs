@@ -17,7 +17,9 @@
 //! - [`flusher`] — moves consented dialogs from `staging` to `store`.
 //! - [`erasure`] — erases a whole customer, and finishes every erasure left pending.
 //! - [`app`] — builds everything, runs it, stops it.
-
+//!
+//! Beside them, `group_commit`: the one helper that gathers concurrent callers' work into
+//! one batched call (single POSTs' script calls, PostgreSQL lookups, `WAIT` rounds).
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +28,7 @@ pub mod config;
 pub mod domain;
 pub mod erasure;
 pub mod flusher;
+mod group_commit;
 pub mod http;
 pub mod ingest;
 pub mod staging;
