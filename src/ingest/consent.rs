@@ -61,24 +61,14 @@ pub async fn decide(
             // A grant after a refusal stores only what is posted after it: the flush
             // drops what was received before the refusal PostgreSQL holds.
             let revival = match store.decided_dialog(dialog).await {
-                Ok(Some(HeldDialog::Granted(granted))) => Revival {
-                    customer: granted.customer,
-                    last_seq: granted.last_seq,
-                    standing: Some(Decision::Granted),
-                },
-                Ok(Some(HeldDialog::Refused { customer, .. })) => Revival {
-                    customer,
-                    last_seq: 0,
-                    standing: Some(Decision::Refused),
-                },
+                Ok(Some(HeldDialog::Granted(granted))) => Revival::Granted(granted),
+                Ok(Some(HeldDialog::Refused { customer, .. })) => Revival::Refused { customer },
                 Ok(None) => return Err(ConsentError::DialogNotFound),
                 // A refusal must hold even when PostgreSQL cannot say whose dialog it
                 // is: record it in Redis for an unknown customer, so that it is
                 // remembered and its erasure finished (`ErasurePending` below).
-                Err(e) if !approved && e.is_unavailable() => Revival {
+                Err(e) if !approved && e.is_unavailable() => Revival::Unheld {
                     customer: CustomerId::UNKNOWN,
-                    last_seq: 0,
-                    standing: None,
                 },
                 Err(e) => return Err(ConsentError::Store(e)),
             };
