@@ -184,6 +184,19 @@ pub struct IncomingMessage {
     pub message_id: Option<MessageId>,
 }
 
+/// A dialog PostgreSQL holds as granted: its customer and the highest seq it stores (0
+/// when none) — enough to bring the dialog back in Redis, granted, its seqs continuing.
+/// The one shape of "a grant PostgreSQL holds": the store answers it
+/// (`store::HeldDialog::Granted`), the flusher settles an unverified dialog with it
+/// (`staging::InStore::Granted`), and a decision revives a forgotten dialog with it
+/// (`staging::Revival::Granted`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantedDialog {
+    pub customer: CustomerId,
+    /// The highest seq stored (0 when none).
+    pub last_seq: i64,
+}
+
 /// The customer's latest decision about one dialog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {

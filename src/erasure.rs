@@ -139,11 +139,7 @@ async fn refuse_in_redis(
 ) -> Result<Option<RefusedForErasure>, StagingError> {
     let mut decided = staging.decide(dialog, Choice::Refuse, None, Some(customer)).await?;
     if decided == Decided::Unknown && held {
-        let revival = Revival {
-            customer,
-            last_seq: 0,
-            standing: None,
-        };
+        let revival = Revival::Unheld { customer };
         decided = staging
             .decide(dialog, Choice::Refuse, Some(revival), Some(customer))
             .await?;

@@ -127,10 +127,7 @@ impl Flusher {
             let remembered_since = time::OffsetDateTime::now_utc() - self.queue.staging_ttl();
             for &dialog in &unverified {
                 let held = match decided.get(&dialog) {
-                    Some(HeldDialog::Granted(g)) => InStore::Granted {
-                        customer: g.customer,
-                        last_seq: g.last_seq,
-                    },
+                    Some(HeldDialog::Granted(granted)) => InStore::Granted(*granted),
                     // A refusal Redis lost, still remembered (as ingest's lookup judges).
                     Some(HeldDialog::Refused { customer, decided_at }) if *decided_at > remembered_since => {
                         InStore::Refused { customer: *customer }

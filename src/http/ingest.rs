@@ -1,11 +1,6 @@
-//! Staging messages: `POST /data/{customerId}/{dialogId}` (one) and `POST /data` (a
-//! batch). Both go through [`stage`]: one script call for everything Redis knows, then —
-//! only if some dialog is new to Redis — one PostgreSQL lookup for those dialogs (bounded;
-//! never waited on during an outage) and one more script call that creates them. Dialogs
-//! this process has not staged lately are looked up *before* the first call, whose answer
-//! then creates them at once (`super::recent`).
-
-use std::time::Duration;
+//! `POST /data/{customerId}/{dialogId}` (one message) and `POST /data` (a batch): the
+//! bodies read and validated into [`Offer`]s, staged by [`crate::ingest::stage`], and
+//! each outcome answered as 202 or a problem.
 
 use axum::Json;
 use axum::extract::State;
@@ -13,215 +8,13 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
-use time::OffsetDateTime;
 
 use super::extract::{BatchBody, DataPath, JsonBody};
 use super::{ApiError, AppState, json};
-use crate::domain::{CustomerId, Decision, DialogId, IncomingMessage, Invalid, parse_message, parse_message_fields};
-use crate::staging::{Create, IngestOutcome, NewMessage, StagingError};
-use crate::store::{HeldDialog, Known, StoreError};
-use crate::telemetry::{REQUEST_QUARANTINED, STAGED_DIALOGS, STAGED_MESSAGES};
-
-/// One message offered for staging.
-#[derive(Debug)]
-struct Offer {
-    customer: CustomerId,
-    dialog: DialogId,
-    message: IncomingMessage,
-}
-
-/// Stages `offers`, in order: items of one dialog get consecutive seqs in that order.
-/// `Err` when Redis failed before anything was staged; otherwise one outcome per offer,
-/// an `Err` for the offers a later failure left unstaged.
-async fn stage(state: &AppState, offers: &[Offer]) -> Result<Vec<Result<IngestOutcome, StagingError>>, StagingError> {
-    let creates = ask_first(state, offers).await;
-    let first: Vec<NewMessage<'_>> = offers
-        .iter()
-        .zip(&creates)
-        .map(|(o, create)| NewMessage {
-            customer: o.customer,
-            dialog: o.dialog,
-            message: &o.message,
-            create: create.unwrap_or(Create::Not),
-        })
-        .collect();
-    let mut outcomes = state.staging.stage(&first).await?;
-    for (create, outcome) in creates.iter().zip(&outcomes) {
-        // Did asking first save a call? Yes when the script created the dialog.
-        let new = match (create, outcome) {
-            (Some(Create::New), Ok(IngestOutcome::Accepted { seq, duplicate, .. })) => !duplicate && *seq == 1,
-            (Some(Create::Revive { last_seq }), Ok(IngestOutcome::Accepted { seq, duplicate, .. })) => {
-                !duplicate && *seq == last_seq + 1
-            }
-            _ => continue,
-        };
-        state.recent.record(new);
-    }
-    for (offer, outcome) in offers.iter().zip(&outcomes) {
-        if matches!(outcome, Ok(IngestOutcome::SetAside)) {
-            metrics::counter!(REQUEST_QUARANTINED).increment(1);
-            tracing::error!(
-                dialog = offer.dialog.get(),
-                "set aside keys of a dialog that held a type dapi does not write there; staged as for a \
-                 dialog Redis forgot (docs/operations.md, \"Quarantine\")"
-            );
-        }
-    }
-    let unknown: Vec<usize> = (0..offers.len())
-        .filter(|&i| matches!(outcomes[i], Ok(IngestOutcome::Unknown | IngestOutcome::SetAside)))
-        .collect();
-    if unknown.is_empty() {
-        return Ok(outcomes);
-    }
-
-    // Dialogs Redis does not know: new, or forgotten while PostgreSQL holds them as
-    // granted or refused. Ask PostgreSQL, briefly; if it cannot say, the flusher settles
-    // them.
-    let decided = look_up(state, unknown.iter().map(|&i| &offers[i])).await;
-    let mut second = Vec::with_capacity(unknown.len());
-    let mut second_at = Vec::with_capacity(unknown.len());
-    for &i in &unknown {
-        let offer = &offers[i];
-        let create = match verdict(&decided, offer, state.settings.staging_ttl) {
-            Verdict::Create(create) => create,
-            Verdict::Mismatch => {
-                outcomes[i] = Ok(IngestOutcome::CustomerMismatch);
-                continue;
-            }
-            Verdict::Refused => {
-                outcomes[i] = Ok(IngestOutcome::ConsentRefused);
-                continue;
-            }
-            Verdict::Stored { seq } => {
-                outcomes[i] = Ok(IngestOutcome::Accepted {
-                    seq,
-                    decision: Decision::Granted,
-                    duplicate: true,
-                });
-                continue;
-            }
-        };
-        second.push(NewMessage {
-            customer: offer.customer,
-            dialog: offer.dialog,
-            message: &offer.message,
-            create,
-        });
-        second_at.push(i);
-    }
-    match state.staging.stage(&second).await {
-        Ok(created) => {
-            for (i, outcome) in second_at.into_iter().zip(created) {
-                outcomes[i] = match outcome {
-                    Ok(IngestOutcome::Unknown) => Err(StagingError::Corrupt(
-                        "the ingest script did not create the dialog it was told to",
-                    )),
-                    // Keys of a wrong type again, written between the two calls: nothing
-                    // staged, and a retry is safe.
-                    Ok(IngestOutcome::SetAside) => Err(StagingError::Interrupted),
-                    outcome => outcome,
-                };
-            }
-        }
-        Err(e) => {
-            // Part-way: what the first call staged stands; these were not staged (or, when
-            // only the replicas did not confirm them, may be: a retry is safe either way).
-            tracing::warn!(error = %crate::telemetry::chain(&e), "Redis failed part-way through a batch");
-            for i in second_at {
-                outcomes[i] = Err(match e {
-                    StagingError::NotReplicated { acked, wanted } => StagingError::NotReplicated { acked, wanted },
-                    _ => StagingError::Interrupted,
-                });
-            }
-        }
-    }
-    Ok(outcomes)
-}
-
-/// For each offer, how the first script call creates its dialog should Redis not know it:
-/// `None` (don't: answer 'unknown') for dialogs this process staged lately, else what
-/// PostgreSQL says of the dialog now — asked here, before the call, while that pays off
-/// (`super::recent`). A dialog PostgreSQL holds under another customer, or as refused, is
-/// left to the usual path (`None`), so that Redis's own record decides when it has one.
-async fn ask_first(state: &AppState, offers: &[Offer]) -> Vec<Option<Create>> {
-    let mut creates = vec![None; offers.len()];
-    if !state.recent.ask_first() {
-        for offer in offers {
-            state.recent.first_sighting(offer.dialog);
-        }
-        return creates;
-    }
-    let unseen: Vec<usize> = (0..offers.len())
-        .filter(|&i| state.recent.first_sighting(offers[i].dialog))
-        .collect();
-    if unseen.is_empty() {
-        return creates;
-    }
-    let decided = look_up(state, unseen.iter().map(|&i| &offers[i])).await;
-    for i in unseen {
-        if let Verdict::Create(create) = verdict(&decided, &offers[i], state.settings.staging_ttl) {
-            creates[i] = Some(create);
-        }
-    }
-    creates
-}
-
-/// Asks PostgreSQL what it holds of the offers' dialogs, and of their messageIds.
-async fn look_up<'a>(state: &AppState, offers: impl Iterator<Item = &'a Offer>) -> Result<Known, StoreError> {
-    let mut dialogs = Vec::new();
-    let mut message_ids = Vec::new();
-    for offer in offers {
-        dialogs.push(offer.dialog);
-        if let Some(id) = &offer.message.message_id {
-            message_ids.push((offer.dialog, id.as_str().to_owned()));
-        }
-    }
-    dialogs.sort_unstable();
-    dialogs.dedup();
-    state.store.decided_dialogs_quickly(&dialogs, &message_ids).await
-}
-
-/// What to do with an offer whose dialog Redis does not know, by what PostgreSQL holds.
-enum Verdict {
-    /// Stage it, creating the dialog so.
-    Create(Create),
-    /// PostgreSQL holds the dialog under another customer.
-    Mismatch,
-    /// PostgreSQL holds a refusal made within `DAPI_STAGING_TTL`: the dialog is still
-    /// refused, as Redis would say had it not forgotten it (a restart without
-    /// persistence, a failover); an older refusal is forgotten, as Redis forgets it.
-    Refused,
-    /// PostgreSQL stores the offer's messageId for the dialog already, under this seq: a
-    /// retry Redis cannot recognise any more (it lost the dialog), answered as the
-    /// duplicate it is (Guarantee 8).
-    Stored { seq: i64 },
-}
-
-/// The verdict on `offer`, whose dialog Redis does not know, from what PostgreSQL said
-/// (`decided`: what it holds of the dialogs asked about, or its failure).
-fn verdict(decided: &Result<Known, StoreError>, offer: &Offer, ttl: Duration) -> Verdict {
-    let known = match decided {
-        Ok(known) => known,
-        Err(_) => return Verdict::Create(Create::Unverified),
-    };
-    let held = known.dialogs.get(&offer.dialog);
-    if let (Some(HeldDialog::Granted(g)), Some(id)) = (held, &offer.message.message_id)
-        && g.customer == offer.customer
-        && let Some(&seq) = known.message_ids.get(&(offer.dialog, id.as_str().to_owned()))
-    {
-        return Verdict::Stored { seq };
-    }
-    match held {
-        None => Verdict::Create(Create::New),
-        Some(HeldDialog::Granted(g)) if g.customer != offer.customer => Verdict::Mismatch,
-        Some(HeldDialog::Granted(g)) => Verdict::Create(Create::Revive { last_seq: g.last_seq }),
-        Some(HeldDialog::Refused { customer, .. }) if *customer != offer.customer => Verdict::Mismatch,
-        Some(HeldDialog::Refused { decided_at, .. }) if *decided_at + ttl > OffsetDateTime::now_utc() => {
-            Verdict::Refused
-        }
-        Some(HeldDialog::Refused { .. }) => Verdict::Create(Create::New),
-    }
-}
+use crate::domain::{CustomerId, DialogId, Invalid, parse_message, parse_message_fields};
+use crate::ingest::{Offer, stage};
+use crate::staging::{IngestOutcome, StagingError};
+use crate::telemetry::{STAGED_DIALOGS, STAGED_MESSAGES};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -309,7 +102,7 @@ pub async fn ingest(
         dialog,
         message,
     };
-    let outcome = stage(&state, std::slice::from_ref(&offer))
+    let outcome = stage(&state.ingest_path(), std::slice::from_ref(&offer))
         .await?
         .pop()
         .ok_or(ApiError::Staging(StagingError::Corrupt("no outcome")))??;
@@ -410,7 +203,7 @@ pub async fn ingest_batch(
             Err(invalid) => slots.push(Err(ApiError::InvalidBody(invalid))),
         }
     }
-    let mut staged = offers.iter().zip(stage(&state, &offers).await?);
+    let mut staged = offers.iter().zip(stage(&state.ingest_path(), &offers).await?);
     let results = slots
         .iter()
         .map(|slot| match slot {

@@ -1,8 +1,9 @@
 //! The HTTP API: router, shared state, one file per endpoint group, extractors, access,
-//! limits, the OpenAPI document and the problem+json error type. Handlers validate, call
-//! `staging` and `store` (an ingest one script call, or two with a PostgreSQL lookup
-//! between for a dialog new to Redis; a decision up to six calls), and answer; they
-//! never touch Redis or SQL directly.
+//! limits, the OpenAPI document and the problem+json error type. Handlers read and
+//! validate requests into the domain's types, call `ingest`, `erasure`, `staging` or
+//! `store` for the work (an ingest one script call, or two with a PostgreSQL lookup
+//! between for a dialog new to Redis; a decision up to six calls: `crate::ingest`), and
+//! map the outcome to a status and a body; they never touch Redis or SQL directly.
 
 mod access;
 mod consents;
@@ -18,7 +19,6 @@ mod observe;
 mod openapi;
 mod ops;
 mod privacy;
-mod recent;
 
 pub use access::{Access, Caller, Role};
 pub use error::{ApiError, problem};
@@ -52,8 +52,8 @@ pub struct Shared {
     pub staging: Staging,
     pub store: Store,
     pub settings: Arc<crate::config::Settings>,
-    /// Dialogs this process staged lately (see [`recent`]).
-    recent: recent::Recent,
+    /// Dialogs this process staged lately (see [`crate::ingest::Recent`]).
+    recent: crate::ingest::Recent,
 }
 
 impl AppState {
@@ -62,8 +62,18 @@ impl AppState {
             staging,
             store,
             settings,
-            recent: recent::Recent::default(),
+            recent: crate::ingest::Recent::default(),
         }))
+    }
+
+    /// What staging a message needs of the shared state.
+    fn ingest_path(&self) -> crate::ingest::IngestPath<'_> {
+        crate::ingest::IngestPath {
+            staging: &self.staging,
+            store: &self.store,
+            recent: &self.recent,
+            staging_ttl: self.settings.staging_ttl,
+        }
     }
 }
 

@@ -17,15 +17,13 @@
 //! before the replicas confirm: the next call goes while this one's messages wait for
 //! their replication round (a slow replica must not make single POSTs one call a round).
 //!
-//! `store::lookup` does the same for the PostgreSQL lookups of dialogs new to Redis.
-
-use std::sync::Arc;
-
-use tokio::sync::{Semaphore, mpsc, oneshot};
+//! The gathering is `crate::group_commit`'s; `store::lookup` and `staging::replication`
+//! use it too, for the PostgreSQL lookups of dialogs new to Redis and the `WAIT` rounds.
 
 use super::replication::Replication;
 use super::{Create, IngestOutcome, Keyspace, NewMessage, Staging, StagingError, by_slot_group};
 use crate::domain::{CustomerId, DialogId, IncomingMessage};
+use crate::group_commit::{GroupCommit, Settings, Slot};
 
 /// Single-message ingest calls in flight at once from one process; messages that arrive
 /// meanwhile wait to go together. Measured with 64 connections (BENCHMARKS.md): 1 gave
@@ -43,96 +41,71 @@ struct Pending {
     dialog: DialogId,
     message: IncomingMessage,
     create: Create,
-    answer: oneshot::Sender<Result<IngestOutcome, StagingError>>,
 }
 
 /// The sending side; the task that makes the calls stops when every clone is gone.
 #[derive(Clone)]
 pub(super) struct Coalescer {
-    queue: mpsc::UnboundedSender<Pending>,
+    calls: GroupCommit<Pending, Result<IngestOutcome, StagingError>, StagingError>,
 }
 
 impl Coalescer {
     /// Starts the task on the current runtime. `staging` makes the calls: a handle
     /// without a coalescer of its own, or the task would keep itself alive.
-    pub(super) fn start(staging: Staging) -> Self {
-        let (queue, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(run(staging, waiting));
-        Self { queue }
+    pub(super) fn start(mut staging: Staging) -> Self {
+        // The calls do not wait for the replicas: `confirmed` does, after the slot is back.
+        let replication = staging.replication.take();
+        let settings = Settings {
+            in_flight: IN_FLIGHT,
+            most: MAX_ITEMS,
+            weight: |_| 1,
+            pace: std::time::Duration::ZERO,
+        };
+        let calls = GroupCommit::start(settings, move |items, slot| {
+            call(staging.clone(), replication.clone(), items, slot)
+        });
+        Self { calls }
     }
 
-    /// Stages one message, in a call with whatever else is waiting. The queue is
-    /// unbounded: what waits is bounded by the requests dapi takes at once
-    /// (`DAPI_MAX_IN_FLIGHT`).
+    /// Stages one message, in a call with whatever else is waiting.
     pub(super) async fn stage(&self, message: &NewMessage<'_>) -> Result<IngestOutcome, StagingError> {
-        let (answer, answered) = oneshot::channel();
         let pending = Pending {
             customer: message.customer,
             dialog: message.dialog,
             message: message.message.clone(),
             create: message.create,
-            answer,
         };
-        self.queue.send(pending).map_err(|_| StagingError::Interrupted)?;
         // A call that ends without answering (its task panicked) staged nothing we know of.
-        answered.await.unwrap_or(Err(StagingError::Interrupted))
+        match self.calls.call(pending).await {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(e)) => Err(e),
+            None => Err(StagingError::Interrupted),
+        }
     }
 }
 
-async fn run(mut staging: Staging, mut waiting: mpsc::UnboundedReceiver<Pending>) {
-    // The calls do not wait for the replicas: `confirmed` does, after the slot is back.
-    let replication = staging.replication.take();
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    while let Some(first) = waiting.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        // Whatever arrived while every slot was taken goes in this call.
-        let mut items = vec![first];
-        while items.len() < MAX_ITEMS {
-            match waiting.try_recv() {
-                Ok(pending) => items.push(pending),
-                Err(_) => break,
-            }
-        }
-        items.retain(|pending| !pending.answer.is_closed());
-        if items.is_empty() {
-            continue;
-        }
-        let staging = staging.clone();
-        let replication = replication.clone();
-        tokio::spawn(async move {
-            let messages: Vec<NewMessage<'_>> = items
-                .iter()
-                .map(|p| NewMessage {
-                    customer: p.customer,
-                    dialog: p.dialog,
-                    message: &p.message,
-                    create: p.create,
-                })
-                .collect();
-            let staged = staging.stage(&messages).await;
-            drop(slot);
-            let staged = match (staged, &replication) {
-                (Ok(outcomes), Some(replication)) => {
-                    Ok(confirmed(&staging.keys, replication, &messages, outcomes).await)
-                }
-                (staged, _) => staged,
-            };
-            drop(messages);
-            match staged {
-                Ok(outcomes) => {
-                    for (pending, outcome) in items.into_iter().zip(outcomes) {
-                        let _ = pending.answer.send(outcome);
-                    }
-                }
-                Err(e) => {
-                    for pending in items {
-                        let _ = pending.answer.send(Err(e.clone()));
-                    }
-                }
-            }
-        });
+/// One script call for `items`; the slot goes back once Redis has answered, before the
+/// replicas are waited for.
+async fn call(
+    staging: Staging,
+    replication: Option<Replication>,
+    items: Vec<Pending>,
+    slot: Slot,
+) -> Result<Vec<Result<IngestOutcome, StagingError>>, StagingError> {
+    let messages: Vec<NewMessage<'_>> = items
+        .iter()
+        .map(|p| NewMessage {
+            customer: p.customer,
+            dialog: p.dialog,
+            message: &p.message,
+            create: p.create,
+        })
+        .collect();
+    let staged = staging.stage(&messages).await;
+    drop(slot);
+    match (staged, &replication) {
+        (Ok(outcomes), Some(replication)) => Ok(confirmed(&staging.keys, replication, &messages, outcomes).await),
+        (staged, _) => staged,
     }
 }
 

@@ -2,7 +2,7 @@
 
 use super::wire::{self, consent::Decide};
 use super::{Keyspace, Staging, StagingError};
-use crate::domain::{CustomerId, Decision, DialogId, GrantToAudit};
+use crate::domain::{CustomerId, DialogId, GrantToAudit, GrantedDialog};
 
 /// The decision [`Staging::decide`] records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,16 +30,18 @@ pub struct Recorded {
     pub erased_staged: Vec<i64>,
 }
 
-/// How to bring back a dialog Redis no longer knows but PostgreSQL does.
-#[derive(Debug, Clone, Copy)]
-pub struct Revival {
-    /// [`CustomerId::UNKNOWN`] for a refusal of a dialog whose customer PostgreSQL could
-    /// not tell.
-    pub customer: CustomerId,
-    pub last_seq: i64,
-    /// The decision PostgreSQL holds (`None`: none, as for a refusal recorded while
-    /// PostgreSQL could not be asked): the standing one a new decision is compared with.
-    pub standing: Option<Decision>,
+/// How to bring back a dialog Redis no longer knows but PostgreSQL does; what it says
+/// PostgreSQL holds is the standing decision a new one is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revival {
+    /// PostgreSQL holds a grant: back as granted, its seqs continuing.
+    Granted(GrantedDialog),
+    /// PostgreSQL holds a refusal of the customer's dialog; nothing of it is stored.
+    Refused { customer: CustomerId },
+    /// No standing decision: a refusal recorded while PostgreSQL could not be asked
+    /// ([`CustomerId::UNKNOWN`] when it could not say whose the dialog is), or a customer
+    /// erasure's refusal of a dialog PostgreSQL holds under the customer.
+    Unheld { customer: CustomerId },
 }
 
 /// What [`Staging::decide`] did.

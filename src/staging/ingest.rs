@@ -44,7 +44,9 @@ pub enum Create {
     /// PostgreSQL holds no grant for it: a new pending dialog.
     New,
     /// PostgreSQL holds it as granted, its last stored seq given: granted again, its seq
-    /// continuing.
+    /// continuing. Only the seq of the [`crate::domain::GrantedDialog`]: the customer is
+    /// the message's own ([`NewMessage::customer`]), which a grant of another customer's
+    /// never reaches (it answers 409 first), so the script has one customer to trust.
     Revive { last_seq: i64 },
     /// PostgreSQL could not be asked: pending and unverified, for the flusher to settle.
     Unverified,

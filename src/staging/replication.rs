@@ -23,9 +23,8 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
-
 use super::{Connector, Keyspace, RedisConn, Shard, StagingError, Timeouts};
+use crate::group_commit::{GroupCommit, Settings, Slot};
 
 /// How long a round waits for the replicas before the writes it covers are answered 503
 /// `replication_timeout`.
@@ -34,13 +33,10 @@ const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// One round's answer: how many replicas confirmed, or why Redis could not be asked.
 type Confirmed = Result<usize, String>;
 
-/// A waiter: the shard its write went to, and where to answer.
-type Waiter = (Shard, oneshot::Sender<Confirmed>);
-
 /// A handle on the waiting task; the task ends when every handle is dropped.
 #[derive(Debug, Clone)]
 pub(super) struct Replication {
-    queue: mpsc::UnboundedSender<Waiter>,
+    rounds: GroupCommit<Shard, Confirmed, std::convert::Infallible>,
     wanted: usize,
 }
 
@@ -51,26 +47,30 @@ impl Replication {
             connect: Duration::from_secs(1),
             response: WAIT_TIMEOUT + Duration::from_secs(1),
         })?;
-        let (queue, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(run(conn, keys, wanted, waiting));
-        Ok(Self { queue, wanted })
+        // One round at a time, of every waiter that asked before it began.
+        let settings = Settings {
+            in_flight: 1,
+            most: usize::MAX,
+            weight: |_| 1,
+            pace: Duration::ZERO,
+        };
+        let rounds = GroupCommit::start(settings, move |shards, slot| {
+            round(conn.clone(), keys.clone(), wanted, shards, slot)
+        });
+        Ok(Self { rounds, wanted })
     }
 
     /// Returns once the replicas asked for hold every write this process had answered
     /// on `shard`'s primary before the call; [`StagingError::NotReplicated`] when they
     /// did not confirm in time.
     pub(super) async fn confirm(&self, shard: Shard) -> Result<(), StagingError> {
-        let (answer, answered) = oneshot::channel();
-        self.queue
-            .send((shard, answer))
-            .map_err(|_| StagingError::Interrupted)?;
-        match answered.await {
-            Ok(Ok(acked)) if acked >= self.wanted => Ok(()),
-            Ok(Ok(acked)) => Err(StagingError::NotReplicated {
+        match self.rounds.call(shard).await {
+            Some(Ok(Ok(acked))) if acked >= self.wanted => Ok(()),
+            Some(Ok(Ok(acked))) => Err(StagingError::NotReplicated {
                 acked,
                 wanted: self.wanted,
             }),
-            Ok(Err(_)) | Err(_) => Err(StagingError::NotReplicated {
+            Some(Ok(Err(_))) | None => Err(StagingError::NotReplicated {
                 acked: 0,
                 wanted: self.wanted,
             }),
@@ -78,29 +78,33 @@ impl Replication {
     }
 }
 
-/// Answers waiters in rounds; a round asks each slot group its waiters wrote to (one on
-/// one Redis, one per shard on a cluster) at once.
-async fn run(conn: RedisConn, keys: Keyspace, wanted: usize, mut waiting: mpsc::UnboundedReceiver<Waiter>) {
-    while let Some(first) = waiting.recv().await {
-        let mut round = vec![first];
-        while let Ok(next) = waiting.try_recv() {
-            round.push(next);
-        }
-        let mut groups: Vec<Shard> = round.iter().map(|(shard, _)| keys.slot_group(*shard)).collect();
-        groups.sort_unstable();
-        groups.dedup();
-        let asks = groups.iter().map(|&group| {
-            // Any shard of the group names its primary; the group's own number is one.
-            let fence = keys.replication_fence(group);
-            ask(conn.clone(), fence, wanted)
-        });
-        let answers = futures_util::future::join_all(asks).await;
-        for (shard, waiter) in round {
+/// One round: asks each slot group its waiters wrote to (one on one Redis, one per shard
+/// on a cluster) at once, and answers each waiter its group's answer.
+async fn round(
+    conn: RedisConn,
+    keys: Keyspace,
+    wanted: usize,
+    shards: Vec<Shard>,
+    slot: Slot,
+) -> Result<Vec<Confirmed>, std::convert::Infallible> {
+    let _slot = slot;
+    let mut groups: Vec<Shard> = shards.iter().map(|shard| keys.slot_group(*shard)).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let asks = groups.iter().map(|&group| {
+        // Any shard of the group names its primary; the group's own number is one.
+        let fence = keys.replication_fence(group);
+        ask(conn.clone(), fence, wanted)
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    Ok(shards
+        .into_iter()
+        .map(|shard| {
             let group = keys.slot_group(shard);
             let at = groups.iter().position(|&g| g == group).unwrap_or_default();
-            let _ = waiter.send(answers.get(at).cloned().unwrap_or(Err("no answer".into())));
-        }
-    }
+            answers.get(at).cloned().unwrap_or(Err("no answer".into()))
+        })
+        .collect())
 }
 
 /// One fence and `WAIT` on the primary of `fence`'s slot: in one pipeline, so both go on

@@ -60,6 +60,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
 use time::OffsetDateTime;
 
+pub use crate::domain::GrantedDialog;
 use crate::domain::{Cursor, CustomerId, Decision, DialogId, DialogState, Refusal, TakeBack};
 
 pub mod erasure;
@@ -179,14 +180,6 @@ pub type ClaimFn<'a> = dyn Fn(
     + Send
     + Sync
     + 'a;
-
-/// A dialog PostgreSQL holds as granted: enough to bring it back in Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GrantedDialog {
-    pub customer: CustomerId,
-    /// The highest seq stored (0 when none).
-    pub last_seq: i64,
-}
 
 /// What PostgreSQL holds of a dialog Redis does not know (it forgot it, or never knew):
 /// a grant, enough to bring it back in Redis, or a refusal, which keeps refusing its

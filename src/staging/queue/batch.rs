@@ -8,7 +8,7 @@ use redis::Value;
 
 use super::delivery::ids_by_shard;
 use super::{FlushQueue, QueueEntry};
-use crate::domain::{CustomerId, DialogId, DialogState, TakeBack};
+use crate::domain::{CustomerId, DialogId, DialogState, GrantedDialog, TakeBack};
 use crate::staging::wire::{
     self, claim::ClaimSeqs, finish::Finish, quarantine::Quarantine, settle::Settle, snapshot::TakeSnapshot,
 };
@@ -93,7 +93,7 @@ pub enum InStore {
     /// Nothing that still counts: the dialog is what Redis says.
     Nothing,
     /// A grant, with the last seq stored: the dialog's seqs continue after it.
-    Granted { customer: CustomerId, last_seq: i64 },
+    Granted(GrantedDialog),
     /// A refusal made within `DAPI_STAGING_TTL` (one Redis lost): a dialog still pending
     /// in Redis is refused, its staged messages deleted.
     Refused { customer: CustomerId },

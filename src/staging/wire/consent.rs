@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use redis::{Script, Value};
 
 use super::{array, bytes, decision_letter, eval, grant_to_audit, number, text};
-use crate::domain::{CustomerId, Decision, DialogId};
+use crate::domain::{CustomerId, Decision, DialogId, GrantedDialog};
 use crate::staging::{Choice, Decided, Keyspace, Recorded, Revival, StagingError};
 
 pub static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/consent.lua")));
@@ -55,10 +55,19 @@ impl Decide {
             Some(customer) => cmd.arg(customer.get()),
             None => cmd.arg(ANY_CUSTOMER),
         };
-        if let Some(revival) = self.revival {
-            cmd.arg(revival.customer.get())
-                .arg(revival.last_seq)
-                .arg(revival.standing.map_or(NOTHING_HELD, decision_letter));
+        match self.revival {
+            Some(Revival::Granted(GrantedDialog { customer, last_seq })) => {
+                cmd.arg(customer.get())
+                    .arg(last_seq)
+                    .arg(decision_letter(Decision::Granted));
+            }
+            Some(Revival::Refused { customer }) => {
+                cmd.arg(customer.get()).arg(0).arg(decision_letter(Decision::Refused));
+            }
+            Some(Revival::Unheld { customer }) => {
+                cmd.arg(customer.get()).arg(0).arg(NOTHING_HELD);
+            }
+            None => {}
         }
         cmd
     }
@@ -149,10 +158,8 @@ mod tests {
 
         let refusal = Decide {
             choice: Choice::Refuse,
-            revival: Some(Revival {
+            revival: Some(Revival::Unheld {
                 customer: CustomerId::UNKNOWN,
-                last_seq: 0,
-                standing: None,
             }),
             only_for: Some(CustomerId::from_stored(3)),
             ..grant
@@ -162,11 +169,10 @@ mod tests {
         assert_eq!(words(&refusal.command(&keys)), want);
 
         let revived = Decide {
-            revival: Some(Revival {
+            revival: Some(Revival::Granted(GrantedDialog {
                 customer: CustomerId::from_stored(3),
                 last_seq: 12,
-                standing: Some(Decision::Granted),
-            }),
+            })),
             ..grant
         };
         let mut want = keys_of(&keys, 7);

@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use redis::{Script, Value};
 
 use super::{bytes, eval};
-use crate::domain::DialogId;
+use crate::domain::{DialogId, GrantedDialog};
 use crate::staging::{InStore, Keyspace, Settled, StagingError};
 
 pub static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/settle.lua")));
@@ -38,7 +38,7 @@ impl Settle {
             .arg(keys.ids(d))
             .arg(self.ttl_ms);
         match self.held {
-            InStore::Granted { customer, last_seq } => cmd.arg(GRANT).arg(customer.get()).arg(last_seq),
+            InStore::Granted(GrantedDialog { customer, last_seq }) => cmd.arg(GRANT).arg(customer.get()).arg(last_seq),
             InStore::Refused { customer } => cmd.arg(REFUSAL).arg(customer.get()),
             InStore::Nothing => cmd.arg(NOTHING),
         };
@@ -78,7 +78,10 @@ mod tests {
             assert_eq!(words[..5], ["3", &keys.meta(7), &keys.msgs(7), &keys.ids(7), "1000"]);
             words[5..].to_vec()
         };
-        assert_eq!(call(InStore::Granted { customer, last_seq: 9 }), ["grant", "3", "9"]);
+        assert_eq!(
+            call(InStore::Granted(GrantedDialog { customer, last_seq: 9 })),
+            ["grant", "3", "9"]
+        );
         assert_eq!(call(InStore::Refused { customer }), ["refusal", "3"]);
         assert_eq!(call(InStore::Nothing), ["nothing"]);
     }

@@ -4,7 +4,7 @@
 //! A dialog's first message used to cost two script calls: the first answers 'unknown'
 //! (Redis does not know the dialog), then PostgreSQL is asked whether it holds the dialog
 //! as granted, then the second call creates it. A dialog this process has not staged
-//! lately is most likely new, so `http::ingest` asks PostgreSQL first and hands the answer
+//! lately is most likely new, so [`super::stage()`] asks PostgreSQL first and hands the answer
 //! to the one script call (which ignores it when Redis knows the dialog after all: the
 //! same as when another process created it between the two calls). That saves the first
 //! call, ~100k of Redis's instructions, for every new dialog (BENCHMARKS.md).
