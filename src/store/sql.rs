@@ -141,6 +141,26 @@ SELECT customer_id, false, 0, now(), 0, true FROM erasures WHERE customer_id = A
 pub const NEWER_DECISIONS: &str = "\
 SELECT dialog_id, decision = 'refused' AS refused, epoch, erased_at FROM dialogs WHERE dialog_id = ANY($1::int8[])";
 
+/// The erasure both erasing statements share: every message of the dialogs `$1` deleted,
+/// and subtracted from the counters of its month in shard `$2` (`changed`: the rows).
+macro_rules! erase_dialogs {
+    () => {
+        "\
+WITH changed AS (
+    DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
+    RETURNING dialog_id, seq, customer_id, lower(language) AS language, messages_month(received_at) AS part
+), delta AS (
+    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped AS (
+    INSERT INTO message_counts (customer_id, language, part, shard, n)
+    SELECT customer_id, language, part, $2::int2, -n FROM delta ORDER BY customer_id, language, part
+    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+)"
+    };
+}
+
 /// Erasure of refused dialogs `$1` (their refusals took): every message of them, whatever
 /// its seq, subtracted from the counters of its month in shard `$2`; answers every message
 /// deleted as (dialog, seq), which the refusal's audit event and an erasure's receipt
@@ -148,20 +168,7 @@ SELECT dialog_id, decision = 'refused' AS refused, epoch, erased_at FROM dialogs
 /// scan in the generic plan too (a join against `UNNEST` was planned as a sequential scan
 /// of `messages`), and the transactions that run it turn sequential scans off against a
 /// stale plan (the module documentation's "Plans").
-pub const ERASE_DIALOGS_ROWS: &str = "\
-WITH changed AS (
-    DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
-    RETURNING dialog_id, seq, customer_id, lower(language) AS language, messages_month(received_at) AS part
-), delta AS (
-    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
-    HAVING count(*) > 0
-), bumped AS (
-    INSERT INTO message_counts (customer_id, language, part, shard, n)
-    SELECT customer_id, language, part, $2::int2, -n FROM delta ORDER BY customer_id, language, part
-    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
-)
-SELECT dialog_id, seq FROM changed";
+pub const ERASE_DIALOGS_ROWS: &str = concat!(erase_dialogs!(), "\nSELECT dialog_id, seq FROM changed");
 
 /// `ERASE_DIALOGS_ROWS` for refusals, with their audit events in the same statement (one
 /// round trip less for every refusal): `$3`/`$4` the (dialog, seq) pairs Redis deleted,
@@ -169,19 +176,9 @@ SELECT dialog_id, seq FROM changed";
 /// distinct seqs across both stores; any other kind (a grant the refusal overtook) counts
 /// nothing. An event written already is not written again (`WRITE_EVENTS`). Answers how
 /// many stored messages it deleted.
-pub const ERASE_DIALOGS_AUDITED: &str = "\
-WITH changed AS (
-    DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
-    RETURNING dialog_id, seq, customer_id, lower(language) AS language, messages_month(received_at) AS part
-), delta AS (
-    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
-    HAVING count(*) > 0
-), bumped AS (
-    INSERT INTO message_counts (customer_id, language, part, shard, n)
-    SELECT customer_id, language, part, $2::int2, -n FROM delta ORDER BY customer_id, language, part
-    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
-), erased AS (
+pub const ERASE_DIALOGS_AUDITED: &str = concat!(
+    erase_dialogs!(),
+    ", erased AS (
     SELECT dialog_id, seq FROM changed
     UNION
     SELECT * FROM UNNEST($3::int8[], $4::int8[]) AS staged (dialog_id, seq)
@@ -192,7 +189,8 @@ WITH changed AS (
     FROM UNNEST($5::timestamptz[], $6::text[], $7::int8[], $8::int8[]) AS e (at, event, customer_id, dialog_id)
     ON CONFLICT DO NOTHING
 )
-SELECT count(*)::int8 FROM changed";
+SELECT count(*)::int8 FROM changed"
+);
 
 /// Records erasure `$1` for customer `$2`, requested at `$3`, unless one is pending
 /// already (then nothing, and `PENDING_ERASURE_OF` finds it).
