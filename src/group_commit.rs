@@ -191,7 +191,7 @@ mod tests {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let seen = batches.clone();
         let commit = GroupCommit::start(settings, move |requests: Vec<u32>, slot| {
-            seen.lock().unwrap().push(requests.clone());
+            seen.lock().unwrap().push(requests.clone()); // allow: test code
             async move {
                 let _slot = slot;
                 Ok(requests.iter().map(|r| r * 10).collect())
@@ -204,9 +204,9 @@ mod tests {
     async fn callers_waiting_together_go_in_one_batch_in_arrival_order_each_with_its_own_answer() {
         let (commit, batches) = recording(settings(1, 64));
         let answers = join_all((0..5).map(|r| commit.call(r))).await;
-        let answers: Vec<u32> = answers.into_iter().map(|a| a.unwrap().unwrap()).collect();
+        let answers: Vec<u32> = answers.into_iter().map(|a| a.unwrap().unwrap()).collect(); // allow: test code
         assert_eq!(answers, [0, 10, 20, 30, 40]);
-        assert_eq!(*batches.lock().unwrap(), [vec![0, 1, 2, 3, 4]]);
+        assert_eq!(*batches.lock().unwrap(), [vec![0, 1, 2, 3, 4]]); // allow: test code
     }
 
     #[tokio::test]
@@ -214,7 +214,7 @@ mod tests {
         let (commit, batches) = recording(settings(1, 3));
         let answers = join_all((0..7).map(|r| commit.call(r))).await;
         assert!(answers.iter().all(|a| matches!(a, Some(Ok(_)))));
-        assert_eq!(*batches.lock().unwrap(), [vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
+        assert_eq!(*batches.lock().unwrap(), [vec![0, 1, 2], vec![3, 4, 5], vec![6]]); // allow: test code
     }
 
     #[tokio::test]
@@ -239,7 +239,7 @@ mod tests {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let seen = batches.clone();
         let commit: GroupCommit<u32, u32, String> = GroupCommit::start(settings(1, 64), move |requests, slot| {
-            seen.lock().unwrap().push(requests.clone());
+            seen.lock().unwrap().push(requests.clone()); // allow: test code
             // The first batch holds its slot until the gate opens.
             let gate = opened.lock().unwrap().take();
             async move {

@@ -5,12 +5,11 @@
 use std::collections::BTreeSet;
 use std::io::Read;
 
-use dapi::domain::{CustomerId, Decision, DialogId, DialogState, StagedMessage};
 use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
-use crate::helpers::{drain, flusher};
+use crate::helpers::{drain, flusher, states_of};
 
 const T: i64 = 1_795_000_000_000_000; // 2026-11-18T11:06:40Z
 
@@ -18,33 +17,6 @@ const T: i64 = 1_795_000_000_000_000; // 2026-11-18T11:06:40Z
 /// epochs included), with chosen timestamps: `(customer, dialog, seq, language, µs)`.
 async fn store_granted(app: &TestApp, rows: &[(i64, i64, i64, &str, i64)]) {
     app.store.apply(&states_of(rows, "")).await.unwrap();
-}
-
-fn states_of(rows: &[(i64, i64, i64, &str, i64)], pad: &str) -> Vec<DialogState> {
-    let mut states: Vec<DialogState> = Vec::new();
-    for &(customer, dialog, seq, language, at) in rows {
-        let message = StagedMessage {
-            seq,
-            received_at_us: at,
-            language: language.to_owned(),
-            text: format!("c{customer} d{dialog} s{seq}{pad}"),
-            message_id: None,
-        };
-        match states.iter_mut().find(|s| s.dialog.get() == dialog) {
-            Some(state) => state.messages.push(message),
-            None => states.push(DialogState {
-                audit: Default::default(),
-                dialog: DialogId::from_stored(dialog),
-                customer: CustomerId::from_stored(customer),
-                decision: Decision::Granted,
-                epoch: 1,
-                decided_at_us: 0,
-                unerased_refusal: None,
-                messages: vec![message],
-            }),
-        }
-    }
-    states
 }
 
 /// One export: its message lines and its resume token.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dapi::app::{self, Roles, Running};
 use dapi::config::Settings;
+use dapi::domain::{CustomerId, Decision, DialogId, DialogState, StagedMessage};
 use dapi::flusher::{Flusher, Outcome};
 use dapi::staging::{Connector, FlushQueue, Keyspace, RedisConn, SHARDS, Timeouts, unique_consumer_name};
 use dapi::store::Store;
@@ -400,4 +401,34 @@ pub async fn stored_texts(app: &TestApp, dialog: i64) -> Vec<String> {
 /// POST `body` to `path` on the dapi at `base` (such as one whose PostgreSQL is away).
 pub async fn post_to(app: &TestApp, base: &str, path: &str, body: Value) -> Response {
     app.http.post(format!("{base}{path}")).json(&body).send().await.unwrap()
+}
+
+/// Granted dialog states with chosen timestamps, as the flusher would write them:
+/// `(customer, dialog, seq, language, received_at_us)`; each text is
+/// `c<customer> d<dialog> s<seq>` followed by `pad`.
+pub fn states_of(rows: &[(i64, i64, i64, &str, i64)], pad: &str) -> Vec<DialogState> {
+    let mut states: Vec<DialogState> = Vec::new();
+    for &(customer, dialog, seq, language, at) in rows {
+        let message = StagedMessage {
+            seq,
+            received_at_us: at,
+            language: language.to_owned(),
+            text: format!("c{customer} d{dialog} s{seq}{pad}"),
+            message_id: None,
+        };
+        match states.iter_mut().find(|s| s.dialog.get() == dialog) {
+            Some(state) => state.messages.push(message),
+            None => states.push(DialogState {
+                audit: Default::default(),
+                dialog: DialogId::from_stored(dialog),
+                customer: CustomerId::from_stored(customer),
+                decision: Decision::Granted,
+                epoch: 1,
+                decided_at_us: 0,
+                unerased_refusal: None,
+                messages: vec![message],
+            }),
+        }
+    }
+    states
 }

@@ -1,38 +1,15 @@
 //! GET /data/: filters, order, pages, cursors.
 
-use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage};
+use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, assert_problem, spawn_api_only, spawn_app, test_settings};
+use crate::helpers::{TestApp, assert_problem, spawn_api_only, spawn_app, states_of, test_settings};
 
 /// Stores granted dialogs straight through the store (the flusher's own write path),
 /// with chosen timestamps: `(customer, dialog, seq, language, received_at_us)`.
 async fn store_granted(app: &TestApp, rows: &[(i64, i64, i64, &str, i64)]) {
-    let mut states: Vec<DialogState> = Vec::new();
-    for &(customer, dialog, seq, language, at) in rows {
-        let message = StagedMessage {
-            seq,
-            received_at_us: at,
-            language: language.to_owned(),
-            text: format!("c{customer} d{dialog} s{seq}"),
-            message_id: None,
-        };
-        match states.iter_mut().find(|s| s.dialog.get() == dialog) {
-            Some(state) => state.messages.push(message),
-            None => states.push(DialogState {
-                audit: Default::default(),
-                dialog: DialogId::from_stored(dialog),
-                customer: CustomerId::from_stored(customer),
-                decision: Decision::Granted,
-                epoch: 1,
-                decided_at_us: 0,
-                unerased_refusal: None,
-                messages: vec![message],
-            }),
-        }
-    }
-    app.store.apply(&states).await.unwrap();
+    app.store.apply(&states_of(rows, "")).await.unwrap();
 }
 
 fn ids(page: &Value) -> Vec<(i64, i64)> {
