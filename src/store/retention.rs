@@ -193,7 +193,7 @@ impl Store {
     }
 
     /// Drops the oldest partition if every message it can hold is older than `horizon`,
-    /// with the count rows of its months, in one transaction; returns its name. Never the
+    /// with the count rows of its months and hours, in one transaction; returns its name. Never the
     /// last partition.
     async fn drop_oldest_partition_before(&self, horizon: OffsetDateTime) -> Result<Option<String>, StoreError> {
         let mut tx = self.maintenance_transaction().await?;
@@ -229,6 +229,10 @@ impl Store {
         )
         .await?;
         sqlx::query("DELETE FROM message_counts WHERE part < messages_month($1)")
+            .bind(high)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM message_counts_hourly WHERE hour < messages_hour($1)")
             .bind(high)
             .execute(&mut *tx)
             .await?;

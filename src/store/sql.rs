@@ -66,14 +66,50 @@ UPDATE dialogs SET last_seq = greatest(dialogs.last_seq, u.last_seq)
 FROM UNNEST($1::int8[], $2::int8[]) AS u (dialog_id, last_seq)
 WHERE dialogs.dialog_id = u.dialog_id";
 
+/// The counters a statement's `changed` rows (`customer_id`, lower-cased `language`,
+/// `part`, `hour`) belong to — per customer and language, per customer, per language, in
+/// total (`-1` / `''` mean "any") — for their month (`message_counts`) and their hour
+/// (`message_counts_hourly`), each added `$sign n` in the shard `$shard`, in key order
+/// (one lock order for all writers). `delta` holds the monthly rows.
+macro_rules! count_changed {
+    ($sign:literal, $shard:literal) => {
+        concat!(
+            ", delta AS (
+    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped AS (
+    INSERT INTO message_counts (customer_id, language, part, shard, n)
+    SELECT customer_id, language, part, ",
+            $shard,
+            "::int2, ",
+            $sign,
+            "n FROM delta ORDER BY customer_id, language, part
+    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
+), hourly AS (
+    SELECT hour, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY hour, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped_hourly AS (
+    INSERT INTO message_counts_hourly (customer_id, language, hour, shard, n)
+    SELECT customer_id, language, hour, ",
+            $shard,
+            "::int2, ",
+            $sign,
+            "n FROM hourly ORDER BY customer_id, language, hour
+    ON CONFLICT (customer_id, language, hour, shard) DO UPDATE SET n = message_counts_hourly.n + EXCLUDED.n
+)"
+        )
+    };
+}
+
 /// Bulk insert of one batch's messages; returns how many were new. A message older than
 /// every partition is skipped: retention dropped its month (see `store::retention`). The
-/// same statement adds the inserted rows to every counter they belong to (per customer
-/// and language, per customer, per language, in total; `-1` / `''` mean "any"), for their
-/// month, in the shard `$8`, in key order (one lock order for all writers). Each row
-/// carries the export epoch current now: the transaction holds [`EXPORT_SHARED`], so the
-/// epoch cannot close before it commits (`store::export`).
-pub const INSERT_MESSAGES: &str = "\
+/// same statement adds the inserted rows to every counter they belong to (`count_changed`)
+/// in the shard `$8`. Each row carries the export epoch current now: the transaction holds
+/// [`EXPORT_SHARED`], so the epoch cannot close before it commits (`store::export`).
+pub const INSERT_MESSAGES: &str = concat!(
+    "\
 WITH changed AS (
     INSERT INTO messages (dialog_id, seq, customer_id, language, text, received_at, message_id, export_epoch)
     SELECT m.*, (SELECT epoch FROM export_state WHERE one)
@@ -81,17 +117,13 @@ WITH changed AS (
         AS m (dialog_id, seq, customer_id, language, text, received_at, message_id)
     WHERE m.received_at >= (SELECT min(low) FROM message_partitions)
     ON CONFLICT (dialog_id, seq, received_at) DO NOTHING
-    RETURNING customer_id, lower(language) AS language, messages_month(received_at) AS part
-), delta AS (
-    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
-    HAVING count(*) > 0
-), bumped AS (
-    INSERT INTO message_counts (customer_id, language, part, shard, n)
-    SELECT customer_id, language, part, $8::int2, n FROM delta ORDER BY customer_id, language, part
-    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
-)
-SELECT coalesce(sum(n), 0)::int8 FROM delta WHERE customer_id = -1 AND language = ''";
+    RETURNING customer_id, lower(language) AS language, messages_month(received_at) AS part,
+              messages_hour(received_at) AS hour
+)",
+    count_changed!("", "$8"),
+    "
+SELECT coalesce(sum(n), 0)::int8 FROM delta WHERE customer_id = -1 AND language = ''"
+);
 
 /// `BEGIN` of a transaction that erases (a refusal's, an erasure batch's), with sequential
 /// scans turned off in the same round trip: a plan made while `messages` was small would
@@ -142,27 +174,23 @@ pub const NEWER_DECISIONS: &str = "\
 SELECT dialog_id, decision = 'refused' AS refused, epoch, erased_at FROM dialogs WHERE dialog_id = ANY($1::int8[])";
 
 /// The erasure both erasing statements share: every message of the dialogs `$1` deleted,
-/// and subtracted from the counters of its month in shard `$2` (`changed`: the rows).
+/// and subtracted from its counters in shard `$2` (`changed`: the rows).
 macro_rules! erase_dialogs {
     () => {
-        "\
+        concat!(
+            "\
 WITH changed AS (
     DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
-    RETURNING dialog_id, seq, customer_id, lower(language) AS language, messages_month(received_at) AS part
-), delta AS (
-    SELECT part, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY part, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
-    HAVING count(*) > 0
-), bumped AS (
-    INSERT INTO message_counts (customer_id, language, part, shard, n)
-    SELECT customer_id, language, part, $2::int2, -n FROM delta ORDER BY customer_id, language, part
-    ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
-)"
+    RETURNING dialog_id, seq, customer_id, lower(language) AS language, messages_month(received_at) AS part,
+              messages_hour(received_at) AS hour
+)",
+            count_changed!("-", "$2")
+        )
     };
 }
 
 /// Erasure of refused dialogs `$1` (their refusals took): every message of them, whatever
-/// its seq, subtracted from the counters of its month in shard `$2`; answers every message
+/// its seq, subtracted from its counters in shard `$2`; answers every message
 /// deleted as (dialog, seq), which the refusal's audit event and an erasure's receipt
 /// count, each once with what Redis removed. `dialog_id = ANY($1)` is a primary-key index
 /// scan in the generic plan too (a join against `UNNEST` was planned as a sequential scan
@@ -371,11 +399,19 @@ ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 
 /// Page mode within a time range: the statement for one filter form (`$filter`, over
 /// `$3` language and `$4` customer). `$1` limit, `$2` offset, `$5` / `$6` the exclusive
-/// bounds of `receivedAt` (NULL: none). The count is exact at a cost that does not grow
-/// with the store: the partitions wholly inside the range are counted by their counter
-/// rows (each counts one month, `messages_before` its months together), and only the
-/// rows in the range's partial partitions at either end (at most two) are counted from
-/// the index.
+/// bounds of `receivedAt` (NULL: none). The count is exact at a cost that grows neither
+/// with the store nor much with the range:
+///
+/// - the partitions wholly inside the range (`whole`) are counted by their monthly
+///   counter rows (each counts one month, `messages_before` its months together);
+/// - the hours from `first` to `last` outside them, by the hourly counter rows;
+/// - each end's hour is cut by the index at whichever half of it is nearer the end: an
+///   end in the first half of its hour leaves that hour to the counters and the index
+///   takes back `[hour, end]` (`lo`) or adds `[hour, end)` (`hi`); an end in the second
+///   half leaves the hour out and the index adds `(end, next hour)` (`lo`) or takes back
+///   `[end, next hour)` (`hi`). So at most half an hour at either end is counted row by
+///   row, and `first <= last` always (the two ends of a range within one hour cut the
+///   same hour from both sides).
 macro_rules! page_range {
     ($(#[$doc:meta])* $name:ident, $filter:literal) => {
         $(#[$doc])*
@@ -385,18 +421,45 @@ macro_rules! page_range {
 ), whole AS (
     SELECT min(p.low) AS low, max(p.high) AS high FROM message_partitions p, r
     WHERE (p.low > r.lo OR r.lo = '-infinity') AND p.high <= r.hi
-), edges AS (
-    SELECT r.lo, least(r.hi, coalesce(whole.low, r.hi)) AS lo_end, coalesce(whole.high, r.hi) AS hi_start, r.hi
-    FROM r, whole
+), hours AS (
+    SELECT r.lo, r.hi,
+           CASE WHEN r.lo > '-infinity' THEN to_timestamp(messages_hour(r.lo)::float8 * 3600) END AS lo_hour,
+           CASE WHEN r.hi < 'infinity' THEN to_timestamp(messages_hour(r.hi)::float8 * 3600) END AS hi_hour
+    FROM r
+), cuts AS (
+    SELECT CASE WHEN lo_hour IS NULL THEN -2147483648
+                ELSE messages_hour(lo_hour) + CASE WHEN lo < lo_hour + interval '30 min' THEN 0 ELSE 1 END
+           END AS first,
+           CASE WHEN hi_hour IS NULL THEN 2147483647
+                ELSE messages_hour(hi_hour) + CASE WHEN hi < hi_hour + interval '30 min' THEN 0 ELSE 1 END
+           END AS last,
+           CASE WHEN lo < lo_hour + interval '30 min' THEN -1 ELSE 1 END AS lo_sign,
+           CASE WHEN lo < lo_hour + interval '30 min' THEN lo_hour ELSE lo + interval '1 microsecond' END AS lo_from,
+           CASE WHEN lo < lo_hour + interval '30 min' THEN lo ELSE lo_hour + interval '1 hour' - interval '1 microsecond' END AS lo_to,
+           CASE WHEN hi < hi_hour + interval '30 min' THEN 1 ELSE -1 END AS hi_sign,
+           CASE WHEN hi < hi_hour + interval '30 min' THEN hi_hour ELSE hi END AS hi_from,
+           CASE WHEN hi < hi_hour + interval '30 min' THEN hi - interval '1 microsecond'
+                ELSE hi_hour + interval '1 hour' - interval '1 microsecond' END AS hi_to,
+           CASE WHEN whole.low = '-infinity' THEN -2147483648 ELSE messages_hour(whole.low) END AS whole_first,
+           messages_hour(whole.high) AS whole_last
+    FROM hours, whole
 ), total AS (
-    SELECT coalesce((SELECT sum(n)::int8 FROM message_counts, whole
+    SELECT CASE WHEN (SELECT lo >= hi FROM r) THEN 0 ELSE
+           coalesce((SELECT sum(n)::int8 FROM message_counts, whole
                      WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')
                        AND part >= CASE WHEN whole.low = '-infinity' THEN -2147483648 ELSE messages_month(whole.low) END
                        AND part < messages_month(whole.high)), 0)
-         + (SELECT count(*) FROM messages WHERE ", $filter, "
-              AND received_at > (SELECT lo FROM edges) AND received_at < (SELECT lo_end FROM edges))
-         + (SELECT count(*) FROM messages WHERE ", $filter, "
-              AND received_at >= (SELECT hi_start FROM edges) AND received_at < (SELECT hi FROM edges)) AS n
+         + coalesce((SELECT sum(n)::int8 FROM message_counts_hourly, cuts
+                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')
+                       AND hour >= cuts.first AND hour < coalesce(cuts.whole_first, cuts.last)), 0)
+         + coalesce((SELECT sum(n)::int8 FROM message_counts_hourly, cuts
+                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')
+                       AND hour >= coalesce(cuts.whole_last, cuts.last) AND hour < cuts.last), 0)
+         + (SELECT lo_sign FROM cuts) * (SELECT count(*) FROM messages WHERE ", $filter, "
+              AND received_at >= (SELECT lo_from FROM cuts) AND received_at <= (SELECT lo_to FROM cuts))
+         + (SELECT hi_sign FROM cuts) * (SELECT count(*) FROM messages WHERE ", $filter, "
+              AND received_at >= (SELECT hi_from FROM cuts) AND received_at <= (SELECT hi_to FROM cuts))
+           END AS n
 )
 SELECT total.n AS count, m.customer_id, m.dialog_id, m.seq, m.text, m.language, m.received_at, m.message_id
 FROM total LEFT JOIN LATERAL (

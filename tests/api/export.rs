@@ -8,7 +8,10 @@ use std::io::Read;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, assert_problem, spawn_api_only, test_settings};
+use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal};
+use dapi::store::retention::month_start;
+
+use crate::helpers::{TestApp, assert_hourly_counts_exact, assert_problem, spawn_api_only, test_settings};
 use crate::helpers::{drain, flusher, states_of};
 
 const T: i64 = 1_795_000_000_000_000; // 2026-11-18T11:06:40Z
@@ -17,6 +20,14 @@ const T: i64 = 1_795_000_000_000_000; // 2026-11-18T11:06:40Z
 /// epochs included), with chosen timestamps: `(customer, dialog, seq, language, µs)`.
 async fn store_granted(app: &TestApp, rows: &[(i64, i64, i64, &str, i64)]) {
     app.store.apply(&states_of(rows, "")).await.unwrap();
+}
+
+/// Microseconds since the epoch as RFC 3339.
+fn iso(us: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
 }
 
 /// One export: its message lines and its resume token.
@@ -216,12 +227,6 @@ async fn time_ranges_are_exclusive_and_counted_exactly_in_every_mode() {
         }
     }
     store_granted(&app, &rows).await;
-    let iso = |us: i64| {
-        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
-            .unwrap()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap()
-    };
     // Bounds just before, at and just after messages (the first of each month), and
     // between months.
     let mut bounds: Vec<Option<i64>> = vec![None];
@@ -303,6 +308,96 @@ async fn time_ranges_are_exclusive_and_counted_exactly_in_every_mode() {
     let space = app.get_json("/data/?receivedAfter=2000-01-01T01:00:00+01:00").await;
     assert_eq!(plus["count"], rows.len());
     assert_eq!(space["count"], rows.len());
+}
+
+/// A range's count comes from monthly counters, hourly counters and at most half an hour
+/// of rows at either end. Cut at, just before and just after hour and half-hour marks,
+/// within one hour and across hours and months (a whole month between), every filter form
+/// counts exactly, before and after refusals take messages away; the hourly counters
+/// always match the rows.
+#[tokio::test]
+async fn range_counts_are_exact_wherever_a_range_cuts_an_hour() {
+    let app = spawn_api_only(test_settings()).await;
+    const MINUTE: i64 = 60_000_000;
+    let us = |at: time::OffsetDateTime| (at.unix_timestamp_nanos() / 1000) as i64;
+    let now = time::OffsetDateTime::now_utc();
+    let next_month = month_start(month_start(now) + time::Duration::days(32));
+    let month_after = month_start(next_month + time::Duration::days(32));
+    let this_hour = us(now) - us(now).rem_euclid(60 * MINUTE) - 24 * 60 * MINUTE;
+    // Around an hour of yesterday, and the starts of the next two months.
+    let mut points = Vec::new();
+    for base in [this_hour, us(next_month), us(month_after)] {
+        for minutes in [-60, -30, 0, 30, 60] {
+            for nudge in [-1, 0, 1] {
+                points.push(base + minutes * MINUTE + nudge);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, at) in points.iter().enumerate() {
+        let i = i as i64;
+        for k in 0..3 {
+            let language = if k % 2 == 0 { "EN" } else { "de" };
+            rows.push((1 + k % 2, 10 * i + k, 1, language, *at));
+        }
+    }
+    store_granted(&app, &rows).await;
+    let mut bounds: Vec<Option<i64>> = vec![None];
+    bounds.extend(points.iter().map(|p| Some(*p)));
+    bounds.extend([Some(this_hour + 17 * MINUTE), Some(this_hour + 44 * MINUTE)]);
+    let filters = ["", "&customerId=1", "&language=de", "&customerId=2&language=EN"];
+    let check = async |rows: &[(i64, i64, i64, &str, i64)], stride: usize| {
+        let mut checked = 0;
+        for (i, after) in bounds.iter().enumerate() {
+            for (j, before) in bounds.iter().enumerate().skip(i % stride).step_by(stride) {
+                let filter = filters[(i + j) % filters.len()];
+                let mut query = String::new();
+                if let Some(a) = after {
+                    query += &format!("&receivedAfter={}", iso(*a));
+                }
+                if let Some(b) = before {
+                    query += &format!("&receivedBefore={}", iso(*b));
+                }
+                query += filter;
+                let expected = rows
+                    .iter()
+                    .filter(|r| after.is_none_or(|a| r.4 > a) && before.is_none_or(|b| r.4 < b))
+                    .filter(|r| !filter.contains("customerId=1") || r.0 == 1)
+                    .filter(|r| !filter.contains("customerId=2") || r.0 == 2)
+                    .filter(|r| !filter.contains("language=de") || r.3 == "de")
+                    .filter(|r| !filter.contains("language=EN") || r.3 == "EN")
+                    .count();
+                let page = app.get_json(&format!("/data/?pageSize=1{query}")).await;
+                assert_eq!(page["count"], expected, "{query}");
+                checked += 1;
+            }
+        }
+        assert_hourly_counts_exact(&app.store).await;
+        checked
+    };
+    assert!(check(&rows, 1).await > 2000);
+
+    // Refusals erase the first message of every other point.
+    let refused: Vec<i64> = (0..points.len() as i64).step_by(2).map(|i| 10 * i).collect();
+    let states: Vec<_> = refused
+        .iter()
+        .map(|&dialog| DialogState {
+            audit: Default::default(),
+            dialog: DialogId::from_stored(dialog),
+            customer: CustomerId::from_stored(1),
+            decision: Decision::Refused,
+            epoch: 2,
+            decided_at_us: 0,
+            unerased_refusal: Some(Refusal {
+                epoch: 2,
+                decided_at_us: 0,
+            }),
+            messages: Vec::new(),
+        })
+        .collect();
+    app.store.apply(&states).await.unwrap();
+    rows.retain(|r| !refused.contains(&r.1));
+    assert!(check(&rows, 3).await > 500);
 }
 
 #[tokio::test]
