@@ -37,9 +37,9 @@
 //! insert and delete messages, from the rows they actually inserted or deleted. Each
 //! transaction adds into one of 16 shards of every counter it touches, so concurrent
 //! flushes and erasures do not queue on one hot row; a count sums its shards. Each row
-//! counts one month (`part`); `message_counts_hourly` keeps the same counters per hour,
-//! written by the same statements, for the exact count of a time range (`sql`'s
-//! `page_range!`). A page answer reads its count and its rows in one statement, so both
+//! counts one month (`part`); `message_counts_fine` keeps the same counters per day and
+//! per ten-minute slot, written by the same statements, for the exact count of a time
+//! range (`sql`'s `page_range!`). A page answer reads its count and its rows in one statement, so both
 //! come from one snapshot.
 //!
 //! # Order

@@ -193,7 +193,7 @@ impl Store {
     }
 
     /// Drops the oldest partition if every message it can hold is older than `horizon`,
-    /// with the count rows of its months and hours, in one transaction; returns its name. Never the
+    /// with the count rows of its months, days and slots, in one transaction; returns its name. Never the
     /// last partition.
     async fn drop_oldest_partition_before(&self, horizon: OffsetDateTime) -> Result<Option<String>, StoreError> {
         let mut tx = self.maintenance_transaction().await?;
@@ -232,10 +232,14 @@ impl Store {
             .bind(high)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM message_counts_hourly WHERE hour < messages_hour($1)")
-            .bind(high)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "DELETE FROM message_counts_fine
+             WHERE (span = 600 AND bucket < messages_bucket($1, 600))
+                OR (span = 86400 AND bucket < messages_bucket($1, 86400))",
+        )
+        .bind(high)
+        .execute(&mut *tx)
+        .await?;
         drop_listed_partition(&mut tx, &MESSAGES, &name).await?;
         tx.commit().await?;
         Ok(Some(name))

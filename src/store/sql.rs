@@ -67,10 +67,11 @@ FROM UNNEST($1::int8[], $2::int8[]) AS u (dialog_id, last_seq)
 WHERE dialogs.dialog_id = u.dialog_id";
 
 /// The counters a statement's `changed` rows (`customer_id`, lower-cased `language`,
-/// `part`, `hour`) belong to — per customer and language, per customer, per language, in
-/// total (`-1` / `''` mean "any") — for their month (`message_counts`) and their hour
-/// (`message_counts_hourly`), each added `$sign n` in the shard `$shard`, in key order
-/// (one lock order for all writers). `delta` holds the monthly rows.
+/// `part`, `day`, `slot`) belong to — per customer and language, per customer, per
+/// language, in total (`-1` / `''` mean "any") — for their month (`message_counts`),
+/// their day and their ten-minute slot (`message_counts_fine`), each added `$sign n` in
+/// the shard `$shard`, in key order (one lock order for all writers). `delta` holds the
+/// monthly rows.
 macro_rules! count_changed {
     ($sign:literal, $shard:literal) => {
         concat!(
@@ -86,18 +87,23 @@ macro_rules! count_changed {
             $sign,
             "n FROM delta ORDER BY customer_id, language, part
     ON CONFLICT (customer_id, language, part, shard) DO UPDATE SET n = message_counts.n + EXCLUDED.n
-), hourly AS (
-    SELECT hour, coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, count(*) AS n
-    FROM changed GROUP BY hour, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+), fine AS (
+    SELECT 86400 AS span, day AS bucket, coalesce(customer_id, -1) AS customer_id,
+           coalesce(language, '') AS language, count(*) AS n
+    FROM changed GROUP BY day, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
     HAVING count(*) > 0
-), bumped_hourly AS (
-    INSERT INTO message_counts_hourly (customer_id, language, hour, shard, n)
-    SELECT customer_id, language, hour, ",
+    UNION ALL
+    SELECT 600, slot, coalesce(customer_id, -1), coalesce(language, ''), count(*)
+    FROM changed GROUP BY slot, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+    HAVING count(*) > 0
+), bumped_fine AS (
+    INSERT INTO message_counts_fine (customer_id, language, span, bucket, shard, n)
+    SELECT customer_id, language, span, bucket, ",
             $shard,
             "::int2, ",
             $sign,
-            "n FROM hourly ORDER BY customer_id, language, hour
-    ON CONFLICT (customer_id, language, hour, shard) DO UPDATE SET n = message_counts_hourly.n + EXCLUDED.n
+            "n FROM fine ORDER BY customer_id, language, span, bucket
+    ON CONFLICT (customer_id, language, span, bucket, shard) DO UPDATE SET n = message_counts_fine.n + EXCLUDED.n
 )"
         )
     };
@@ -118,7 +124,8 @@ WITH changed AS (
     WHERE m.received_at >= (SELECT min(low) FROM message_partitions)
     ON CONFLICT (dialog_id, seq, received_at) DO NOTHING
     RETURNING customer_id, lower(language) AS language, messages_month(received_at) AS part,
-              messages_hour(received_at) AS hour
+              messages_bucket(received_at, 86400) AS day,
+              messages_bucket(received_at, 600) AS slot
 )",
     count_changed!("", "$8"),
     "
@@ -182,7 +189,8 @@ macro_rules! erase_dialogs {
 WITH changed AS (
     DELETE FROM messages WHERE dialog_id = ANY($1::int8[])
     RETURNING dialog_id, seq, customer_id, lower(language) AS language, messages_month(received_at) AS part,
-              messages_hour(received_at) AS hour
+              messages_bucket(received_at, 86400) AS day,
+              messages_bucket(received_at, 600) AS slot
 )",
             count_changed!("-", "$2")
         )
@@ -400,18 +408,19 @@ ORDER BY received_at DESC, dialog_id DESC, seq DESC LIMIT $1";
 /// Page mode within a time range: the statement for one filter form (`$filter`, over
 /// `$3` language and `$4` customer). `$1` limit, `$2` offset, `$5` / `$6` the exclusive
 /// bounds of `receivedAt` (NULL: none). The count is exact at a cost that grows neither
-/// with the store nor much with the range:
+/// with the store nor with the range:
 ///
-/// - the partitions wholly inside the range (`whole`) are counted by their monthly
-///   counter rows (each counts one month, `messages_before` its months together);
-/// - the hours from `first` to `last` outside them, by the hourly counter rows;
-/// - each end's hour is cut by the index at whichever half of it is nearer the end: an
-///   end in the first half of its hour leaves that hour to the counters and the index
-///   takes back `[hour, end]` (`lo`) or adds `[hour, end)` (`hi`); an end in the second
-///   half leaves the hour out and the index adds `(end, next hour)` (`lo`) or takes back
-///   `[end, next hour)` (`hi`). So at most half an hour at either end is counted row by
-///   row, and `first <= last` always (the two ends of a range within one hour cut the
-///   same hour from both sides).
+/// - each end is cut at the nearer boundary of its ten-minute slot (`lo_cut`, `hi_cut`),
+///   and the index counts the rows between the end and its cut (at most five minutes),
+///   added where the cut lies outside the range, taken back where it lies inside;
+/// - between the cuts: the partitions wholly inside the range (`whole`) by their monthly
+///   counters (`messages_before` its months together), the other whole days by daily
+///   counters, the slots left at either end (under a day each) by ten-minute counters;
+/// - a range shorter than what its two cuts would count row by row is counted row by
+///   row itself (`direct`): then at most ten minutes of rows either way.
+///
+/// Buckets are numbered `messages_bucket(at, span)`; a day holds slots `144 d` to
+/// `144 d + 143`. `total` is materialised: inlined, its count ran twice.
 macro_rules! page_range {
     ($(#[$doc:meta])* $name:ident, $filter:literal) => {
         $(#[$doc])*
@@ -421,40 +430,56 @@ macro_rules! page_range {
 ), whole AS (
     SELECT min(p.low) AS low, max(p.high) AS high FROM message_partitions p, r
     WHERE (p.low > r.lo OR r.lo = '-infinity') AND p.high <= r.hi
-), hours AS (
-    SELECT r.lo, r.hi,
-           CASE WHEN r.lo > '-infinity' THEN to_timestamp(messages_hour(r.lo)::float8 * 3600) END AS lo_hour,
-           CASE WHEN r.hi < 'infinity' THEN to_timestamp(messages_hour(r.hi)::float8 * 3600) END AS hi_hour
+), slots AS (
+    SELECT lo, hi,
+           CASE WHEN lo > '-infinity' THEN to_timestamp(messages_bucket(lo, 600)::float8 * 600) END AS lo_slot,
+           CASE WHEN hi < 'infinity' THEN to_timestamp(messages_bucket(hi, 600)::float8 * 600) END AS hi_slot
     FROM r
+), ends AS (
+    SELECT lo, hi,
+           CASE WHEN lo < lo_slot + interval '5 min' THEN lo_slot ELSE lo_slot + interval '10 min' END AS lo_cut,
+           CASE WHEN hi < hi_slot + interval '5 min' THEN hi_slot ELSE hi_slot + interval '10 min' END AS hi_cut
+    FROM slots
 ), cuts AS (
-    SELECT CASE WHEN lo_hour IS NULL THEN -2147483648
-                ELSE messages_hour(lo_hour) + CASE WHEN lo < lo_hour + interval '30 min' THEN 0 ELSE 1 END
-           END AS first,
-           CASE WHEN hi_hour IS NULL THEN 2147483647
-                ELSE messages_hour(hi_hour) + CASE WHEN hi < hi_hour + interval '30 min' THEN 0 ELSE 1 END
-           END AS last,
-           CASE WHEN lo < lo_hour + interval '30 min' THEN -1 ELSE 1 END AS lo_sign,
-           CASE WHEN lo < lo_hour + interval '30 min' THEN lo_hour ELSE lo + interval '1 microsecond' END AS lo_from,
-           CASE WHEN lo < lo_hour + interval '30 min' THEN lo ELSE lo_hour + interval '1 hour' - interval '1 microsecond' END AS lo_to,
-           CASE WHEN hi < hi_hour + interval '30 min' THEN 1 ELSE -1 END AS hi_sign,
-           CASE WHEN hi < hi_hour + interval '30 min' THEN hi_hour ELSE hi END AS hi_from,
-           CASE WHEN hi < hi_hour + interval '30 min' THEN hi - interval '1 microsecond'
-                ELSE hi_hour + interval '1 hour' - interval '1 microsecond' END AS hi_to,
-           CASE WHEN whole.low = '-infinity' THEN -2147483648 ELSE messages_hour(whole.low) END AS whole_first,
-           messages_hour(whole.high) AS whole_last
-    FROM hours, whole
-), total AS (
-    SELECT CASE WHEN (SELECT lo >= hi FROM r) THEN 0 ELSE
+    SELECT lo, hi,
+           lo_cut IS NOT NULL AND hi_cut IS NOT NULL
+             AND hi - lo <= greatest(lo - lo_cut, lo_cut - lo) + greatest(hi - hi_cut, hi_cut - hi) AS direct,
+           CASE WHEN lo_cut <= lo THEN -1 ELSE 1 END AS lo_sign,
+           CASE WHEN lo_cut <= lo THEN lo_cut ELSE lo + interval '1 microsecond' END AS lo_from,
+           CASE WHEN lo_cut <= lo THEN lo ELSE lo_cut - interval '1 microsecond' END AS lo_to,
+           CASE WHEN hi_cut <= hi THEN 1 ELSE -1 END AS hi_sign,
+           CASE WHEN hi_cut <= hi THEN hi_cut ELSE hi END AS hi_from,
+           CASE WHEN hi_cut <= hi THEN hi - interval '1 microsecond' ELSE hi_cut - interval '1 microsecond' END AS hi_to,
+           coalesce(messages_bucket(lo_cut, 600)::int8, -2147483648) AS s1,
+           coalesce(messages_bucket(hi_cut, 600)::int8, 2147483647) AS s2,
+           coalesce(messages_bucket(lo_cut + interval '1 day' - interval '1 microsecond', 86400)::int8, -2147483648) AS d1,
+           coalesce(messages_bucket(hi_cut, 86400)::int8, 2147483647) AS d2,
+           CASE WHEN whole.low = '-infinity' THEN -2147483648 ELSE messages_bucket(whole.low, 86400) END AS w1,
+           messages_bucket(whole.high, 86400) AS w2
+    FROM ends, whole
+), total AS MATERIALIZED (
+    SELECT CASE WHEN (SELECT lo >= hi FROM r) THEN 0
+                WHEN (SELECT direct FROM cuts) THEN (SELECT count(*) FROM messages WHERE ", $filter, "
+                      AND received_at > (SELECT lo FROM r) AND received_at < (SELECT hi FROM r))
+                ELSE
            coalesce((SELECT sum(n)::int8 FROM message_counts, whole
                      WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')
                        AND part >= CASE WHEN whole.low = '-infinity' THEN -2147483648 ELSE messages_month(whole.low) END
                        AND part < messages_month(whole.high)), 0)
-         + coalesce((SELECT sum(n)::int8 FROM message_counts_hourly, cuts
-                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')
-                       AND hour >= cuts.first AND hour < coalesce(cuts.whole_first, cuts.last)), 0)
-         + coalesce((SELECT sum(n)::int8 FROM message_counts_hourly, cuts
-                     WHERE customer_id = coalesce($4::int8, -1) AND language = coalesce(lower($3::text), '')
-                       AND hour >= coalesce(cuts.whole_last, cuts.last) AND hour < cuts.last), 0)
+         + coalesce((SELECT sum(f.n)::int8 FROM message_counts_fine f, cuts c
+                     WHERE f.customer_id = coalesce($4::int8, -1) AND f.language = coalesce(lower($3::text), '')
+                       AND f.span = 86400 AND f.bucket >= c.d1 AND f.bucket < coalesce(c.w1, c.d2)), 0)
+         + coalesce((SELECT sum(f.n)::int8 FROM message_counts_fine f, cuts c
+                     WHERE f.customer_id = coalesce($4::int8, -1) AND f.language = coalesce(lower($3::text), '')
+                       AND f.span = 86400 AND f.bucket >= coalesce(c.w2, c.d2) AND f.bucket < c.d2), 0)
+         + coalesce((SELECT sum(f.n)::int8 FROM message_counts_fine f, cuts c
+                     WHERE f.customer_id = coalesce($4::int8, -1) AND f.language = coalesce(lower($3::text), '')
+                       AND f.span = 600 AND f.bucket >= c.s1
+                       AND f.bucket < CASE WHEN c.d1 < c.d2 THEN c.d1 * 144 ELSE c.s2 END), 0)
+         + coalesce((SELECT sum(f.n)::int8 FROM message_counts_fine f, cuts c
+                     WHERE f.customer_id = coalesce($4::int8, -1) AND f.language = coalesce(lower($3::text), '')
+                       AND f.span = 600 AND f.bucket >= CASE WHEN c.d1 < c.d2 THEN c.d2 * 144 ELSE c.s2 END
+                       AND f.bucket < c.s2), 0)
          + (SELECT lo_sign FROM cuts) * (SELECT count(*) FROM messages WHERE ", $filter, "
               AND received_at >= (SELECT lo_from FROM cuts) AND received_at <= (SELECT lo_to FROM cuts))
          + (SELECT hi_sign FROM cuts) * (SELECT count(*) FROM messages WHERE ", $filter, "

@@ -11,7 +11,7 @@ use serde_json::Value;
 use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal};
 use dapi::store::retention::month_start;
 
-use crate::helpers::{TestApp, assert_hourly_counts_exact, assert_problem, spawn_api_only, test_settings};
+use crate::helpers::{TestApp, assert_fine_counts_exact, assert_problem, spawn_api_only, test_settings};
 use crate::helpers::{drain, flusher, states_of};
 
 const T: i64 = 1_795_000_000_000_000; // 2026-11-18T11:06:40Z
@@ -310,24 +310,24 @@ async fn time_ranges_are_exclusive_and_counted_exactly_in_every_mode() {
     assert_eq!(space["count"], rows.len());
 }
 
-/// A range's count comes from monthly counters, hourly counters and at most half an hour
-/// of rows at either end. Cut at, just before and just after hour and half-hour marks,
-/// within one hour and across hours and months (a whole month between), every filter form
-/// counts exactly, before and after refusals take messages away; the hourly counters
-/// always match the rows.
+/// A range's count comes from monthly, daily and ten-minute counters and at most five
+/// minutes of rows at either end (or ten of a short range). Cut at, just before and just
+/// after day, slot and half-slot marks, within one slot and across slots, days and months
+/// (a whole month between), every filter form counts exactly, before and after refusals
+/// take messages away; the fine counters always match the rows.
 #[tokio::test]
-async fn range_counts_are_exact_wherever_a_range_cuts_an_hour() {
+async fn range_counts_are_exact_wherever_a_range_cuts_a_day_or_a_slot() {
     let app = spawn_api_only(test_settings()).await;
     const MINUTE: i64 = 60_000_000;
     let us = |at: time::OffsetDateTime| (at.unix_timestamp_nanos() / 1000) as i64;
     let now = time::OffsetDateTime::now_utc();
     let next_month = month_start(month_start(now) + time::Duration::days(32));
     let month_after = month_start(next_month + time::Duration::days(32));
-    let this_hour = us(now) - us(now).rem_euclid(60 * MINUTE) - 24 * 60 * MINUTE;
-    // Around an hour of yesterday, and the starts of the next two months.
+    let yesterday = us(now) - us(now).rem_euclid(1440 * MINUTE) - 1440 * MINUTE;
+    // Around yesterday's start, and the starts of the next two months.
     let mut points = Vec::new();
-    for base in [this_hour, us(next_month), us(month_after)] {
-        for minutes in [-60, -30, 0, 30, 60] {
+    for base in [yesterday, us(next_month), us(month_after)] {
+        for minutes in [-1440, -10, -5, -2, 0, 3, 5, 10, 725, 1440] {
             for nudge in [-1, 0, 1] {
                 points.push(base + minutes * MINUTE + nudge);
             }
@@ -344,7 +344,7 @@ async fn range_counts_are_exact_wherever_a_range_cuts_an_hour() {
     store_granted(&app, &rows).await;
     let mut bounds: Vec<Option<i64>> = vec![None];
     bounds.extend(points.iter().map(|p| Some(*p)));
-    bounds.extend([Some(this_hour + 17 * MINUTE), Some(this_hour + 44 * MINUTE)]);
+    bounds.extend([Some(yesterday + 7 * MINUTE), Some(yesterday + 181 * MINUTE)]);
     let filters = ["", "&customerId=1", "&language=de", "&customerId=2&language=EN"];
     let check = async |rows: &[(i64, i64, i64, &str, i64)], stride: usize| {
         let mut checked = 0;
@@ -372,10 +372,10 @@ async fn range_counts_are_exact_wherever_a_range_cuts_an_hour() {
                 checked += 1;
             }
         }
-        assert_hourly_counts_exact(&app.store).await;
+        assert_fine_counts_exact(&app.store).await;
         checked
     };
-    assert!(check(&rows, 1).await > 2000);
+    assert!(check(&rows, 3).await > 2500);
 
     // Refusals erase the first message of every other point.
     let refused: Vec<i64> = (0..points.len() as i64).step_by(2).map(|i| 10 * i).collect();
@@ -397,7 +397,7 @@ async fn range_counts_are_exact_wherever_a_range_cuts_an_hour() {
         .collect();
     app.store.apply(&states).await.unwrap();
     rows.retain(|r| !refused.contains(&r.1));
-    assert!(check(&rows, 3).await > 500);
+    assert!(check(&rows, 7).await > 1000);
 }
 
 #[tokio::test]

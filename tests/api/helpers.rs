@@ -433,26 +433,27 @@ pub fn states_of(rows: &[(i64, i64, i64, &str, i64)], pad: &str) -> Vec<DialogSt
     states
 }
 
-/// Asserts that the hourly counters (`message_counts_hourly`) hold, for every filter form
-/// and hour, exactly what counting the rows gives.
-pub async fn assert_hourly_counts_exact(store: &Store) {
+/// Asserts that the fine counters (`message_counts_fine`) hold, for every filter form,
+/// day and ten-minute slot, exactly what counting the rows gives.
+pub async fn assert_fine_counts_exact(store: &Store) {
     let wrong: Vec<String> = sqlx::query_scalar(
         "WITH rows AS (
-             SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, hour,
+             SELECT coalesce(customer_id, -1) AS customer_id, coalesce(language, '') AS language, span, bucket,
                     count(*)::int8 AS n
-             FROM (SELECT customer_id, lower(language) AS language, messages_hour(received_at) AS hour
-                   FROM messages) m
-             GROUP BY hour, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+             FROM (SELECT customer_id, lower(language) AS language, s.span, messages_bucket(received_at, s.span) AS bucket
+                   FROM messages, (VALUES (600), (86400)) s (span)) m
+             GROUP BY span, bucket, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
          ), kept AS (
-             SELECT customer_id, language, hour, sum(n)::int8 AS n FROM message_counts_hourly
-             GROUP BY 1, 2, 3 HAVING sum(n) <> 0
+             SELECT customer_id, language, span, bucket, sum(n)::int8 AS n FROM message_counts_fine
+             GROUP BY 1, 2, 3, 4 HAVING sum(n) <> 0
          )
-         SELECT format('customer %s, language %L, hour %s: kept %s, rows %s', customer_id, language, hour, k.n, r.n)
-         FROM rows r FULL JOIN kept k USING (customer_id, language, hour)
+         SELECT format('customer %s, language %L, span %s, bucket %s: kept %s, rows %s',
+                       customer_id, language, span, bucket, k.n, r.n)
+         FROM rows r FULL JOIN kept k USING (customer_id, language, span, bucket)
          WHERE k.n IS DISTINCT FROM r.n",
     )
     .fetch_all(store.pool())
     .await
     .unwrap();
-    assert!(wrong.is_empty(), "hourly counters unlike the rows: {wrong:#?}");
+    assert!(wrong.is_empty(), "fine counters unlike the rows: {wrong:#?}");
 }

@@ -2,7 +2,7 @@
 //! no plan goes stale as the tables grow. Why both matter: `src/store/sql.rs`'s module
 //! documentation ("Plans"). The first test prepares each statement of `store::sql::ALL`
 //! on tables with realistic statistics, forces the generic plan and fails on any
-//! sequential scan of `messages`, `dialogs` or the hourly counters.
+//! sequential scan of `messages`, `dialogs` or the fine counters.
 
 use dapi::store::sql::ALL;
 
@@ -26,11 +26,14 @@ async fn no_statement_scans_messages_or_dialogs_in_its_generic_plan() {
                           + ((d % 5000) * 5 + s) * interval '1 minute' END,
                 CASE WHEN d % 2 = 0 THEN 'm-' || s END
          FROM generate_series(1, 40000) d, generate_series(1, 5) s;
-         INSERT INTO message_counts_hourly (customer_id, language, hour, shard, n)
-         SELECT coalesce(customer_id, -1), coalesce(language, ''), hour, (hour % 16)::int2, count(*)
-         FROM (SELECT customer_id, lower(language) AS language, messages_hour(received_at) AS hour FROM messages) m
-         GROUP BY hour, GROUPING SETS ((customer_id, language), (customer_id), (language), ());
-         ANALYZE dialogs; ANALYZE messages; ANALYZE message_counts_hourly;
+         INSERT INTO message_counts_fine (customer_id, language, span, bucket, shard, n)
+         SELECT coalesce(customer_id, -1), coalesce(language, ''), s.span, messages_bucket(received_at, s.span),
+                (dialog_id % 16)::int2, count(*)
+         FROM (SELECT customer_id, lower(language) AS language, received_at, dialog_id FROM messages) m,
+              (VALUES (600), (86400)) s (span)
+         GROUP BY s.span, messages_bucket(received_at, s.span), dialog_id % 16,
+                  GROUPING SETS ((customer_id, language), (customer_id), (language), ());
+         ANALYZE dialogs; ANALYZE messages; ANALYZE message_counts_fine;
          SET plan_cache_mode = force_generic_plan;",
     )
     .execute(&mut *conn)
@@ -89,7 +92,7 @@ fn total_cost(plan: &str) -> f64 {
 }
 
 fn scans_a_whole_table(plan: &str) -> bool {
-    ["messages", "dialogs", "message_counts_hourly"]
+    ["messages", "dialogs", "message_counts_fine"]
         .iter()
         .any(|table| plan.contains(&format!("Seq Scan on {table}")))
 }

@@ -10,7 +10,7 @@ use dapi::store::{Filter, Store, micros_of};
 use time::OffsetDateTime;
 
 use crate::cleanup::Cleanup;
-use crate::helpers::{assert_hourly_counts_exact, spawn_api_only, test_settings};
+use crate::helpers::{assert_fine_counts_exact, spawn_api_only, test_settings};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -81,7 +81,7 @@ async fn assert_counts_exact(store: &Store) -> i64 {
     for (form, kept, rows) in &counts {
         assert_eq!(kept, rows, "count of {form:?}: kept {kept}, rows {rows}");
     }
-    assert_hourly_counts_exact(store).await;
+    assert_fine_counts_exact(store).await;
     let (total, _) = store.page(&Filter::default(), 0, 1).await.unwrap();
     total
 }
