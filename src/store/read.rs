@@ -114,6 +114,14 @@ impl Range {
     }
 }
 
+/// The times `pad_us` microseconds before and after `us`.
+fn around(us: i64, pad_us: i64) -> (OffsetDateTime, OffsetDateTime) {
+    (
+        bound_time(us.saturating_sub(pad_us)),
+        bound_time(us.saturating_add(pad_us)),
+    )
+}
+
 /// Microseconds as a timestamp PostgreSQL holds: within years 1 … 9999.
 pub(super) fn bound_time(us: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
@@ -331,9 +339,15 @@ impl Store {
             .bind(filter.language.as_deref())
             .bind(filter.customer.map(CustomerId::get));
         if !filter.range.is_whole() {
+            let [lo, hi] =
+                [filter.range.after_us, filter.range.before_us].map(|end| end.map(|us| around(us, 600_000_000)));
             query = query
                 .bind(filter.range.after_us.map(bound_time))
-                .bind(filter.range.before_us.map(bound_time));
+                .bind(filter.range.before_us.map(bound_time))
+                .bind(lo.map(|w| w.0))
+                .bind(lo.map(|w| w.1))
+                .bind(hi.map(|w| w.0))
+                .bind(hi.map(|w| w.1));
         }
         let rows: Vec<PageRow> = query.fetch_all(self.reads()).await.map_err(|e| self.read_error(e))?;
         let count = rows.first().map_or(0, |r| r.count);

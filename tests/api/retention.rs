@@ -372,3 +372,41 @@ async fn a_cursor_page_reads_no_partition_newer_than_its_position() {
     assert!(now.contains("messages_before") && !now.contains(&ahead), "{now}");
     assert!(far.contains(&ahead), "{far}");
 }
+
+#[tokio::test]
+async fn a_time_range_page_plans_only_the_partitions_around_its_range() {
+    let app = spawn_api_only(test_settings()).await;
+    let mut conn = app.store.pool().acquire().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET plan_cache_mode = force_custom_plan; PREPARE page AS {}",
+        dapi::store::sql::PAGE_RANGE_BY_CUSTOMER
+    )))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    // A day's range ending at `end` (a SQL expression), with its ten-minute windows.
+    let mut plan = async |end: &str| -> String {
+        let (lo, hi) = (format!("({end}) - interval '1 day'"), format!("({end})"));
+        let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN EXECUTE page(10, 0, NULL, 7, {lo}, {hi},
+                 {lo} - interval '10 min', {lo} + interval '10 min',
+                 {hi} - interval '10 min', {hi} + interval '10 min')"
+        )))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        lines.join("\n")
+    };
+    let ahead = partitions(&app.store).await.pop().unwrap();
+    let ahead_low: OffsetDateTime = sqlx::query_scalar("SELECT low FROM message_partitions WHERE name = $1")
+        .bind(&ahead)
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+
+    let now = plan("now()").await;
+    let far = plan(&format!("'{ahead_low}'::timestamptz + interval '10 days'")).await;
+
+    assert!(now.contains("messages_before") && !now.contains(&ahead), "{now}");
+    assert!(far.contains(&ahead) && !far.contains("messages_before"), "{far}");
+}
