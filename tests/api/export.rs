@@ -8,11 +8,10 @@ use std::io::Read;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal};
 use dapi::store::retention::month_start;
 
 use crate::helpers::{TestApp, assert_fine_counts_exact, assert_problem, spawn_api_only, test_settings};
-use crate::helpers::{drain, flusher, states_of};
+use crate::helpers::{drain, flusher, refusal_of, states_of};
 
 const T: i64 = 1_795_000_000_000_000; // 2026-11-18T11:06:40Z
 
@@ -379,22 +378,7 @@ async fn range_counts_are_exact_wherever_a_range_cuts_a_day_or_a_slot() {
 
     // Refusals erase the first message of every other point.
     let refused: Vec<i64> = (0..points.len() as i64).step_by(2).map(|i| 10 * i).collect();
-    let states: Vec<_> = refused
-        .iter()
-        .map(|&dialog| DialogState {
-            audit: Default::default(),
-            dialog: DialogId::from_stored(dialog),
-            customer: CustomerId::from_stored(1),
-            decision: Decision::Refused,
-            epoch: 2,
-            decided_at_us: 0,
-            unerased_refusal: Some(Refusal {
-                epoch: 2,
-                decided_at_us: 0,
-            }),
-            messages: Vec::new(),
-        })
-        .collect();
+    let states: Vec<_> = refused.iter().map(|&dialog| refusal_of(dialog, 1, 2)).collect();
     app.store.apply(&states).await.unwrap();
     rows.retain(|r| !refused.contains(&r.1));
     assert!(check(&rows, 7).await > 1000);

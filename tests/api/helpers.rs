@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dapi::app::{self, Roles, Running};
 use dapi::config::Settings;
-use dapi::domain::{CustomerId, Decision, DialogId, DialogState, StagedMessage};
+use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal, StagedMessage};
 use dapi::flusher::{Flusher, Outcome};
 use dapi::staging::{Connector, FlushQueue, Keyspace, RedisConn, SHARDS, Timeouts, unique_consumer_name};
 use dapi::store::Store;
@@ -401,6 +401,24 @@ pub async fn stored_texts(app: &TestApp, dialog: i64) -> Vec<String> {
 /// POST `body` to `path` on the dapi at `base` (such as one whose PostgreSQL is away).
 pub async fn post_to(app: &TestApp, base: &str, path: &str, body: Value) -> Response {
     app.http.post(format!("{base}{path}")).json(&body).send().await.unwrap()
+}
+
+/// A refusal of `dialog` (of `customer`) at `epoch`, as the flusher writes one whose
+/// erasure has not reached PostgreSQL yet.
+pub fn refusal_of(dialog: i64, customer: i64, epoch: i64) -> DialogState {
+    DialogState {
+        audit: Default::default(),
+        dialog: DialogId::from_stored(dialog),
+        customer: CustomerId::from_stored(customer),
+        decision: Decision::Refused,
+        epoch,
+        decided_at_us: 0,
+        unerased_refusal: Some(Refusal {
+            epoch,
+            decided_at_us: 0,
+        }),
+        messages: Vec::new(),
+    }
 }
 
 /// Granted dialog states with chosen timestamps, as the flusher would write them:

@@ -1,10 +1,9 @@
 //! GET /data/: filters, order, pages, cursors.
 
-use dapi::domain::{CustomerId, Decision, DialogId, DialogState, Refusal};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, assert_problem, spawn_api_only, spawn_app, states_of, test_settings};
+use crate::helpers::{TestApp, assert_problem, refusal_of, spawn_api_only, spawn_app, states_of, test_settings};
 
 /// Stores granted dialogs straight through the store (the flusher's own write path),
 /// with chosen timestamps: `(customer, dialog, seq, language, received_at_us)`.
@@ -245,20 +244,7 @@ async fn counts_stay_exact_through_duplicates_and_erasures() {
     store_granted(&app, &[(1, 1, 1, "EN", T), (1, 1, 2, "EN", T + 1)]).await;
     assert_eq!(app.get_json("/data/").await["count"], 3);
 
-    let refusal = DialogState {
-        audit: Default::default(),
-        dialog: DialogId::from_stored(1),
-        customer: CustomerId::from_stored(1),
-        decision: Decision::Refused,
-        epoch: 2,
-        decided_at_us: 0,
-        unerased_refusal: Some(Refusal {
-            epoch: 2,
-            decided_at_us: 0,
-        }),
-        messages: Vec::new(),
-    };
-    app.store.apply(&[refusal]).await.unwrap();
+    app.store.apply(&[refusal_of(1, 1, 2)]).await.unwrap();
 
     assert_eq!(app.get_json("/data/").await["count"], 1);
     assert_eq!(app.get_json("/data/?language=EN").await["count"], 0);
