@@ -241,7 +241,7 @@ mod tests {
         let commit: GroupCommit<u32, u32, String> = GroupCommit::start(settings(1, 64), move |requests, slot| {
             seen.lock().unwrap().push(requests.clone()); // allow: test code
             // The first batch holds its slot until the gate opens.
-            let gate = opened.lock().unwrap().take();
+            let gate = opened.lock().unwrap().take(); // allow: test code
             async move {
                 let _slot = slot;
                 if let Some(gate) = gate {
@@ -255,6 +255,7 @@ mod tests {
             async move { commit.call(0).await }
         });
         while batches.lock().unwrap().is_empty() {
+            // allow: test code
             tokio::task::yield_now().await;
         }
         // Sent, then dropped while the first batch holds the slot.
@@ -265,9 +266,9 @@ mod tests {
         });
         assert!(commit.call(3).now_or_never().is_none());
         tokio::task::yield_now().await;
-        gate.send(()).unwrap();
-        assert_eq!(first.await.unwrap(), Some(Ok(0)));
-        assert_eq!(kept.await.unwrap(), Some(Ok(2)));
+        gate.send(()).unwrap(); // allow: test code
+        assert_eq!(first.await.unwrap(), Some(Ok(0))); // allow: test code
+        assert_eq!(kept.await.unwrap(), Some(Ok(2))); // allow: test code
         assert_eq!(*batches.lock().unwrap(), [vec![0], vec![2]]);
     }
 }
